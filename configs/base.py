@@ -1,0 +1,75 @@
+"""The fields every experiment has, with CIFAR ResNet defaults (He et al.).
+
+Experiment files start from `base_config()` and set what differs; every
+number of an experiment lives in its config.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'cifar10'
+  c.data.source = 'tfds'       # 'folder' | 'python_archive' | 'tfds'
+  c.data.data_dir = ''
+  c.data.validation_holdout = 0  # 5000 holds out a validation set (sec. 4.1)
+  c.data.holdout_seed = 0
+  c.data.num_train_examples = 0  # 0: all
+  c.data.num_test_examples = 0
+  # Per-channel normalisation in [0, 1] units; None computes it from train.
+  c.data.mean = (0.4914, 0.4822, 0.4465)
+  c.data.std = (0.2470, 0.2435, 0.2616)
+  c.data.crop_padding = 4
+  c.data.flip = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.gated = True
+  c.model.dtype = 'float32'
+  c.model.backbone = ml_collections.ConfigDict(
+      dict(name='cifar_resnet', depth=20, widths=(16, 32, 64),
+           se_reduction=0))
+  # The gater: a backbone without its output layer, then FC1 -> bottleneck
+  # -> BatchNorm (the paper; the official code has none) -> ReLU -> FC2.
+  c.model.gater = ml_collections.ConfigDict(
+      dict(name='cifar_resnet', depth=20, widths=(16, 32, 64), bottleneck=8,
+           batchnorm=True))
+  c.model.semhash = ml_collections.ConfigDict(dict(mix_prob=0.5,
+                                                   noise_std=1.0))
+
+  # Training scheme of the CIFAR ResNets: SGD 0.9, lr 0.1 divided by 10
+  # at epochs 80 and 120 of 160, batch 128, weight decay 1e-4.
+  c.batch_size = 128
+  c.eval_batch_size = 1000
+  c.num_epochs = 160
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.optimizer = ml_collections.ConfigDict(
+      dict(learning_rate=0.1, momentum=0.9, nesterov=False, schedule='step',
+           lr_boundaries=(80, 120), lr_decay=0.1, warmup_epochs=0.0))
+  c.weight_decay = 1e-4
+  c.gate_l1_weight = 0.1  # lambda of the gate L1 term (sec. 3.2.2)
+  c.label_smoothing = 0.0
+
+  # Section 3.3: pretrain backbone and gater features, then train jointly.
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.enabled = True
+  c.pretrain.backbone_workdir = ''  # '' trains it in <workdir>/pretrain/
+  c.pretrain.gater_workdir = ''
+  # Fields that differ in the pretraining runs (any top-level config field).
+  c.pretrain.overrides = ml_collections.ConfigDict()
+
+  c.init = ml_collections.ConfigDict()
+  c.init.official_checkpoint = ''  # a torch.save file of the official code
+
+  c.log_every_steps = 100
+  c.eval_every_epochs = 10.0
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.progress_every_secs = 30.0
+  c.tensorboard = True
+
+  c.benchmark = ml_collections.ConfigDict(
+      dict(warmup_steps=3, steps=20, batch_size=0))  # 0: c.batch_size
+  return c

@@ -1,0 +1,7 @@
+"""CIFAR100 ResNet-164 baseline: GaterNet Table 1."""
+
+from configs import cifar
+
+
+def get_config():
+  return cifar.cifar_config('cifar100', 'r164', 'baseline')

@@ -1,0 +1,7 @@
+"""CIFAR100 ResNet-56-Gated (ResNet-20 gater): GaterNet Table 1."""
+
+from configs import cifar
+
+
+def get_config():
+  return cifar.cifar_config('cifar100', 'r56', 'gated')

@@ -1,0 +1,101 @@
+"""Train- and eval-step throughput of a config and of its ungated backbone.
+
+Both are measured in one process on synthetic batches of the config's image
+shape, with compilation timed apart from the steps.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from gaternet_jax import data as data_lib
+from gaternet_jax import sharding
+from gaternet_jax import train as train_lib
+from gaternet_jax.models import create_model
+
+
+def _measure(config: ml_collections.ConfigDict, batch_size: int
+             ) -> Dict[str, float]:
+  image_shape, num_classes = data_lib.dataset_info(config.data.name)
+  model = create_model(config.model, num_classes)
+  spec = model.gate_spec()
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(batch_size, 'benchmark batch size')
+  lr_fn = train_lib.create_learning_rate_fn(config.optimizer, 100, 10_000)
+  state = train_lib.create_train_state(config, model, image_shape, lr_fn,
+                                       jax.random.key(0), mesh)
+  c = image_shape[-1]
+  steps = train_lib.Steps(config, spec, mesh, (0.5,) * c, (0.25,) * c)
+  rng = np.random.default_rng(0)
+  local = sharding.process_slice(batch_size)
+  images = rng.integers(0, 256, (batch_size,) + image_shape, np.uint8)[local]
+  labels = rng.integers(0, num_classes, (batch_size,), np.int32)[local]
+  batch = sharding.to_global({'image': images, 'label': labels},
+                             steps.data_sharding)
+  eval_batch = sharding.to_global(
+      {'image': images, 'label': labels,
+       'mask': np.ones(len(labels), np.float32)}, steps.data_sharding)
+  key = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
+  out = {}
+
+  t = time.perf_counter()
+  train_fn = steps.train.lower(state, batch, key).compile()
+  out['train_compile_s'] = time.perf_counter() - t
+  t = time.perf_counter()
+  eval_fn = steps.eval.lower(state, eval_batch).compile()
+  out['eval_compile_s'] = time.perf_counter() - t
+
+  bench = config.benchmark
+  for _ in range(bench.warmup_steps):
+    state, m = train_fn(state, batch, key)
+  jax.block_until_ready((state, m))
+  t = time.perf_counter()
+  for _ in range(bench.steps):
+    state, m = train_fn(state, batch, key)
+  jax.block_until_ready((state, m))
+  out['train_images_per_s'] = bench.steps * batch_size / (
+      time.perf_counter() - t)
+
+  for _ in range(bench.warmup_steps):
+    e = eval_fn(state, eval_batch)
+  jax.block_until_ready(e)
+  t = time.perf_counter()
+  for _ in range(bench.steps):
+    e = eval_fn(state, eval_batch)
+  jax.block_until_ready(e)
+  out['eval_images_per_s'] = bench.steps * batch_size / (
+      time.perf_counter() - t)
+  return out
+
+
+def ungated(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.gated = False
+  return c
+
+
+def run_benchmark(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """{'gated': {...}, 'baseline': {...}, 'train_ratio', 'eval_ratio'}.
+
+  The ratios are baseline images/s over the config's images/s (the cost
+  of gating, >1 means the gated model is slower).
+  """
+  batch_size = config.benchmark.batch_size or config.batch_size
+  result = {'device': jax.devices()[0].device_kind,
+            'num_devices': jax.device_count(), 'batch_size': batch_size}
+  names = ('gated', 'baseline') if config.model.gated else ('baseline',)
+  cfgs = {'gated': config, 'baseline': ungated(config)}
+  for name in names:
+    logging.info('Benchmarking the %s model.', name)
+    result[name] = _measure(cfgs[name], batch_size)
+  if config.model.gated:
+    for kind in ('train', 'eval'):
+      result[f'{kind}_ratio'] = (result['baseline'][f'{kind}_images_per_s'] /
+                                 result['gated'][f'{kind}_images_per_s'])
+  return result

@@ -1,0 +1,117 @@
+"""Checkpoints with Orbax's CheckpointManager, and initialisation from them.
+
+A run's checkpoints live in `<workdir>/checkpoints`; the latest one is
+restored automatically, so a killed run restarted with the same command
+continues where it stopped. Pretrained weights (GaterNet section 3.3) are
+read from other workdirs' checkpoints and copied into a new state.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gaternet_jax.errors import WorkdirError
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+class Checkpointer:
+  """Saves and restores a train state (as its flax state dict)."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3,
+               save_every_steps: int = 1000, read_only: bool = False):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=max(save_every_steps, 1),
+        create=not read_only, read_only=read_only)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, force: bool = False) -> bool:
+    """Saves `state` at `step` if the interval says so (or `force`)."""
+    return self._manager.save(
+        int(step), args=ocp.args.StandardSave(flax.serialization.to_state_dict(
+            state)), force=force)
+
+  def restore(self, state: Any, step: Optional[int] = None) -> Any:
+    """Restores into the structure, dtypes and shardings of `state`."""
+    step = self.latest_step() if step is None else step
+    target = flax.serialization.to_state_dict(state)
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, 'sharding', None)),
+        target)
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as e:
+      raise WorkdirError(
+          f'The checkpoint at step {step} in {self.directory} does not match '
+          f'this config\'s model ({type(e).__name__}); use a new --workdir or '
+          f'the config that wrote it.') from e
+    return flax.serialization.from_state_dict(state, restored)
+
+  def restore_raw(self, step: Optional[int] = None) -> Mapping[str, Any]:
+    """The latest checkpoint as nested dicts of numpy arrays."""
+    step = self.latest_step() if step is None else step
+    return self._manager.restore(step, args=ocp.args.StandardRestore())
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def load_variables(workdir: str) -> Mapping[str, Any]:
+  """{'params', 'batch_stats', 'step'} of the latest checkpoint in `workdir`."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise WorkdirError(f'No checkpoints in {workdir!r} (expected '
+                       f'{checkpoint_dir(workdir)}); train that run first.')
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    if ckpt.latest_step() is None:
+      raise WorkdirError(f'No checkpoint found in {checkpoint_dir(workdir)}.')
+    raw = ckpt.restore_raw()
+  finally:
+    ckpt.close()
+  return {'params': raw['params'], 'batch_stats': raw.get('batch_stats', {}),
+          'step': int(np.asarray(raw['step']))}
+
+
+def graft(tree: Mapping[str, Any], path: tuple, subtree: Any, what: str):
+  """Returns `tree` with `tree[path...]` replaced by `subtree` (same shapes)."""
+  tree = flax.core.unfreeze(tree)
+  node = tree
+  for key in path[:-1]:
+    node = node[key]
+  old = node[path[-1]]
+  old_struct = jax.tree_util.tree_structure(old)
+  new_struct = jax.tree_util.tree_structure(subtree)
+  if old_struct != new_struct:
+    raise WorkdirError(
+        f'The pretrained {what} does not have this model\'s layers '
+        f'(expected {sorted(flax.traverse_util.flatten_dict(old, sep="/"))[:4]}'
+        f'..., got {sorted(flax.traverse_util.flatten_dict(subtree, sep="/"))[:4]}'
+        f'...); check that its config matches.')
+  for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(old),
+                       jax.tree_util.tree_leaves(subtree)):
+    if tuple(a.shape) != tuple(np.shape(b)):
+      raise WorkdirError(
+          f'The pretrained {what} has shape {np.shape(b)} at '
+          f'{jax.tree_util.keystr(p)} where this model has {a.shape}; check '
+          f'that its config matches.')
+  node[path[-1]] = jax.tree_util.tree_map(
+      lambda a, b: np.asarray(b, dtype=a.dtype), old, subtree)
+  return tree

@@ -1,0 +1,65 @@
+"""What main.py's modes do, and how their results are printed."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Dict
+
+import ml_collections
+
+from gaternet_jax import metrics as metrics_lib
+
+MODES = ('train', 'eval', 'summary', 'benchmark')
+
+
+def _gate_line(r: Dict[str, Any]) -> str:
+  if 'gated_filters' not in r:
+    return 'no gates (baseline)'
+  return (f'{r["gates_on_fraction"]:.1%} of gates on; of '
+          f'{r["gated_filters"]} gates {r["gates_always_on"]} always on, '
+          f'{r["gates_always_off"]} always off, '
+          f'{r["gates_input_dependent"]} input-dependent')
+
+
+def print_training_report(results: Dict[str, Dict[str, Any]], seconds: float):
+  """Baseline(s) vs GaterNet accuracy and the gates, as a short table."""
+  print()
+  print(f'{"run":<12} {"split":<10} {"accuracy":>9} {"loss":>8}  gates')
+  for name, r in results.items():
+    label = 'final' if name == 'final' else f'pretrain:{name}'
+    print(f'{label:<12} {r["split"]:<10} {r["accuracy"]:>9.2%} '
+          f'{r["loss"]:>8.4f}  {_gate_line(r)}')
+  print(f'wall time {metrics_lib.format_seconds(seconds)}')
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """Runs `mode`; its last stdout line is one JSON object of the results."""
+  if mode == 'summary':
+    from gaternet_jax import summary  # pylint: disable=g-import-not-at-top
+    out = summary.model_summary(config)
+  elif mode == 'benchmark':
+    from gaternet_jax import benchmark  # pylint: disable=g-import-not-at-top
+    out = benchmark.run_benchmark(config)
+    for name in ('baseline', 'gated'):
+      if name in out:
+        r = out[name]
+        print(f'{name:<9} train {r["train_images_per_s"]:9.1f} images/s '
+              f'(compile {r["train_compile_s"]:.1f}s)  eval '
+              f'{r["eval_images_per_s"]:9.1f} images/s (compile '
+              f'{r["eval_compile_s"]:.1f}s)')
+    if 'train_ratio' in out:
+      print(f'baseline/gated images/s: train {out["train_ratio"]:.2f}x, '
+            f'eval {out["eval_ratio"]:.2f}x')
+  elif mode == 'eval':
+    from gaternet_jax import train  # pylint: disable=g-import-not-at-top
+    out = train.evaluate(config, workdir)
+  elif mode == 'train':
+    from gaternet_jax import train  # pylint: disable=g-import-not-at-top
+    t = time.time()
+    out = train.train_and_evaluate(config, workdir)
+    print_training_report(out, time.time() - t)
+  else:
+    raise ValueError(mode)
+  print(json.dumps(out, sort_keys=True))
+  return out

@@ -1,0 +1,206 @@
+"""Metric writers and progress reporting.
+
+Every run writes `metrics.jsonl` (one JSON object per write) in its workdir.
+With TensorFlow and TensorBoard installed, clu's writers add TensorBoard
+summaries and clu's ReportProgress logs steps/s and ETA; without them (GPU
+hosts that have no TensorFlow) a plain logger does the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Mapping, Optional
+
+from absl import logging
+import jax
+import numpy as np
+
+
+def _scalar(v) -> float:
+  return float(np.asarray(v))
+
+
+class JsonlWriter:
+  """Appends `{"step": s, "kind": k, **values}` lines to a file."""
+
+  def __init__(self, path: str):
+    self._path = path
+    self._file = open(path, 'a', encoding='utf-8') if path else None
+
+  def _write(self, kind: str, step: int, values: Mapping[str, Any]):
+    if self._file is None:
+      return
+    rec = {'step': int(step), 'kind': kind, 'time': time.time()}
+    rec.update(values)
+    self._file.write(json.dumps(rec) + '\n')
+    self._file.flush()
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    self._write('scalars', step, {k: _scalar(v) for k, v in scalars.items()})
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    self._write('texts', step, dict(texts))
+
+  def flush(self):
+    if self._file is not None:
+      self._file.flush()
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+class LoggingWriter:
+  """Logs scalars through absl, as clu's LoggingWriter does."""
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    values = ', '.join(f'{k}={_scalar(v):.6g}' for k, v in sorted(
+        scalars.items()))
+    logging.info('[%d] %s', step, values)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    for k, v in texts.items():
+      logging.info('[%d] %s: %s', step, k, v)
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+class MultiWriter:
+  """Forwards every call to each writer."""
+
+  def __init__(self, writers: List[Any]):
+    self._writers = writers
+
+  def write_scalars(self, step, scalars):
+    for w in self._writers:
+      w.write_scalars(step, scalars)
+
+  def write_texts(self, step, texts):
+    for w in self._writers:
+      w.write_texts(step, texts)
+
+  def flush(self):
+    for w in self._writers:
+      w.flush()
+
+  def close(self):
+    for w in self._writers:
+      w.close()
+
+
+def tensorboard_available() -> bool:
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import tensorboard  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def create_writer(workdir: str, use_tensorboard: bool = True) -> MultiWriter:
+  """The run's writer: JSON lines always, TensorBoard when available.
+
+  Only process 0 writes files; every process logs.
+  """
+  lead = jax.process_index() == 0
+  writers: List[Any] = []
+  if lead:
+    writers.append(JsonlWriter(os.path.join(workdir, 'metrics.jsonl')))
+  if use_tensorboard and tensorboard_available():
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    writers.append(metric_writers.create_default_writer(
+        workdir, just_logging=not lead, asynchronous=False))
+  else:
+    writers.append(LoggingWriter())
+  return MultiWriter(writers)
+
+
+class ProgressLogger:
+  """Logs step, steps/s, images/s and ETA every `every_secs` seconds."""
+
+  def __init__(self, num_train_steps: int, batch_size: int,
+               writer: Optional[Any] = None, every_secs: float = 30.0,
+               first_step: int = 0):
+    self._total = num_train_steps
+    self._batch = batch_size
+    self._writer = writer
+    self._every = every_secs
+    self._last_t = time.time()
+    self._last_step = first_step
+
+  def __call__(self, step: int, t: Optional[float] = None) -> bool:
+    t = time.time() if t is None else t
+    if t - self._last_t < self._every and step != self._total:
+      return False
+    dt, ds = t - self._last_t, step - self._last_step
+    if ds <= 0 or dt <= 0:
+      return False
+    rate = ds / dt
+    eta = (self._total - step) / rate
+    logging.info('step %d/%d (%.1f%%): %.2f steps/s, %.0f images/s, ETA %s',
+                 step, self._total, 100.0 * step / max(self._total, 1), rate,
+                 rate * self._batch, format_seconds(eta))
+    if self._writer is not None:
+      self._writer.write_scalars(step, {'steps_per_sec': rate,
+                                        'images_per_sec': rate * self._batch})
+    self._last_t, self._last_step = t, step
+    return True
+
+
+def format_seconds(s: float) -> str:
+  s = int(round(s))
+  h, rem = divmod(s, 3600)
+  m, sec = divmod(rem, 60)
+  return f'{h}h{m:02d}m{sec:02d}s' if h else f'{m}m{sec:02d}s'
+
+
+def average(metrics: List[Dict[str, Any]]) -> Dict[str, float]:
+  """Mean of a list of per-step scalar dicts (fetched in one transfer)."""
+  if not metrics:
+    return {}
+  stacked = jax.device_get(metrics)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def read_jsonl(path: str, kind: str = 'scalars') -> List[Dict[str, Any]]:
+  """Reads back the records of one kind from a metrics.jsonl file."""
+  out = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      rec = json.loads(line)
+      if rec.get('kind') == kind:
+        out.append(rec)
+  return out
+
+
+def create_progress(num_train_steps: int, batch_size: int, writer: Any,
+                    every_secs: float, first_step: int = 0):
+  """clu's ReportProgress (steps/s and ETA) when clu imports; else ours.
+
+  Both are called as `progress(step)` after each step.
+  """
+  if tensorboard_available():
+    try:
+      from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      pass
+    else:
+      report = periodic_actions.ReportProgress(
+          num_train_steps=num_train_steps, writer=writer,
+          every_secs=every_secs)
+      ours = ProgressLogger(num_train_steps, batch_size, None, every_secs,
+                            first_step)
+
+      def both(step, t=None):
+        report(step, t=t)
+        return ours(step, t)
+      return both
+  return ProgressLogger(num_train_steps, batch_size, writer, every_secs,
+                        first_step)

@@ -1,0 +1,77 @@
+"""GaterNet: a gater network selects the backbone's filters per input.
+
+One `apply` runs the whole model: images -> gater -> gate logits ->
+Improved SemHash -> gate PyTree -> backbone -> logits. The backbone with no
+gater is the plain baseline, so baseline and gated models share parameter
+names under 'backbone' and a trained baseline initialises a gated model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gaternet_jax.gates import GateSpec, Gates, improved_semhash
+
+
+class Gater(nn.Module):
+  """G(x) = D(E(x)) up to the binarisation: images -> `(batch, c)` logits.
+
+  E is `features` (a backbone with no output layer); D is
+  FC1 (to the bottleneck b) -> [BatchNorm] -> ReLU -> FC2 (to c logits).
+  The official GaterNet code has no BatchNorm there; the paper does.
+  """
+  features: nn.Module
+  num_gates: int
+  bottleneck: int = 8
+  batchnorm: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    f = self.features(images, train=train)
+    h = nn.Dense(self.bottleneck, dtype=self.dtype, name='fc1')(f)
+    if self.batchnorm:
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       epsilon=1e-5, dtype=self.dtype, name='bn')(h)
+    h = nn.relu(h)
+    logits = nn.Dense(self.num_gates, dtype=self.dtype, name='fc2')(h)
+    return logits.astype(jnp.float32)
+
+
+class GaterNet(nn.Module):
+  """Backbone plus an optional gater; `__call__` returns (logits, gates).
+
+  Attributes:
+    backbone: a module with `gate_spec()` and `__call__(x, gates, train=)`.
+    gater: a `Gater` emitting `backbone.gate_spec().total` logits, or None
+      for the ungated baseline (whose gate PyTree is then empty).
+    mix_prob, noise_std: Improved SemHash's training-time settings.
+  """
+  backbone: nn.Module
+  gater: Optional[nn.Module] = None
+  mix_prob: float = 0.5
+  noise_std: float = 1.0
+
+  def gate_spec(self) -> GateSpec:
+    return self.backbone.gate_spec() if self.gater is not None else GateSpec()
+
+  def __call__(self, images: jax.Array, *,
+               train: bool = False) -> Tuple[jax.Array, Gates]:
+    """`(batch, h, w, c)` -> (`(batch, classes)` logits, gate PyTree).
+
+    In training the rng stream 'gates' drives SemHash's noise and mixing.
+    """
+    if self.gater is None:
+      return self.backbone(images, None, train=train), {}
+    spec = self.backbone.gate_spec()
+    gate_logits = self.gater(images, train=train)
+    assert gate_logits.shape[-1] == spec.total, (gate_logits.shape, spec.total)
+    rng = self.make_rng('gates') if train else None
+    flat = improved_semhash(gate_logits, rng=rng, train=train,
+                            mix_prob=self.mix_prob, noise_std=self.noise_std)
+    gates = spec.unflatten(flat)
+    return self.backbone(images, gates, train=train), gates

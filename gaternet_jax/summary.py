@@ -1,0 +1,41 @@
+"""Parameter and gate counts of a config's model, without data or training."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gaternet_jax import data as data_lib
+from gaternet_jax.models import create_model
+
+
+def count(tree: Any) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Counts from `jax.eval_shape` of the model's init (no FLOPs spent).
+
+  Returns params_total, params_backbone, params_gater, gated_filters,
+  gated_sites, num_classes and image_shape.
+  """
+  image_shape, num_classes = data_lib.dataset_info(config.data.name)
+  model = create_model(config.model, num_classes)
+  variables = jax.eval_shape(
+      lambda: model.init({'params': jax.random.key(0),
+                          'gates': jax.random.key(1)},
+                         jnp.zeros((1,) + image_shape), train=False))
+  params = variables['params']
+  spec = model.gate_spec()
+  return {
+      'params_total': count(params),
+      'params_backbone': count(params.get('backbone', {})),
+      'params_gater': count(params.get('gater', {})),
+      'gated_filters': spec.total,
+      'gated_sites': len(spec),
+      'num_classes': num_classes,
+      'image_shape': list(image_shape),
+  }

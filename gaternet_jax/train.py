@@ -1,0 +1,423 @@
+"""Training and evaluation: pure step functions and the loop around them.
+
+`train_and_evaluate(config, workdir)` runs GaterNet's whole recipe (the
+pretraining stages of section 3.3, then joint training); `train(...)` runs
+one stage. Steps are jitted once over a device mesh: parameters replicated,
+the batch split over devices, BatchNorm statistics over the global batch,
+the state donated, no host sync per step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Dict, Mapping, Optional
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gaternet_jax import augment
+from gaternet_jax import batching
+from gaternet_jax import checkpoints
+from gaternet_jax import data as data_lib
+from gaternet_jax import losses
+from gaternet_jax import metrics as metrics_lib
+from gaternet_jax import recipe
+from gaternet_jax import sharding
+from gaternet_jax.errors import ConfigError, WorkdirError
+from gaternet_jax.gates import GateSpec, gate_l1, gate_on_counts, gate_type_counts
+from gaternet_jax.models import create_model
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+
+
+def create_learning_rate_fn(opt_cfg: ml_collections.ConfigDict,
+                            steps_per_epoch: int,
+                            num_train_steps: int) -> optax.Schedule:
+  """Step ('step': boundaries in epochs) or cosine schedule, with warm-up."""
+  base = opt_cfg.learning_rate
+  warmup = int(round(opt_cfg.get('warmup_epochs', 0) * steps_per_epoch))
+  if opt_cfg.schedule == 'step':
+    boundaries = {int(round(e * steps_per_epoch)): opt_cfg.lr_decay
+                  for e in opt_cfg.lr_boundaries}
+    main = optax.piecewise_constant_schedule(base, boundaries)
+  elif opt_cfg.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(base, max(num_train_steps - warmup, 1))
+  elif opt_cfg.schedule == 'constant':
+    main = optax.constant_schedule(base)
+  else:
+    raise ConfigError(f'optimizer.schedule must be step, cosine or constant; '
+                      f'got {opt_cfg.schedule!r}.')
+  if warmup <= 0:
+    return main
+  if opt_cfg.schedule == 'step':
+    # Boundaries are absolute epochs, so warm-up overlays the step schedule.
+    return lambda s: jnp.minimum(1.0, (s + 1) / warmup) * main(s)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: Any,
+                       image_shape, lr_fn: optax.Schedule, rng: jax.Array,
+                       mesh) -> TrainState:
+  """Initialises parameters and optimiser state, replicated over the mesh."""
+  opt = config.optimizer
+  tx = optax.sgd(lr_fn, momentum=opt.momentum or None, nesterov=opt.nesterov)
+
+  def init(rng):
+    params_rng, gates_rng = jax.random.split(rng)
+    variables = model.init({'params': params_rng, 'gates': gates_rng},
+                           jnp.zeros((1,) + tuple(image_shape), jnp.float32),
+                           train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                             tx=tx,
+                             batch_stats=variables.get('batch_stats', {}))
+
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array],
+               rng: jax.Array, *, spec: GateSpec,
+               config: ml_collections.ConfigDict, mean, std):
+  """One SGD step on a global batch of uint8 images.
+
+  Args:
+    state: the replicated train state (donated).
+    batch: {'image': (batch, h, w, c) uint8, 'label': (batch,) int32}.
+    rng: the run's base key; this step's key is `fold_in(rng, state.step)`.
+
+  Returns:
+    (new state, dict of scalar metrics).
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+  aug_rng, gates_rng = jax.random.split(step_rng)
+  images = augment.preprocess(
+      batch['image'], mean=mean, std=std, train=True, rng=aug_rng,
+      crop_padding=config.data.crop_padding, flip=config.data.flip)
+
+  def loss_fn(params):
+    (logits, gates), new_model_state = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, images,
+        train=True, rngs={'gates': gates_rng}, mutable=['batch_stats'])
+    loss, terms = losses.total_loss(
+        logits, batch['label'], gates, spec, params,
+        weight_decay=config.weight_decay,
+        gate_l1_weight=config.gate_l1_weight,
+        label_smoothing=config.get('label_smoothing', 0.0))
+    return loss, (logits, gates, new_model_state, dict(terms, loss=loss))
+
+  grads, (logits, gates, new_model_state, terms) = jax.grad(
+      loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(
+      grads=grads, batch_stats=new_model_state['batch_stats'])
+  out = dict(terms,
+             accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']))
+  if spec:
+    out['gates_on'] = jnp.mean(spec.flatten(gates) > 0.5)
+  return new_state, out
+
+
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
+              spec: GateSpec, mean, std) -> Dict[str, jax.Array]:
+  """Sums over the unmasked examples of a padded eval batch.
+
+  Returns {'count', 'correct', 'loss_sum'} and, for gated models,
+  'gate_l1_sum' and 'gate_on_counts' `(c,)` (per gate, samples with it on).
+  """
+  images = augment.preprocess(batch['image'], mean=mean, std=std)
+  logits, gates = state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats}, images,
+      train=False)
+  mask = batch['mask']
+  losses_ = optax.softmax_cross_entropy_with_integer_labels(
+      logits, batch['label'])
+  out = {'count': jnp.sum(mask),
+         'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
+         'loss_sum': jnp.sum(losses_ * mask)}
+  if spec:
+    per_sample = jnp.mean(spec.flatten(gates), axis=-1)
+    out['gate_l1_sum'] = jnp.sum(per_sample * mask)
+    out['gate_on_counts'] = gate_on_counts(gates, spec, mask)
+  return out
+
+
+def summarize_eval(sums: Mapping[str, Any], spec: GateSpec) -> Dict[str, float]:
+  """Turns summed eval outputs into the metrics an eval writes."""
+  sums = jax.device_get(sums)
+  n = float(sums['count'])
+  out = {'accuracy': float(sums['correct']) / n,
+         'loss': float(sums['loss_sum']) / n, 'num_examples': n}
+  if spec:
+    counts = np.asarray(sums['gate_on_counts'])
+    kinds = gate_type_counts(counts, int(n), spec)['total']
+    out.update(gate_l1=float(sums['gate_l1_sum']) / n,
+               gates_on_fraction=float(counts.sum()) / (n * spec.total),
+               gates_always_on=kinds['always_on'],
+               gates_always_off=kinds['always_off'],
+               gates_input_dependent=kinds['input_dependent'],
+               gated_filters=spec.total)
+  return out
+
+
+class Steps:
+  """The jitted train and eval steps of one model on one mesh."""
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: GateSpec, mesh,
+               mean, std):
+    self.mesh = mesh
+    repl = sharding.replicated(mesh)
+    data = sharding.batch_sharded(mesh)
+    self.data_sharding = data
+    mean, std = tuple(mean), tuple(std)
+    self.train = jax.jit(
+        functools.partial(train_step, spec=spec, config=config, mean=mean,
+                          std=std),
+        in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+        donate_argnums=(0,))
+    self.eval = jax.jit(
+        functools.partial(eval_step, spec=spec, mean=mean, std=std),
+        in_shardings=(repl, data), out_shardings=repl)
+
+  def evaluate(self, state: TrainState, images: np.ndarray,
+               labels: np.ndarray, batch_size: int, spec: GateSpec
+               ) -> Dict[str, float]:
+    """Accuracy, loss and gate statistics over a whole split."""
+    total = None
+    for batch in batching.eval_batches(images, labels, batch_size):
+      out = self.eval(state, sharding.to_global(batch, self.data_sharding))
+      total = out if total is None else jax.tree_util.tree_map(
+          jnp.add, total, out)
+    return summarize_eval(total, spec)
+
+
+def num_steps(config, num_examples: int):
+  """(steps_per_epoch, num_train_steps) of a config on a dataset."""
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(f'batch_size={config.batch_size} exceeds the '
+                      f'{num_examples} training examples.')
+  total = config.get('num_train_steps', -1)
+  if total is None or total <= 0:
+    total = int(round(config.num_epochs * steps_per_epoch))
+  return steps_per_epoch, total
+
+
+class _Preempted(Exception):
+  pass
+
+
+def _write_json(path: str, obj: Any):
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str):
+  """Refuses to resume a workdir that was written by a different model."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    old = json.load(f)
+  new = json.loads(config.to_json_best_effort())
+  for key in ('model', 'data'):
+    old_part, new_part = dict(old.get(key, {})), dict(new.get(key, {}))
+    if key == 'data':  # Where the data lives may change between machines.
+      for k in ('data_dir',):
+        old_part.pop(k, None)
+        new_part.pop(k, None)
+    if old_part != new_part:
+      raise WorkdirError(
+          f'{workdir} holds a run with a different `{key}` config; resume it '
+          f'with its own config ({path}) or choose a new --workdir.')
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          init_fn: Optional[Callable[[TrainState], TrainState]] = None,
+          dataset: Optional[data_lib.InMemoryDataset] = None,
+          step_callback: Optional[Callable[[int], None]] = None
+          ) -> Dict[str, Any]:
+  """Trains one model to `config`'s end, resuming from `workdir` if it can.
+
+  Args:
+    config: the experiment config.
+    workdir: where checkpoints, metrics.jsonl, config.json and results.json
+      are written.
+    init_fn: maps the freshly initialised state to the starting one (used to
+      load pretrained weights); not called when resuming.
+    dataset: an already loaded dataset (else `config.data` is loaded).
+    step_callback: called with each finished step number (for tests).
+
+  Returns:
+    The final evaluation metrics (also written to `workdir/results.json`).
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _check_workdir_config(config, workdir)
+  ds = dataset if dataset is not None else data_lib.load_dataset(config.data)
+  model = create_model(config.model, ds.num_classes)
+  spec = model.gate_spec()
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(config.batch_size)
+  sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+  steps_per_epoch, total_steps = num_steps(config, len(ds.train_images))
+  lr_fn = create_learning_rate_fn(config.optimizer, steps_per_epoch,
+                                  total_steps)
+  rng = jax.random.key(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  state = create_train_state(config, model, ds.train_images.shape[1:], lr_fn,
+                             init_rng, mesh)
+  train_rng = jax.device_put(train_rng, sharding.replicated(mesh))
+
+  ckpt = checkpoints.Checkpointer(
+      workdir, max_to_keep=config.keep_checkpoints,
+      save_every_steps=config.checkpoint_every_steps)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    logging.info('Resumed %s at step %d.', workdir, int(state.step))
+  else:
+    if init_fn is not None:
+      state = jax.device_put(init_fn(state), sharding.replicated(mesh))
+    if jax.process_index() == 0:
+      _write_json(os.path.join(workdir, 'config.json'),
+                  json.loads(config.to_json_best_effort()))
+  start = int(state.step)
+
+  steps = Steps(config, spec, mesh, ds.mean, ds.std)
+  writer = metrics_lib.create_writer(workdir, config.get('tensorboard', True))
+  eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
+  logging.info('%s: %d train / %d %s examples, %d steps (%d per epoch), '
+               'batch %d on %d devices, %d gated filters.', workdir,
+               len(ds.train_images), len(ds.test_images), ds.test_split_name,
+               total_steps, steps_per_epoch, config.batch_size,
+               jax.device_count(), spec.total)
+  progress = metrics_lib.create_progress(
+      total_steps, config.batch_size, writer, config.progress_every_secs,
+      first_step=start)
+
+  preempted = []
+  previous_handler = None
+  try:
+    previous_handler = signal.signal(
+        signal.SIGTERM, lambda *_: preempted.append(True))
+  except ValueError:  # Not the main thread: no preemption handling.
+    pass
+
+  results = None
+  buffer = []
+  batches = batching.train_batches(ds.train_images, ds.train_labels,
+                                   config.batch_size, config.seed + 1, start)
+  t0 = time.time()
+  try:
+    for step in range(start, total_steps):
+      batch = sharding.to_global(next(batches), steps.data_sharding)
+      state, m = steps.train(state, batch, train_rng)
+      buffer.append(m)
+      s = step + 1
+      progress(s)
+      if s % config.log_every_steps == 0 or s == total_steps:
+        scalars = metrics_lib.average(buffer)
+        scalars['learning_rate'] = float(lr_fn(step))
+        writer.write_scalars(s, {f'train/{k}': v for k, v in scalars.items()})
+        buffer = []
+      if s % eval_every == 0 or s == total_steps:
+        results = steps.evaluate(state, ds.test_images, ds.test_labels,
+                                 config.eval_batch_size, spec)
+        writer.write_scalars(
+            s, {f'{ds.test_split_name}/{k}': v for k, v in results.items()})
+      ckpt.save(s, state, force=(s == total_steps) or bool(preempted))
+      if step_callback is not None:
+        step_callback(s)
+      if preempted:
+        raise _Preempted()
+  except _Preempted:
+    logging.warning('SIGTERM: saved a checkpoint at step %d and stopped.',
+                    int(state.step))
+    ckpt.close()
+    writer.close()
+    raise SystemExit(143)
+  finally:
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+  ckpt.close()
+  if results is None:  # Nothing left to train: evaluate the restored state.
+    results = steps.evaluate(state, ds.test_images, ds.test_labels,
+                             config.eval_batch_size, spec)
+  results = dict(results, step=int(state.step), split=ds.test_split_name,
+                 train_seconds=time.time() - t0)
+  writer.write_texts(int(state.step), {'results': json.dumps(results)})
+  writer.close()
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, 'results.json'), results)
+  logging.info('%s: %s', workdir, results)
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> Dict[str, Any]:
+  """GaterNet's recipe: pretraining stages (if any), then this config's run.
+
+  Returns {'final': results of this run, '<stage>': results of each
+  pretraining stage}.
+  """
+  out = {}
+  init_fns = []
+  if recipe.official_checkpoint(config):
+    init_fns.append(recipe.official_init(config))
+  for stage in recipe.pretraining_stages(config, workdir):
+    logging.info('Pretraining stage %r in %s.', stage.name, stage.workdir)
+    out[stage.name] = train(stage.config, stage.workdir)
+    init_fns.append(recipe.stage_init(stage))
+
+  def init_fn(state):
+    for fn in init_fns:
+      state = fn(state)
+    return state
+
+  out['final'] = train(config, workdir, init_fn if init_fns else None)
+  return out
+
+
+def evaluate(config: ml_collections.ConfigDict,
+             workdir: str) -> Dict[str, Any]:
+  """Evaluates the latest checkpoint of `workdir` (or, when it has none,
+  `config.init.official_checkpoint`) on the config's test split."""
+  ds = data_lib.load_dataset(config.data)
+  model = create_model(config.model, ds.num_classes)
+  spec = model.gate_spec()
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+  steps_per_epoch, total_steps = num_steps(config, len(ds.train_images))
+  lr_fn = create_learning_rate_fn(config.optimizer, steps_per_epoch,
+                                  total_steps)
+  state = create_train_state(config, model, ds.train_images.shape[1:], lr_fn,
+                             jax.random.key(config.seed), mesh)
+  has_ckpt = os.path.isdir(checkpoints.checkpoint_dir(workdir))
+  if has_ckpt:
+    ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+    has_ckpt = ckpt.latest_step() is not None
+    if has_ckpt:
+      state = ckpt.restore(state)
+    ckpt.close()
+  if not has_ckpt:
+    if not recipe.official_checkpoint(config):
+      raise WorkdirError(f'{workdir} has no checkpoint to evaluate (and '
+                         f'config.init.official_checkpoint is empty).')
+    state = jax.device_put(recipe.official_init(config)(state),
+                           sharding.replicated(mesh))
+  steps = Steps(config, spec, mesh, ds.mean, ds.std)
+  results = steps.evaluate(state, ds.test_images, ds.test_labels,
+                           config.eval_batch_size, spec)
+  return dict(results, step=int(state.step), split=ds.test_split_name)

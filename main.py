@@ -1,0 +1,45 @@
+"""GaterNet in JAX: train, evaluate, summarise or benchmark a config.
+
+  python main.py --config=configs/default.py --workdir=/tmp/gaternet_demo
+  python main.py --config=configs/cifar10_r20.py --mode=summary
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from gaternet_jax import cli
+from gaternet_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+flags.DEFINE_enum('mode', 'train', cli.MODES, 'What to do with the config.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  if FLAGS.config is None:
+    sys.exit('error: --config is required (for example '
+             '--config=configs/default.py).')
+  if FLAGS.mode in ('train', 'eval') and not FLAGS.workdir:
+    sys.exit(f'error: --workdir is required for --mode={FLAGS.mode}.')
+  logging.set_verbosity(logging.INFO)
+  # Orbax logs every save at INFO; keep the run's own progress readable.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= logging.WARNING or
+      '/orbax/' not in record.pathname)
+  try:
+    cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+  except UserError as e:
+    logging.flush()
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
