@@ -1,0 +1,616 @@
+"""In-memory image datasets as host numpy arrays.
+
+Every source gives uint8 images (N, H, W, C) and int32 labels (N,); the
+training loop moves them to the device and augments them there, in JAX.
+
+Sources (`data.name` / `data.source`):
+  digits   / builtin         scikit-learn's bundled 8x8 digits, no download.
+  cifar10  / folder          train/<class>/*.png|jpg|jpeg + test/<class>/*,
+  cifar100                   as a directory or a .tar(.gz) read in memory.
+           / python_archive  the official cifar-10(0)-python pickles,
+                             read with a restricted unpickler.
+           / tfds            tensorflow_datasets (optional dependency).
+"""
+
+import codecs
+import dataclasses
+import io
+import os
+import pickle
+import tarfile
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from gaternet_jax.errors import DataError
+
+__all__ = ['InMemoryDataset', 'load_dataset']
+
+_NUM_CLASSES = {'digits': 10, 'cifar10': 10, 'cifar100': 100}
+_SOURCES = ('folder', 'python_archive', 'tfds')
+_SPLITS = ('train', 'test')
+_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+
+
+# eq=False: field-wise == on numpy arrays is ambiguous, and an identity hash
+# keeps the (frozen) dataset usable as a dict key.
+@dataclasses.dataclass(frozen=True, eq=False)
+class InMemoryDataset:
+  """A train and a test split held in host memory.
+
+  Attributes:
+    name: 'digits', 'cifar10' or 'cifar100'.
+    train_images: (N, H, W, C) uint8.
+    train_labels: (N,) int32 in [0, num_classes).
+    test_images: (M, H, W, C) uint8.
+    test_labels: (M,) int32.
+    num_classes: number of classes.
+    mean: per-channel mean in [0, 1] units, len C.
+    std: per-channel std in [0, 1] units, len C.
+    test_split_name: 'test', or 'validation' when a hold-out of the training
+      images replaced the test set.
+  """
+  name: str
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  mean: tuple
+  std: tuple
+  test_split_name: str
+
+
+def load_dataset(data_cfg) -> InMemoryDataset:
+  """Loads the dataset described by `data_cfg` (a ConfigDict or mapping).
+
+  Fields read: name, source, data_dir, validation_holdout, holdout_seed,
+  num_train_examples, num_test_examples, mean, std.
+
+  Raises:
+    DataError: the config names an unknown dataset or source, or the data
+      on disk is missing or malformed.
+  """
+  name = data_cfg.get('name', None)
+  if name not in _NUM_CLASSES:
+    raise DataError(
+        f'Unknown dataset data.name={name!r}; use one of '
+        f'{", ".join(sorted(_NUM_CLASSES))}.')
+  num_classes = _NUM_CLASSES[name]
+  holdout = _get_count(data_cfg, 'validation_holdout')
+  holdout_seed = _get_count(data_cfg, 'holdout_seed')
+  num_train = _get_count(data_cfg, 'num_train_examples')
+  num_test = _get_count(data_cfg, 'num_test_examples')
+
+  if name == 'digits':
+    train, test = _load_digits()
+  else:
+    source = data_cfg.get('source', None)
+    data_dir = data_cfg.get('data_dir', None)
+    if source == 'folder':
+      train, test = _load_folder(name, num_classes, data_dir)
+    elif source == 'python_archive':
+      train, test = _load_python_archive(name, num_classes, data_dir)
+    elif source == 'tfds':
+      train, test = _load_tfds(name, num_classes, data_dir)
+    else:
+      raise DataError(
+          f'Unknown data.source={source!r} for {name}; use one of '
+          f'{", ".join(_SOURCES)}.')
+
+  test_split_name = 'test'
+  if holdout:
+    train, test = _hold_out(train, holdout, holdout_seed)
+    test_split_name = 'validation'
+  # Caps come after the hold-out so the validation set stays the one the
+  # seed picked, whatever the cap.
+  if num_train:
+    train = (train[0][:num_train], train[1][:num_train])
+  if num_test:
+    test = (test[0][:num_test], test[1][:num_test])
+
+  train_images, train_labels = _finalize(*train)
+  test_images, test_labels = _finalize(*test)
+  channels = train_images.shape[-1]
+  mean, std = data_cfg.get('mean', None), data_cfg.get('std', None)
+  if mean is None or std is None:
+    computed_mean, computed_std = _channel_stats(train_images)
+    mean = computed_mean if mean is None else mean
+    std = computed_std if std is None else std
+  mean = _check_stats('mean', mean, channels)
+  std = _check_stats('std', std, channels)
+  if any(s <= 0 for s in std):
+    raise DataError(
+        f'Per-channel std {std} must be positive; set data.std or check '
+        'that the training images are not constant.')
+  return InMemoryDataset(
+      name=name,
+      train_images=train_images,
+      train_labels=train_labels,
+      test_images=test_images,
+      test_labels=test_labels,
+      num_classes=num_classes,
+      mean=mean,
+      std=std,
+      test_split_name=test_split_name)
+
+
+# ----------------------------------------------------------------------------
+# Config helpers and post-processing.
+
+
+def _get_count(data_cfg, key):
+  """A non-negative int config field; None counts as 0."""
+  value = data_cfg.get(key, 0)
+  if value is None:
+    return 0
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise DataError(f'data.{key}={value!r} must be a non-negative integer.')
+  if value < 0:
+    raise DataError(f'data.{key}={value} must be >= 0.')
+  return int(value)
+
+
+def _check_stats(key, values, channels):
+  try:
+    values = tuple(float(v) for v in values)
+  except (TypeError, ValueError):
+    raise DataError(
+        f'data.{key}={values!r} must be a sequence of {channels} numbers.'
+    ) from None
+  if len(values) != channels:
+    raise DataError(
+        f'data.{key} has {len(values)} values but the images have '
+        f'{channels} channels; give one value per channel or leave it unset.')
+  return values
+
+
+def _hold_out(train, holdout, seed):
+  """Splits `holdout` random training images off as a validation set."""
+  images, labels = train
+  n = len(labels)
+  if holdout >= n:
+    raise DataError(
+        f'data.validation_holdout={holdout} must be smaller than the '
+        f'{n} training images.')
+  order = np.random.default_rng(seed).permutation(n)
+  # Sorted indices keep both parts in the source's order.
+  held, kept = np.sort(order[:holdout]), np.sort(order[holdout:])
+  return (images[kept], labels[kept]), (images[held], labels[held])
+
+
+def _finalize(images, labels):
+  images = np.ascontiguousarray(images, dtype=np.uint8)
+  labels = np.ascontiguousarray(labels, dtype=np.int32)
+  return images, labels
+
+
+def _channel_stats(images):
+  """Exact per-channel mean and std of uint8 (N, H, W, C) in [0, 1] units."""
+  values = np.arange(256, dtype=np.float64) / 255.0
+  mean, std = [], []
+  for c in range(images.shape[-1]):
+    # A 256-bin histogram is exact and avoids a float copy of the images.
+    counts = np.bincount(images[..., c].ravel(), minlength=256)
+    total = counts.sum()
+    m = float(counts @ values) / total
+    var = float(counts @ (values - m) ** 2) / total
+    mean.append(m)
+    std.append(var**0.5)
+  return tuple(mean), tuple(std)
+
+
+def _check_labels(labels, num_classes, what):
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise DataError(
+        f'{what} has labels in [{labels.min()}, {labels.max()}] but '
+        f'{num_classes} classes are expected; check data.name and the files.')
+
+
+# ----------------------------------------------------------------------------
+# digits: scikit-learn's bundled 8x8 digits.
+
+
+def _load_digits():
+  """(N, 8, 8, 1) uint8 digits with a fixed stratified 80/20 split."""
+  # Imported here: scikit-learn is slow to import and only digits needs it.
+  from sklearn import datasets as sk_datasets
+  from sklearn import model_selection
+
+  digits = sk_datasets.load_digits()
+  # Pixel values are 0..16.
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  images = images[..., None]
+  labels = digits.target.astype(np.int32)
+  x_train, x_test, y_train, y_test = model_selection.train_test_split(
+      images, labels, test_size=0.2, random_state=0, stratify=labels)
+  return (x_train, y_train), (x_test, y_test)
+
+
+# ----------------------------------------------------------------------------
+# folder: train/<class>/* and test/<class>/*, on disk or in a tar archive.
+
+
+def _existing_path(data_dir, source):
+  if not data_dir:
+    raise DataError(f"data.source='{source}' needs data.data_dir to be set.")
+  path = os.path.expanduser(os.fspath(data_dir))
+  if not os.path.exists(path):
+    raise DataError(f'data.data_dir {path} does not exist; check the path.')
+  return path
+
+
+def _is_image_name(name):
+  # Hidden files include macOS '._x.png' resource forks, which are no images.
+  return (not name.startswith('.')) and name.lower().endswith(
+      _IMAGE_EXTENSIONS)
+
+
+def _load_folder(name, num_classes, data_dir):
+  path = _existing_path(data_dir, 'folder')
+  if os.path.isdir(path):
+    tree = _scan_directory(path)
+  else:
+    tree = _scan_tar(path)
+
+  train_classes, test_classes = set(tree['train']), set(tree['test'])
+  if train_classes != test_classes:
+    only_train = sorted(train_classes - test_classes)
+    only_test = sorted(test_classes - train_classes)
+    raise DataError(
+        f'{path}: train/ and test/ have different class folders '
+        f'(only in train: {only_train[:5]}, only in test: {only_test[:5]}); '
+        'both splits need the same classes.')
+  classes = sorted(train_classes)
+  if len(classes) != num_classes:
+    raise DataError(
+        f'{path} has {len(classes)} class folders but {name} has '
+        f'{num_classes} classes; check data.name and data.data_dir.')
+  for split in _SPLITS:
+    for cls in classes:
+      if not tree[split][cls]:
+        raise DataError(
+            f'{path}: {split}/{cls}/ holds no .png/.jpg/.jpeg images.')
+
+  # One decode pass over both splits, so the one-shape check spans both.
+  items, labels = [], []
+  for split in _SPLITS:
+    split_labels = []
+    for label, cls in enumerate(classes):
+      files = tree[split][cls]
+      items.extend(files)
+      split_labels.extend([label] * len(files))
+    labels.append(np.asarray(split_labels, np.int32))
+  images = _decode_all(items)
+  n_train = len(labels[0])
+  return (images[:n_train], labels[0]), (images[n_train:], labels[1])
+
+
+def _scan_directory(root):
+  """{split: {class: [(path, path), ...]}} with files in sorted order."""
+  tree = {}
+  for split in _SPLITS:
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+      raise DataError(
+          f'{root} has no {split}/ subfolder; expected the layout '
+          'train/<class>/*.png and test/<class>/*.png.')
+    tree[split] = {}
+    with os.scandir(split_dir) as entries:
+      class_dirs = [e for e in entries
+                    if e.is_dir() and not e.name.startswith('.')]
+    for entry in class_dirs:
+      with os.scandir(entry.path) as files:
+        names = sorted(f.name for f in files
+                       if f.is_file() and _is_image_name(f.name))
+      paths = [os.path.join(entry.path, n) for n in names]
+      tree[split][entry.name] = [(p, p) for p in paths]
+  return tree
+
+
+def _scan_tar(path):
+  """Like _scan_directory, for a tar archive read once into memory."""
+  files = {}  # tuple of path parts -> bytes
+  dirs = set()
+  try:
+    # Stream mode: one sequential pass, no seeks back into the gzip stream.
+    with tarfile.open(path, 'r|*') as tar:
+      for member in tar:
+        parts = tuple(p for p in member.name.split('/') if p not in ('', '.'))
+        if member.isdir():
+          dirs.add(parts)
+        elif member.isfile() and parts and _is_image_name(parts[-1]):
+          files[parts] = tar.extractfile(member).read()
+  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    raise DataError(
+        f'data.data_dir {path} is neither a directory nor a readable tar '
+        f'archive ({type(e).__name__}: {e}); give the dataset folder or an '
+        'intact .tar/.tar.gz of it.') from e
+
+  # The layout may sit under a top-level folder: find where 'train'/'test'
+  # sit as the third-to-last path component.
+  roots = {p[:-3] for p in files if len(p) >= 3 and p[-3] in _SPLITS}
+  if not roots:
+    raise DataError(
+        f'{path} holds no train/<class>/<image> or test/<class>/<image> '
+        'files; expected the layout train/<class>/*.png and test/<class>/*.')
+  if () in roots:
+    root = ()
+  elif len(roots) == 1:
+    (root,) = roots
+  else:
+    raise DataError(
+        f'{path} holds several train/test trees ({sorted(roots)[:3]}); '
+        'keep one dataset per archive.')
+
+  depth = len(root)
+  tree = {split: {} for split in _SPLITS}
+  for parts in dirs:
+    if (len(parts) == depth + 2 and parts[:depth] == root
+        and parts[depth] in _SPLITS and not parts[-1].startswith('.')):
+      tree[parts[depth]].setdefault(parts[-1], [])
+  for parts in sorted(files):
+    if (len(parts) == depth + 3 and parts[:depth] == root
+        and parts[depth] in _SPLITS):
+      display = f'{path}:{"/".join(parts)}'
+      tree[parts[depth]].setdefault(parts[-2], []).append(
+          (display, files[parts]))
+  for split in _SPLITS:
+    if not tree[split]:
+      raise DataError(
+          f'{path} has no {split}/<class>/ folders; expected the layout '
+          'train/<class>/*.png and test/<class>/*.png.')
+  return tree
+
+
+def _decode_one(display, source):
+  """(H, W, 3) uint8 from a file path or the file's bytes."""
+  fp = io.BytesIO(source) if isinstance(source, bytes) else source
+  try:
+    with Image.open(fp, formats=('PNG', 'JPEG')) as image:
+      if image.mode != 'RGB':
+        image = image.convert('RGB')
+      return np.asarray(image)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise DataError(
+        f'Cannot decode image {display} ({type(e).__name__}: {e}); '
+        'replace or remove the file.') from e
+
+
+def _decode_all(items):
+  """(N, H, W, 3) uint8 from a non-empty [(display, source)], one shape."""
+  # Serial on purpose: for CIFAR-sized images the cost is Pillow's Python
+  # overhead (~100 us/image), which threads only slow down (measured).
+  first = _decode_one(*items[0])
+  out = np.empty((len(items),) + first.shape, np.uint8)
+  out[0] = first
+  for i in range(1, len(items)):
+    image = _decode_one(*items[i])
+    if image.shape != first.shape:
+      raise DataError(
+          f'{items[i][0]} is {_shape_str(image.shape)} but {items[0][0]} is '
+          f'{_shape_str(first.shape)}; all images must have one shape.')
+    out[i] = image
+  return out
+
+
+def _shape_str(shape):
+  return 'x'.join(str(s) for s in shape)
+
+
+# ----------------------------------------------------------------------------
+# python_archive: the official CIFAR python pickles.
+
+
+@dataclasses.dataclass(frozen=True)
+class _CifarPythonLayout:
+  archive: str
+  folder: str
+  train_files: tuple
+  test_files: tuple
+  label_key: str
+
+
+_CIFAR_PYTHON = {
+    'cifar10': _CifarPythonLayout(
+        archive='cifar-10-python.tar.gz',
+        folder='cifar-10-batches-py',
+        train_files=tuple(f'data_batch_{i}' for i in range(1, 6)),
+        test_files=('test_batch',),
+        label_key='labels'),
+    'cifar100': _CifarPythonLayout(
+        archive='cifar-100-python.tar.gz',
+        folder='cifar-100-python',
+        train_files=('train',),
+        test_files=('test',),
+        label_key='fine_labels'),
+}
+
+
+def _latin1_encode(text, encoding='latin1'):
+  # Python 3 pickles (protocol <= 2) store bytes as
+  # _codecs.encode(str, 'latin1'); allow only that use of it.
+  if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+    raise pickle.UnpicklingError('unexpected _codecs.encode call')
+  return codecs.encode(text, encoding)
+
+
+# Everything a CIFAR batch needs to rebuild its numpy arrays, and no more.
+_PICKLE_GLOBALS = {
+    ('numpy.core.multiarray', '_reconstruct'): np.ndarray.__reduce__(
+        np.empty(0))[0],
+    ('numpy._core.multiarray', '_reconstruct'): np.ndarray.__reduce__(
+        np.empty(0))[0],
+    ('numpy', 'ndarray'): np.ndarray,
+    ('numpy', 'dtype'): np.dtype,
+    ('_codecs', 'encode'): _latin1_encode,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Unpickler that can build numpy arrays and plain containers only."""
+
+  def find_class(self, module, name):
+    try:
+      return _PICKLE_GLOBALS[(module, name)]
+    except KeyError:
+      raise DataError(
+          f'Refusing to load {module}.{name} from a pickle; a CIFAR batch '
+          'holds only numpy arrays and lists, so this file is not one.'
+      ) from None
+
+
+def _load_python_archive(name, num_classes, data_dir):
+  layout = _CIFAR_PYTHON[name]
+  path = _existing_path(data_dir, 'python_archive')
+  needed = layout.train_files + layout.test_files
+  if os.path.isdir(path):
+    if any(os.path.isfile(os.path.join(path, f)) for f in needed):
+      blobs = _read_pickle_folder(path, needed)
+    elif os.path.isdir(os.path.join(path, layout.folder)):
+      blobs = _read_pickle_folder(os.path.join(path, layout.folder), needed)
+    elif os.path.isfile(os.path.join(path, layout.archive)):
+      blobs = _read_pickle_archive(os.path.join(path, layout.archive), needed)
+    else:
+      raise DataError(
+          f'{path} holds neither {layout.archive} nor {layout.folder}/; '
+          f'download {layout.archive} from '
+          'https://www.cs.toronto.edu/~kriz/cifar.html.')
+  else:
+    blobs = _read_pickle_archive(path, needed)
+
+  splits = []
+  for files in (layout.train_files, layout.test_files):
+    batches = [_unpickle_batch(blobs[f], f, layout.label_key, num_classes)
+               for f in files]
+    splits.append((np.concatenate([b[0] for b in batches]),
+                   np.concatenate([b[1] for b in batches])))
+  return splits[0], splits[1]
+
+
+def _read_pickle_folder(folder, needed):
+  missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
+  if missing:
+    raise DataError(
+        f'{folder} lacks {", ".join(missing)}; re-extract or re-download '
+        'the official archive.')
+  blobs = {}
+  for f in needed:
+    with open(os.path.join(folder, f), 'rb') as fh:
+      blobs[f] = fh.read()
+  return blobs
+
+
+def _read_pickle_archive(path, needed):
+  """{member basename: bytes} for the `needed` members, read in memory."""
+  blobs = {}
+  try:
+    with tarfile.open(path, 'r|*') as tar:
+      for member in tar:
+        base = member.name.rsplit('/', 1)[-1]
+        if member.isfile() and base in needed and base not in blobs:
+          blobs[base] = tar.extractfile(member).read()
+  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    raise DataError(
+        f'Cannot read the archive {path} ({type(e).__name__}: {e}); it is '
+        'truncated or not a tar archive, so re-download it.') from e
+  missing = [f for f in needed if f not in blobs]
+  if missing:
+    raise DataError(
+        f'{path} lacks {", ".join(missing)}; it is truncated or not the '
+        'official CIFAR python archive for this data.name.')
+  return blobs
+
+
+def _unpickle_batch(blob, what, label_key, num_classes):
+  """(images (n, 32, 32, 3) uint8, labels (n,) int32) from one batch."""
+  def bad(reason):
+    return DataError(
+        f'CIFAR batch {what} {reason}; re-download the official archive.')
+
+  try:
+    batch = _RestrictedUnpickler(io.BytesIO(blob), encoding='bytes').load()
+  except DataError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Truncated or foreign pickles fail in many ways (EOFError,
+    # UnpicklingError, struct/Value/Type errors...): all mean a bad file.
+    raise bad(f'is truncated or not a pickle ({type(e).__name__}: {e})'
+             ) from e
+  if not isinstance(batch, dict):
+    raise bad(f'holds a {type(batch).__name__}, not a dict')
+  batch = {(k.decode('latin1') if isinstance(k, bytes) else k): v
+           for k, v in batch.items()}
+  data = batch.get('data')
+  if (not isinstance(data, np.ndarray) or data.dtype != np.uint8
+      or data.ndim != 2 or data.shape[1] != 3 * 32 * 32):
+    raise bad("has no uint8 (n, 3072) 'data' array")
+  labels = batch.get(label_key)
+  if labels is None:
+    raise bad(f"has no '{label_key}' entry")
+  labels = np.asarray(labels)
+  if labels.shape != (data.shape[0],) or (
+      labels.size and not np.issubdtype(labels.dtype, np.integer)):
+    raise bad(f"has {labels.shape} '{label_key}' for {data.shape[0]} images")
+  labels = labels.astype(np.int32)
+  _check_labels(labels, num_classes, f'CIFAR batch {what}')
+  # Rows are channel-major (1024 R, 1024 G, 1024 B), each row-major 32x32.
+  images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return np.ascontiguousarray(images), labels
+
+
+# ----------------------------------------------------------------------------
+# tfds: TensorFlow Datasets, an optional dependency.
+
+
+_TFDS_BATCH = 10_000
+
+
+def _load_tfds(name, num_classes, data_dir):
+  install_hint = ('run `pip install tensorflow-cpu tensorflow-datasets` or '
+                  "use data.source='folder' or 'python_archive'")
+  try:
+    # Imported here so the package works without TensorFlow installed.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(
+        f"data.source='tfds' needs TensorFlow Datasets ({e}); "
+        f'{install_hint}.') from e
+  try:
+    # Finite batches, not batch_size=-1: that batches by the split sizes in
+    # the dataset info, and where those are unknown (tfds.testing.mock_data)
+    # it asks TensorFlow for a sys.maxsize batch, which aborts the process.
+    datasets = tfds.load(
+        name, split=list(_SPLITS), data_dir=data_dir or None,
+        batch_size=_TFDS_BATCH, as_supervised=True)
+    splits = []
+    for ds in datasets:
+      batches = list(tfds.as_numpy(ds))
+      if not batches:
+        raise ValueError('the split is empty')
+      splits.append((np.concatenate([b[0] for b in batches]),
+                     np.concatenate([b[1] for b in batches])))
+  except ImportError as e:
+    raise DataError(
+        f'TensorFlow Datasets could not load {name} ({e}); {install_hint}.'
+    ) from e
+  except Exception as e:  # pylint: disable=broad-except
+    # tfds raises many types (missing files, no network, bad data_dir).
+    first_line = str(e).strip().split('\n', 1)[0]
+    raise DataError(
+        f'TensorFlow Datasets could not load {name} from data_dir='
+        f'{data_dir!r} ({type(e).__name__}: {first_line}); prepare it with '
+        "tfds or use data.source='folder' or 'python_archive'.") from e
+
+  result = []
+  for split, (images, labels) in zip(_SPLITS, splits):
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or images.dtype != np.uint8:
+      raise DataError(
+          f'tfds {name}/{split} gave {images.dtype} images of shape '
+          f'{images.shape}, not uint8 (N, H, W, C).')
+    labels = labels.astype(np.int32)
+    _check_labels(labels, num_classes, f'tfds {name}/{split}')
+    result.append((images, labels))
+  return result[0], result[1]
