@@ -4,6 +4,7 @@
   python main.py --config=configs/cifar10_r20.py --mode=summary
 """
 
+import logging as pylogging
 import sys
 
 from absl import app
@@ -24,7 +25,14 @@ flags.DEFINE_enum('mode', 'train', cli.MODES, 'What to do with the config.')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  if FLAGS.config is None:
+  try:
+    config = FLAGS.config
+    if config is not None:
+      config.get('data')  # A file that failed to load raises only on use.
+  except (OSError, ImportError, SyntaxError) as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    sys.exit(f'error: cannot load the --config file ({reason}).')
+  if config is None:
     sys.exit('error: --config is required (for example '
              '--config=configs/default.py).')
   if FLAGS.mode in ('train', 'eval') and not FLAGS.workdir:
@@ -32,10 +40,10 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save at INFO; keep the run's own progress readable.
   logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= logging.WARNING or
+      lambda record: record.levelno >= pylogging.WARNING or
       '/orbax/' not in record.pathname)
   try:
-    cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+    cli.run(FLAGS.mode, config, FLAGS.workdir)
   except UserError as e:
     logging.flush()
     sys.exit(f'error: {e}')

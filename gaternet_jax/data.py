@@ -25,7 +25,7 @@ from PIL import Image
 
 from gaternet_jax.errors import DataError
 
-__all__ = ['InMemoryDataset', 'load_dataset']
+__all__ = ['InMemoryDataset', 'dataset_info', 'load_dataset']
 
 _NUM_CLASSES = {'digits': 10, 'cifar10': 10, 'cifar100': 100}
 _SOURCES = ('folder', 'python_archive', 'tfds')
@@ -60,6 +60,18 @@ class InMemoryDataset:
   mean: tuple
   std: tuple
   test_split_name: str
+
+
+_IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3),
+                 'cifar100': (32, 32, 3)}
+
+
+def dataset_info(name: str):
+  """`(image_shape, num_classes)` of a named dataset, without loading it."""
+  if name not in _NUM_CLASSES:
+    raise DataError(f'Unknown dataset name {name!r}; expected one of '
+                    f'{", ".join(sorted(_NUM_CLASSES))}.')
+  return _IMAGE_SHAPES[name], _NUM_CLASSES[name]
 
 
 def load_dataset(data_cfg) -> InMemoryDataset:

@@ -365,12 +365,20 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str,
+    dataset: Optional[data_lib.InMemoryDataset] = None) -> Dict[str, Any]:
   """GaterNet's recipe: pretraining stages (if any), then this config's run.
 
-  Returns {'final': results of this run, '<stage>': results of each
-  pretraining stage}.
+  Args:
+    config: the experiment config.
+    workdir: this run's directory; pretraining stages without a workdir of
+      their own run in `<workdir>/pretrain/<stage>`.
+    dataset: an already loaded dataset (else `config.data` is loaded).
+
+  Returns:
+    {'final': results of this run, '<stage>': results of each pretraining
+    stage}.
   """
   out = {}
   init_fns = []
@@ -378,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     init_fns.append(recipe.official_init(config))
   for stage in recipe.pretraining_stages(config, workdir):
     logging.info('Pretraining stage %r in %s.', stage.name, stage.workdir)
-    out[stage.name] = train(stage.config, stage.workdir)
+    out[stage.name] = train(stage.config, stage.workdir, dataset=dataset)
     init_fns.append(recipe.stage_init(stage))
 
   def init_fn(state):
@@ -386,7 +394,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       state = fn(state)
     return state
 
-  out['final'] = train(config, workdir, init_fn if init_fns else None)
+  out['final'] = train(config, workdir, init_fn if init_fns else None,
+                       dataset=dataset)
   return out
 
 

@@ -1,0 +1,195 @@
+"""The training system: steps, sharding, resume, recipe, learning."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gaternet_jax import checkpoints
+from gaternet_jax import losses
+from gaternet_jax import recipe
+from gaternet_jax import train as train_lib
+from gaternet_jax.models import create_model
+from tests import helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(workdir):
+  return checkpoints.load_variables(workdir)
+
+
+def _assert_trees_close(a, b, atol):
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol,
+                               rtol=0)
+
+
+def test_one_step_on_8_devices_matches_1_device(tmp_path):
+  outs = []
+  for n in (1, 8):
+    out = tmp_path / f'step_{n}.npz'
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
+               JAX_PLATFORMS='cpu')
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'tests', 'sharded_step.py'),
+         str(out)], env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'devices={n}' in proc.stdout
+    outs.append(dict(np.load(out)))
+  one, eight = outs
+  assert set(one) == set(eight) and len(one) > 20
+  for k in one:
+    np.testing.assert_allclose(one[k], eight[k], atol=1e-5, rtol=1e-5,
+                               err_msg=k)
+  # BatchNorm statistics were taken over the global batch, not per device.
+  assert any(k.startswith('batch_stats') for k in one)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+  ds = helpers.synthetic_dataset()
+  config = helpers.tiny_config(gated=True)
+  config.num_train_steps = 7
+  ref = train_lib.train(config, str(tmp_path / 'ref'), dataset=ds)
+
+  class Killed(Exception):
+    pass
+
+  def kill_at(step):
+    def cb(s):
+      if s == step:
+        raise Killed()
+    return cb
+
+  wd = str(tmp_path / 'killed')
+  with pytest.raises(Killed):  # dies after step 5; last checkpoint is step 4
+    train_lib.train(config, wd, dataset=ds, step_callback=kill_at(5))
+  with pytest.raises(Killed):  # dies again right after a checkpointed step
+    train_lib.train(config, wd, dataset=ds, step_callback=kill_at(6))
+  resumed = train_lib.train(config, wd, dataset=ds)
+  a, b = _params(str(tmp_path / 'ref')), _params(wd)
+  assert a['step'] == b['step'] == 7
+  _assert_trees_close(a['params'], b['params'], atol=1e-6)
+  _assert_trees_close(a['batch_stats'], b['batch_stats'], atol=1e-6)
+  assert resumed['accuracy'] == ref['accuracy']
+  # A finished run restarted only evaluates.
+  again = train_lib.train(config, wd, dataset=ds)
+  assert again['step'] == 7 and again['accuracy'] == ref['accuracy']
+  # metrics.jsonl has the train and eval scalars.
+  with open(os.path.join(wd, 'metrics.jsonl')) as f:
+    keys = set().union(*(json.loads(l).keys() for l in f))
+  assert {'train/loss', 'train/gate_l1', 'test/accuracy',
+          'test/gates_always_on', 'test/gates_input_dependent'} <= keys
+
+
+def test_gate_l1_gradient_reaches_only_the_gater():
+  config = helpers.tiny_config(gated=True)
+  model = create_model(config.model, 3)
+  spec = model.gate_spec()
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  v = model.init({'params': jax.random.key(1), 'gates': jax.random.key(2)}, x)
+
+  def l1(params):
+    (_, gates), _ = model.apply(
+        {'params': params, 'batch_stats': v['batch_stats']}, x, train=True,
+        rngs={'gates': jax.random.key(3)}, mutable=['batch_stats'])
+    return losses.total_loss(jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32),
+                             gates, spec, params, weight_decay=0.0,
+                             gate_l1_weight=1.0)[0]
+
+  g = jax.jit(jax.grad(l1))(v['params'])
+  assert all(float(jnp.abs(x).max()) == 0
+             for x in jax.tree_util.tree_leaves(g['backbone']))
+  assert float(jnp.abs(g['gater']['fc2']['kernel']).max()) > 0
+
+
+def test_weight_decay_only_on_kernels():
+  params = {'conv': {'kernel': jnp.ones((3, 3, 2, 2))},
+            'bn': {'scale': jnp.ones(2), 'bias': jnp.ones(2)},
+            'fc': {'kernel': jnp.ones((2, 5)), 'bias': jnp.ones(5)}}
+  assert float(losses.weight_l2(params)) == pytest.approx(0.5 * (36 + 10))
+
+
+def test_learning_rate_schedules():
+  cfg = helpers.tiny_config().optimizer
+  cfg.lr_boundaries = (2, 3)
+  fn = train_lib.create_learning_rate_fn(cfg, steps_per_epoch=10,
+                                         num_train_steps=40)
+  np.testing.assert_allclose([fn(0), fn(19), fn(20), fn(30)],
+                             [0.1, 0.1, 0.01, 0.001], rtol=1e-6)
+  cfg.warmup_epochs = 1.0
+  fn = train_lib.create_learning_rate_fn(cfg, 10, 40)
+  assert float(fn(0)) == pytest.approx(0.01, rel=1e-6)
+  assert float(fn(15)) == pytest.approx(0.1, rel=1e-6)
+
+
+def test_recipe_pretrains_then_initialises_both_parts(tmp_path):
+  ds = helpers.synthetic_dataset()
+  config = helpers.tiny_config(gated=True)
+  config.pretrain.enabled = True
+  config.pretrain.overrides.num_train_steps = 4
+  config.num_train_steps = 2
+  out = train_lib.train_and_evaluate(config, str(tmp_path / 'gated'),
+                                     dataset=ds)
+  assert set(out) == {'baseline', 'final'}
+  stages = recipe.pretraining_stages(config, str(tmp_path / 'gated'))
+  assert [s.name for s in stages] == ['baseline']
+  assert stages[0].targets == ('backbone', 'gater')
+  pre = _params(stages[0].workdir)
+  assert pre['step'] == 4
+  # Initialise a fresh gated state from the stage; compare with its weights.
+  model = create_model(config.model, ds.num_classes)
+  state = train_lib.create_train_state(
+      config, model, (16, 16, 3), lambda s: 0.1, jax.random.key(0),
+      __import__('gaternet_jax.sharding', fromlist=['x']).create_mesh())
+  state = recipe.stage_init(stages[0])(state)
+  _assert_trees_close(state.params['backbone'], pre['params']['backbone'], 0)
+  features = {k: v for k, v in pre['params']['backbone'].items() if k != 'fc'}
+  _assert_trees_close(state.params['gater']['features'], features, 0)
+  _assert_trees_close(state.batch_stats['gater']['features'],
+                      pre['batch_stats']['backbone'], 0)
+
+
+def test_recipe_uses_two_stages_when_gater_differs(tmp_path):
+  config = helpers.tiny_config(gated=True)
+  config.pretrain.enabled = True
+  config.model.gater.widths = (4, 4, 8)
+  stages = recipe.pretraining_stages(config, str(tmp_path))
+  assert [s.name for s in stages] == ['backbone', 'gater']
+  assert stages[1].config.model.backbone.widths == (4, 4, 8)
+  assert not stages[1].config.model.gated
+  # A named workdir is loaded, not trained.
+  config.pretrain.backbone_workdir = str(tmp_path / 'given')
+  stages = recipe.pretraining_stages(config, str(tmp_path))
+  assert stages[0].workdir == str(tmp_path / 'given') and not stages[0].train
+
+
+def test_short_digits_run_learns(tmp_path):
+  config = helpers.tiny_config(gated=True)
+  config.data.name = 'digits'
+  config.data.source = 'builtin'
+  config.data.mean = None
+  config.data.std = None
+  config.data.crop_padding = 1
+  config.data.flip = False
+  config.model.backbone.widths = (8, 16, 32)
+  config.model.gater.widths = (8, 16, 32)
+  config.batch_size = 64
+  config.eval_batch_size = 120
+  config.num_train_steps = 200
+  config.optimizer.lr_boundaries = (7,)
+  config.checkpoint_every_steps = 1000
+  results = train_lib.train(config, str(tmp_path))
+  assert results['accuracy'] > 0.9, results  # chance is 0.1
+  assert results['gated_filters'] == 8 + 16 + 32
+  assert (results['gates_always_on'] + results['gates_always_off'] +
+          results['gates_input_dependent']) == 56
