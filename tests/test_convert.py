@@ -413,3 +413,38 @@ def test_official_model_config():
     assert model.gate_spec().total == total
   assert convert.OFFICIAL_MEAN == (0.4914, 0.4822, 0.4465)
   assert convert.OFFICIAL_STD == (0.2470, 0.2435, 0.2616)
+
+
+def test_official_checkpoint_initialises_training_from_config(ref20):
+  """The config path main.py uses (init.official_checkpoint) loads the
+  converted weights into a train state of configs/cifar10_r20.py."""
+  from configs import cifar  # pylint: disable=g-import-not-at-top
+  from gaternet_jax import recipe, sharding  # pylint: disable=g-import-not-at-top
+  from gaternet_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from gaternet_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  _, _, path = ref20
+  config = cifar.cifar_config('cifar10', 'r20', 'gated')
+  config.model.gater.batchnorm = False
+  config.init.official_checkpoint = str(path)
+  assert recipe.pretraining_stages(config, '/unused') == []
+  model = create_model(config.model, 10)
+  state = train_lib.create_train_state(config, model, (32, 32, 3),
+                                       lambda s: 0.1, jax.random.key(0),
+                                       sharding.create_mesh())
+  state = recipe.official_init(config)(state)
+  _, want = convert.load_official_checkpoint(path, backbone_depth=20)
+  for got_tree, want_tree in ((state.params, want['params']),
+                              (state.batch_stats, want['batch_stats'])):
+    got_l, got_t = jax.tree_util.tree_flatten(got_tree)
+    want_l, want_t = jax.tree_util.tree_flatten(want_tree)
+    assert got_t == want_t
+    for a, b in zip(got_l, want_l):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # With the paper's gater BatchNorm the layers differ: a clear error.
+  config.model.gater.batchnorm = True
+  model = create_model(config.model, 10)
+  state = train_lib.create_train_state(config, model, (32, 32, 3),
+                                       lambda s: 0.1, jax.random.key(0),
+                                       sharding.create_mesh())
+  with pytest.raises(UserError):
+    recipe.official_init(config)(state)
