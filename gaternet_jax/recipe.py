@@ -19,8 +19,7 @@ import ml_collections
 
 from gaternet_jax import checkpoints
 from gaternet_jax.errors import ConfigError
-
-_GATER_ONLY = ('bottleneck', 'batchnorm')
+from gaternet_jax.models import GATER_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +32,7 @@ class Stage:
 
 
 def _arch(cfg: ml_collections.ConfigDict) -> dict:
-  d = {k: v for k, v in cfg.to_dict().items() if k not in _GATER_ONLY}
+  d = {k: v for k, v in cfg.to_dict().items() if k not in GATER_FIELDS}
   if not d.get('se_reduction'):
     d.pop('se_reduction', None)
   return d

@@ -20,13 +20,16 @@ BACKBONES: Dict[str, Callable[..., Any]] = {
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
+# Fields of `config.model.gater` that belong to the Gater, not its features.
+GATER_FIELDS = ('bottleneck', 'batchnorm')
+
 
 def _build(cfg: ml_collections.ConfigDict, num_classes, dtype):
   kwargs = dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg)
   name = kwargs.pop('name')
   if name not in BACKBONES:
     raise ValueError(f'Unknown backbone {name!r}; known: {sorted(BACKBONES)}.')
-  for k in ('bottleneck', 'batchnorm'):  # gater-only fields
+  for k in GATER_FIELDS:
     kwargs.pop(k, None)
   return BACKBONES[name](num_classes=num_classes, dtype=dtype, **kwargs)
 
@@ -52,5 +55,5 @@ def create_model(model_cfg: ml_collections.ConfigDict,
                   noise_std=model_cfg.semhash.noise_std)
 
 
-__all__ = ['BACKBONES', 'CifarResNet', 'Gater', 'GaterNet', 'create_model',
+__all__ = ['BACKBONES', 'GATER_FIELDS', 'CifarResNet', 'Gater', 'GaterNet', 'create_model',
            'cifar_resnet', 'cifar_preact_resnet']

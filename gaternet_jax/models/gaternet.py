@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gaternet_jax.gates import GateSpec, Gates, improved_semhash
+from gaternet_jax.models.layers import batch_norm
 
 
 class Gater(nn.Module):
@@ -35,8 +36,7 @@ class Gater(nn.Module):
     f = self.features(images, train=train)
     h = nn.Dense(self.bottleneck, dtype=self.dtype, name='fc1')(f)
     if self.batchnorm:
-      h = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype, name='bn')(h)
+      h = batch_norm(train, self.dtype, 'bn')(h)
     h = nn.relu(h)
     logits = nn.Dense(self.num_gates, dtype=self.dtype, name='fc2')(h)
     return logits.astype(jnp.float32)

@@ -25,48 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from gaternet_jax.gates import GateSpec, Gates
-
-# PyTorch's kaiming_normal_(mode='fan_out'), the official code's conv init.
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-def _batch_norm(train: bool, dtype, name: str) -> nn.BatchNorm:
-  # momentum 0.9 / eps 1e-5 are PyTorch's BatchNorm2d defaults (0.1 / 1e-5).
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, dtype=dtype, name=name)
-
-
-def _conv(features: int, kernel: int, stride: int, dtype, name: str):
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=[(kernel // 2, kernel // 2)] * 2, use_bias=False,
-                 kernel_init=conv_init, dtype=dtype, name=name)
-
-
-class SqueezeExcite(nn.Module):
-  """Squeeze-and-excitation (Hu et al.) on `(batch, h, w, c)` features."""
-  reduction: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, y: jax.Array) -> jax.Array:
-    c = y.shape[-1]
-    s = jnp.mean(y, axis=(1, 2))
-    s = nn.relu(nn.Dense(max(c // self.reduction, 1), dtype=self.dtype,
-                         name='fc1')(s))
-    s = nn.sigmoid(nn.Dense(c, dtype=self.dtype, name='fc2')(s))
-    return y * s[:, None, None, :]
-
-
-def apply_site(y: jax.Array, gate: Optional[jax.Array],
-               se: Optional[nn.Module]) -> jax.Array:
-  """What happens at a gated site: Eq. 4's channel mask, or SE re-scaling."""
-  if se is not None:
-    y = se(y)
-  if gate is not None:
-    assert gate.shape == (y.shape[0], y.shape[-1]), (gate.shape, y.shape)
-    y = y * gate[:, None, None, :].astype(y.dtype)
-  return y
-
+from gaternet_jax.models.layers import SqueezeExcite, apply_site, batch_norm, conv
 
 class BasicBlock(nn.Module):
   """conv3x3-BN-ReLU-conv3x3-BN-[gate]-(+shortcut)-ReLU."""
@@ -77,18 +36,18 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, gate, *, train: bool):
-    y = _conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
-    y = nn.relu(_batch_norm(train, self.dtype, 'bn1')(y))
-    y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
-    y = _batch_norm(train, self.dtype, 'bn2')(y)
+    y = conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
+    y = nn.relu(batch_norm(train, self.dtype, 'bn1')(y))
+    y = conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = batch_norm(train, self.dtype, 'bn2')(y)
     se = (SqueezeExcite(self.se_reduction, self.dtype, name='se')
           if self.se_reduction else None)
     y = apply_site(y, gate, se)
     shortcut = x
     if x.shape[-1] != self.features or self.stride != 1:
-      shortcut = _conv(self.features, 1, self.stride, self.dtype,
+      shortcut = conv(self.features, 1, self.stride, self.dtype,
                        'shortcut_conv')(x)
-      shortcut = _batch_norm(train, self.dtype, 'shortcut_bn')(shortcut)
+      shortcut = batch_norm(train, self.dtype, 'shortcut_bn')(shortcut)
     return nn.relu(y + shortcut)
 
 
@@ -102,18 +61,18 @@ class PreActBottleneck(nn.Module):
   @nn.compact
   def __call__(self, x, gate, *, train: bool):
     mid, out = self.features
-    pre = nn.relu(_batch_norm(train, self.dtype, 'bn1')(x))
-    y = _conv(mid, 1, 1, self.dtype, 'conv1')(pre)
-    y = nn.relu(_batch_norm(train, self.dtype, 'bn2')(y))
-    y = _conv(mid, 3, self.stride, self.dtype, 'conv2')(y)
-    y = nn.relu(_batch_norm(train, self.dtype, 'bn3')(y))
-    y = _conv(out, 1, 1, self.dtype, 'conv3')(y)
+    pre = nn.relu(batch_norm(train, self.dtype, 'bn1')(x))
+    y = conv(mid, 1, 1, self.dtype, 'conv1')(pre)
+    y = nn.relu(batch_norm(train, self.dtype, 'bn2')(y))
+    y = conv(mid, 3, self.stride, self.dtype, 'conv2')(y)
+    y = nn.relu(batch_norm(train, self.dtype, 'bn3')(y))
+    y = conv(out, 1, 1, self.dtype, 'conv3')(y)
     se = (SqueezeExcite(self.se_reduction, self.dtype, name='se')
           if self.se_reduction else None)
     y = apply_site(y, gate, se)
     shortcut = x
     if x.shape[-1] != out or self.stride != 1:
-      shortcut = _conv(out, 1, self.stride, self.dtype, 'shortcut_conv')(pre)
+      shortcut = conv(out, 1, self.stride, self.dtype, 'shortcut_conv')(pre)
     return y + shortcut
 
 
@@ -153,9 +112,9 @@ class CifarResNet(nn.Module):
     """`(batch, h, w, c)` images (normalised) -> `(batch, num_classes)`."""
     assert self.block in ('basic', 'preact_bottleneck'), self.block
     x = x.astype(self.dtype)
-    y = _conv(self.stem_width, 3, 1, self.dtype, 'conv')(x)
+    y = conv(self.stem_width, 3, 1, self.dtype, 'conv')(x)
     if self.block == 'basic':
-      y = nn.relu(_batch_norm(train, self.dtype, 'bn')(y))
+      y = nn.relu(batch_norm(train, self.dtype, 'bn')(y))
       block_cls = BasicBlock
     else:
       block_cls = PreActBottleneck
@@ -168,7 +127,7 @@ class CifarResNet(nn.Module):
                       self.se_reduction, self.dtype, name=name)(
                           y, gate, train=train)
     if self.block != 'basic':
-      y = nn.relu(_batch_norm(train, self.dtype, 'bn_final')(y))
+      y = nn.relu(batch_norm(train, self.dtype, 'bn_final')(y))
     y = jnp.mean(y, axis=(1, 2))
     if self.num_classes is None:
       return y.astype(jnp.float32)
