@@ -23,6 +23,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from gaternet_jax import batching
 from gaternet_jax.errors import DataError
 
 __all__ = ['InMemoryDataset', 'dataset_info', 'load_dataset']
@@ -60,6 +61,30 @@ class InMemoryDataset:
   mean: tuple
   std: tuple
   test_split_name: str
+
+  # The interface the trainer reads from every dataset (in-memory here,
+  # streamed through tf.data for ImageNet).
+  @property
+  def image_shape(self) -> tuple:
+    return tuple(self.train_images.shape[1:])
+
+  @property
+  def num_train_examples(self) -> int:
+    return len(self.train_images)
+
+  @property
+  def num_test_examples(self) -> int:
+    return len(self.test_images)
+
+  def train_batches(self, batch_size: int, seed: int, start_step: int = 0):
+    """This process's rows of global train batches from `start_step` on."""
+    return batching.train_batches(self.train_images, self.train_labels,
+                                  batch_size, seed, start_step)
+
+  def eval_batches(self, batch_size: int):
+    """The test split in padded global batches with a 'mask'."""
+    return batching.eval_batches(self.test_images, self.test_labels,
+                                 batch_size)
 
 
 _IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3),

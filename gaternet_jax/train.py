@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from absl import logging
 import flax
@@ -26,7 +26,6 @@ import numpy as np
 import optax
 
 from gaternet_jax import augment
-from gaternet_jax import batching
 from gaternet_jax import checkpoints
 from gaternet_jax import data as data_lib
 from gaternet_jax import losses
@@ -189,12 +188,11 @@ class Steps:
         functools.partial(eval_step, spec=spec, mean=mean, std=std),
         in_shardings=(repl, data), out_shardings=repl)
 
-  def evaluate(self, state: TrainState, images: np.ndarray,
-               labels: np.ndarray, batch_size: int, spec: GateSpec
-               ) -> Dict[str, float]:
-    """Accuracy, loss and gate statistics over a whole split."""
+  def evaluate(self, state: TrainState, batches: Iterable[Mapping[str, Any]],
+               spec: GateSpec) -> Dict[str, float]:
+    """Accuracy, loss and gate statistics over padded eval batches."""
     total = None
-    for batch in batching.eval_batches(images, labels, batch_size):
+    for batch in batches:
       out = self.eval(state, sharding.to_global(batch, self.data_sharding))
       total = out if total is None else jax.tree_util.tree_map(
           jnp.add, total, out)
@@ -272,12 +270,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  steps_per_epoch, total_steps = num_steps(config, len(ds.train_images))
+  steps_per_epoch, total_steps = num_steps(config, ds.num_train_examples)
   lr_fn = create_learning_rate_fn(config.optimizer, steps_per_epoch,
                                   total_steps)
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
-  state = create_train_state(config, model, ds.train_images.shape[1:], lr_fn,
+  state = create_train_state(config, model, ds.image_shape, lr_fn,
                              init_rng, mesh)
   train_rng = jax.device_put(train_rng, sharding.replicated(mesh))
 
@@ -300,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
   logging.info('%s: %d train / %d %s examples, %d steps (%d per epoch), '
                'batch %d on %d devices, %d gated filters.', workdir,
-               len(ds.train_images), len(ds.test_images), ds.test_split_name,
+               ds.num_train_examples, ds.num_test_examples, ds.test_split_name,
                total_steps, steps_per_epoch, config.batch_size,
                jax.device_count(), spec.total)
   progress = metrics_lib.create_progress(
@@ -317,8 +315,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   results = None
   buffer = []
-  batches = batching.train_batches(ds.train_images, ds.train_labels,
-                                   config.batch_size, config.seed + 1, start)
+  batches = ds.train_batches(config.batch_size, config.seed + 1, start)
   t0 = time.time()
   try:
     for step in range(start, total_steps):
@@ -333,8 +330,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(s, {f'train/{k}': v for k, v in scalars.items()})
         buffer = []
       if s % eval_every == 0 or s == total_steps:
-        results = steps.evaluate(state, ds.test_images, ds.test_labels,
-                                 config.eval_batch_size, spec)
+        results = steps.evaluate(
+            state, ds.eval_batches(config.eval_batch_size), spec)
         writer.write_scalars(
             s, {f'{ds.test_split_name}/{k}': v for k, v in results.items()})
       ckpt.save(s, state, force=(s == total_steps) or bool(preempted))
@@ -353,8 +350,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       signal.signal(signal.SIGTERM, previous_handler)
   ckpt.close()
   if results is None:  # Nothing left to train: evaluate the restored state.
-    results = steps.evaluate(state, ds.test_images, ds.test_labels,
-                             config.eval_batch_size, spec)
+    results = steps.evaluate(
+        state, ds.eval_batches(config.eval_batch_size), spec)
   results = dict(results, step=int(state.step), split=ds.test_split_name,
                  train_seconds=time.time() - t0)
   writer.write_texts(int(state.step), {'results': json.dumps(results)})
@@ -408,10 +405,10 @@ def evaluate(config: ml_collections.ConfigDict,
   spec = model.gate_spec()
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  steps_per_epoch, total_steps = num_steps(config, len(ds.train_images))
+  steps_per_epoch, total_steps = num_steps(config, ds.num_train_examples)
   lr_fn = create_learning_rate_fn(config.optimizer, steps_per_epoch,
                                   total_steps)
-  state = create_train_state(config, model, ds.train_images.shape[1:], lr_fn,
+  state = create_train_state(config, model, ds.image_shape, lr_fn,
                              jax.random.key(config.seed), mesh)
   has_ckpt = os.path.isdir(checkpoints.checkpoint_dir(workdir))
   if has_ckpt:
@@ -427,6 +424,6 @@ def evaluate(config: ml_collections.ConfigDict,
     state = jax.device_put(recipe.official_init(config)(state),
                            sharding.replicated(mesh))
   steps = Steps(config, spec, mesh, ds.mean, ds.std)
-  results = steps.evaluate(state, ds.test_images, ds.test_labels,
-                           config.eval_batch_size, spec)
+  results = steps.evaluate(
+      state, ds.eval_batches(config.eval_batch_size), spec)
   return dict(results, step=int(state.step), split=ds.test_split_name)

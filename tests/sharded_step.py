@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from gaternet_jax import sharding, batching, train as train_lib  # pylint: disable=g-import-not-at-top
+from gaternet_jax import sharding, train as train_lib  # pylint: disable=g-import-not-at-top
 from gaternet_jax.models import create_model
 from tests import helpers
 
@@ -26,13 +26,11 @@ def main(out_path):
                                        jax.random.key(0), mesh)
   steps = train_lib.Steps(config, spec, mesh, ds.mean, ds.std)
   rng = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
-  it = batching.train_batches(ds.train_images, ds.train_labels,
-                              config.batch_size, seed=0)
+  it = ds.train_batches(config.batch_size, seed=0)
   for _ in range(2):
     state, m = steps.train(state, sharding.to_global(next(it),
                                                      steps.data_sharding), rng)
-  ev = steps.evaluate(state, ds.test_images, ds.test_labels,
-                      config.eval_batch_size, spec)
+  ev = steps.evaluate(state, ds.eval_batches(config.eval_batch_size), spec)
   flat = {}
   for prefix, tree in (('params', state.params),
                        ('batch_stats', state.batch_stats),
