@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
            batchnorm=True))
   c.model.semhash = ml_collections.ConfigDict(dict(mix_prob=0.5,
                                                    noise_std=1.0))
+  # Final rate of the scheduled dropout on the gates (Appendix B: 0.05 for
+  # DenseNet, Shake-Shake and Inception-v4), rising linearly from 0.
+  c.model.gate_dropout = 0.0
 
   # Training scheme of the CIFAR ResNets: SGD 0.9, lr 0.1 divided by 10
   # at epochs 80 and 120 of 160, batch 128, weight decay 1e-4.
@@ -46,8 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 160
   c.num_train_steps = -1  # > 0 overrides num_epochs
   c.optimizer = ml_collections.ConfigDict(
-      dict(learning_rate=0.1, momentum=0.9, nesterov=False, schedule='step',
-           lr_boundaries=(80, 120), lr_decay=0.1, warmup_epochs=0.0))
+      dict(name='sgd', learning_rate=0.1, momentum=0.9, nesterov=False,
+           schedule='step', lr_boundaries=(80, 120), lr_decay=0.1,
+           decay_epochs=2.0, warmup_epochs=0.0, rmsprop_decay=0.9,
+           rmsprop_eps=1.0))
   c.weight_decay = 1e-4
   c.gate_l1_weight = 0.1  # lambda of the gate L1 term (sec. 3.2.2)
   c.label_smoothing = 0.0

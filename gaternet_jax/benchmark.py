@@ -31,7 +31,8 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int
   state = train_lib.create_train_state(config, model, image_shape, lr_fn,
                                        jax.random.key(0), mesh)
   c = image_shape[-1]
-  steps = train_lib.Steps(config, spec, mesh, (0.5,) * c, (0.25,) * c)
+  steps = train_lib.Steps(config, spec, mesh, (0.5,) * c, (0.25,) * c,
+                          num_train_steps=10_000)
   rng = np.random.default_rng(0)
   local = sharding.process_slice(batch_size)
   images = rng.integers(0, 256, (batch_size,) + image_shape, np.uint8)[local]

@@ -188,3 +188,16 @@ def gate_type_counts(on_counts: np.ndarray, num_samples: int,
   out = {name: kinds(on_counts[a:b]) for name, (a, b) in spec.offsets().items()}
   out['total'] = kinds(on_counts)
   return out
+
+
+def drop_gates(gates: Mapping[str, jax.Array], spec: GateSpec,
+               rate: jax.Array, rng: jax.Array) -> Gates:
+  """Dropout on the gate vector (GaterNet Appendix B's scheduled dropout).
+
+  Each gate is closed with probability `rate` (a scalar, possibly traced).
+  Survivors are not rescaled: a gate is a binary choice of a filter, and
+  evaluation uses the gates as they are.
+  """
+  flat = spec.flatten(gates)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, flat.shape)
+  return spec.unflatten(flat * keep.astype(flat.dtype))

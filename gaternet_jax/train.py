@@ -53,11 +53,16 @@ def create_learning_rate_fn(opt_cfg: ml_collections.ConfigDict,
     main = optax.piecewise_constant_schedule(base, boundaries)
   elif opt_cfg.schedule == 'cosine':
     main = optax.cosine_decay_schedule(base, max(num_train_steps - warmup, 1))
+  elif opt_cfg.schedule == 'exponential':
+    # Inception-v4: decay by `lr_decay` every `decay_epochs` epochs.
+    main = optax.exponential_decay(
+        base, max(int(round(opt_cfg.decay_epochs * steps_per_epoch)), 1),
+        opt_cfg.lr_decay, staircase=True)
   elif opt_cfg.schedule == 'constant':
     main = optax.constant_schedule(base)
   else:
-    raise ConfigError(f'optimizer.schedule must be step, cosine or constant; '
-                      f'got {opt_cfg.schedule!r}.')
+    raise ConfigError(f'optimizer.schedule must be step, cosine, exponential '
+                      f'or constant; got {opt_cfg.schedule!r}.')
   if warmup <= 0:
     return main
   if opt_cfg.schedule == 'step':
@@ -67,12 +72,37 @@ def create_learning_rate_fn(opt_cfg: ml_collections.ConfigDict,
       [optax.linear_schedule(0.0, base, warmup), main], [warmup])
 
 
+def create_optimizer(opt_cfg: ml_collections.ConfigDict,
+                     lr_fn: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with (Nesterov) momentum, or RMSProp as Inception-v4 trains."""
+  name = opt_cfg.get('name', 'sgd')
+  if name == 'sgd':
+    return optax.sgd(lr_fn, momentum=opt_cfg.momentum or None,
+                     nesterov=opt_cfg.nesterov)
+  if name == 'rmsprop':
+    return optax.rmsprop(lr_fn, decay=opt_cfg.rmsprop_decay,
+                         eps=opt_cfg.rmsprop_eps, momentum=opt_cfg.momentum)
+  raise ConfigError(f'optimizer.name must be sgd or rmsprop; got {name!r}.')
+
+
+def create_gate_dropout_fn(config: ml_collections.ConfigDict,
+                           num_train_steps: int) -> Callable:
+  """Scheduled dropout of the gates: 0 at the start, rising linearly to
+  `config.model.gate_dropout` at the end of training (Appendix B)."""
+  final = float(config.model.get('gate_dropout', 0.0))
+  if not 0.0 <= final < 1.0:
+    raise ConfigError(f'model.gate_dropout must be in [0, 1); got {final}.')
+  if final == 0.0:
+    return lambda step: 0.0
+  return lambda step: final * jnp.minimum(
+      step.astype(jnp.float32) / max(num_train_steps, 1), 1.0)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: Any,
                        image_shape, lr_fn: optax.Schedule, rng: jax.Array,
                        mesh) -> TrainState:
   """Initialises parameters and optimiser state, replicated over the mesh."""
-  opt = config.optimizer
-  tx = optax.sgd(lr_fn, momentum=opt.momentum or None, nesterov=opt.nesterov)
+  tx = create_optimizer(config.optimizer, lr_fn)
 
   def init(rng):
     params_rng, gates_rng = jax.random.split(rng)
@@ -88,7 +118,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any,
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                rng: jax.Array, *, spec: GateSpec,
-               config: ml_collections.ConfigDict, mean, std):
+               config: ml_collections.ConfigDict, mean, std,
+               gate_dropout_fn: Callable = lambda step: 0.0):
   """One SGD step on a global batch of uint8 images.
 
   Args:
@@ -100,7 +131,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
     (new state, dict of scalar metrics).
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  aug_rng, gates_rng = jax.random.split(step_rng)
+  aug_rng, gates_rng, dropout_rng = jax.random.split(step_rng, 3)
   images = augment.preprocess(
       batch['image'], mean=mean, std=std, train=True, rng=aug_rng,
       crop_padding=config.data.crop_padding, flip=config.data.flip)
@@ -108,7 +139,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   def loss_fn(params):
     (logits, gates), new_model_state = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images,
-        train=True, rngs={'gates': gates_rng}, mutable=['batch_stats'])
+        train=True, gate_dropout=gate_dropout_fn(state.step),
+        rngs={'gates': gates_rng, 'dropout': dropout_rng},
+        mutable=['batch_stats'])
     loss, terms = losses.total_loss(
         logits, batch['label'], gates, spec, params,
         weight_decay=config.weight_decay,
@@ -173,15 +206,16 @@ class Steps:
   """The jitted train and eval steps of one model on one mesh."""
 
   def __init__(self, config: ml_collections.ConfigDict, spec: GateSpec, mesh,
-               mean, std):
+               mean, std, num_train_steps: int = 1):
     self.mesh = mesh
     repl = sharding.replicated(mesh)
     data = sharding.batch_sharded(mesh)
     self.data_sharding = data
     mean, std = tuple(mean), tuple(std)
     self.train = jax.jit(
-        functools.partial(train_step, spec=spec, config=config, mean=mean,
-                          std=std),
+        functools.partial(
+            train_step, spec=spec, config=config, mean=mean, std=std,
+            gate_dropout_fn=create_gate_dropout_fn(config, num_train_steps)),
         in_shardings=(repl, data, repl), out_shardings=(repl, repl),
         donate_argnums=(0,))
     self.eval = jax.jit(
@@ -293,7 +327,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                   json.loads(config.to_json_best_effort()))
   start = int(state.step)
 
-  steps = Steps(config, spec, mesh, ds.mean, ds.std)
+  steps = Steps(config, spec, mesh, ds.mean, ds.std, total_steps)
   writer = metrics_lib.create_writer(workdir, config.get('tensorboard', True))
   eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
   logging.info('%s: %d train / %d %s examples, %d steps (%d per epoch), '

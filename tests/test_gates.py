@@ -116,3 +116,17 @@ def test_gate_statistics_on_known_matrix():
   np.testing.assert_array_equal(masked, [2, 0, 2, 1, 2])
   assert float(gates_lib.gate_l1(tree, spec)) == pytest.approx(g.mean())
   assert float(gates_lib.gate_l1({}, GateSpec())) == 0.0
+
+
+def test_drop_gates_rates():
+  spec = GateSpec((('a', 100), ('b', 300)))
+  ones = spec.ones(50)
+  key = jax.random.key(7)
+  same = gates_lib.drop_gates(ones, spec, 0.0, key)
+  assert float(spec.flatten(same).min()) == 1.0
+  none = gates_lib.drop_gates(ones, spec, 1.0, key)
+  assert float(spec.flatten(none).max()) == 0.0
+  some = spec.flatten(gates_lib.drop_gates(ones, spec, 0.2, key))
+  assert 0.17 < 1.0 - float(some.mean()) < 0.23
+  # Survivors keep their value: no inverted-dropout rescaling.
+  assert set(np.unique(np.asarray(some))) == {0.0, 1.0}

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gaternet_jax.gates import GateSpec, Gates, improved_semhash
+from gaternet_jax.gates import GateSpec, Gates, drop_gates, improved_semhash
 from gaternet_jax.models.layers import batch_norm
 
 
@@ -59,11 +59,14 @@ class GaterNet(nn.Module):
   def gate_spec(self) -> GateSpec:
     return self.backbone.gate_spec() if self.gater is not None else GateSpec()
 
-  def __call__(self, images: jax.Array, *,
-               train: bool = False) -> Tuple[jax.Array, Gates]:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               gate_dropout: jax.Array | float = 0.0
+               ) -> Tuple[jax.Array, Gates]:
     """`(batch, h, w, c)` -> (`(batch, classes)` logits, gate PyTree).
 
-    In training the rng stream 'gates' drives SemHash's noise and mixing.
+    In training the rng stream 'gates' drives SemHash's noise and mixing
+    and, when `gate_dropout` > 0 (the scheduled dropout of Appendix B), the
+    dropout of gates; the returned gates are the ones the backbone used.
     """
     if self.gater is None:
       return self.backbone(images, None, train=train), {}
@@ -74,4 +77,7 @@ class GaterNet(nn.Module):
     flat = improved_semhash(gate_logits, rng=rng, train=train,
                             mix_prob=self.mix_prob, noise_std=self.noise_std)
     gates = spec.unflatten(flat)
+    if train and not (isinstance(gate_dropout, (int, float)) and
+                      gate_dropout == 0):
+      gates = drop_gates(gates, spec, gate_dropout, self.make_rng('gates'))
     return self.backbone(images, gates, train=train), gates

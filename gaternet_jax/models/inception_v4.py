@@ -1,0 +1,415 @@
+"""Inception-v4 (Szegedy et al., AAAI 2017) that accepts a gate PyTree.
+
+The layout, the layer names and the padding follow TF-slim's
+`nets/inception_v4.py` (the reference implementation of the Inception-v4
+paper) on 299x299x3 inputs:
+
+  stem      Conv2d_1a_3x3 .. Conv2d_2b_3x3, Mixed_3a, Mixed_4a, Mixed_5a
+                                                  -> 35x35x384
+  4 x A     Mixed_5b .. Mixed_5e                  -> 35x35x384
+  Red-A     Mixed_6a                              -> 17x17x1024
+  7 x B     Mixed_6b .. Mixed_6h                  -> 17x17x1024
+  Red-B     Mixed_7a                              -> 8x8x1536
+  3 x C     Mixed_7b .. Mixed_7d                  -> 8x8x1536
+  head      global average pool, dropout (keep 0.8), fc
+
+Every conv is conv (no bias) -> BN -> ReLU ('ConvBN'). BN follows TF-slim's
+`inception_arg_scope`: epsilon 1e-3, decay 0.9997 and no scale (gamma),
+since a ReLU follows every BN; all three are attributes. The optional
+auxiliary classifier (TF-slim's `AuxLogits` on Mixed_6h: 5x5/3 average
+pool, 1x1 conv 128, conv 768 over the remaining 5x5 grid, fc) is built when
+`aux_logits=True`. It does not change `__call__`'s return value: in training
+its `(batch, num_classes)` float32 logits are sown into the 'intermediates'
+collection as `aux_logits` (read them with `mutable=['intermediates']`;
+TF-slim weights that loss by 0.4).
+
+Gated sites (GaterNet section 4.4: "In Inception-v4, there are many channel
+concatenation operations. We apply filter selection to all the feature maps
+after the channel concatenation operations."): each block's output
+concatenation is one site, named after the block, with one gate per output
+channel. Channels of max-pool branches (pass-through channels of the
+previous concatenation) are gated as well, being part of the concatenation.
+The 17 sites give exactly the paper's 16,608 gated filters (Table 3):
+
+  stem   Mixed_3a 64+96 = 160, Mixed_4a 96+96 = 192, Mixed_5a 192+192 = 384
+                                                                =   736
+  A      4 x (96+96+96+96 = 384)                                = 1,536
+  Red-A  384+256+384 (pool)                                     = 1,024
+  B      7 x (384+256+256+128 = 1,024)                          = 7,168
+  Red-B  192+320+1024 (pool)                                    = 1,536
+  C      3 x (256+512+512+256 = 1,536)                          = 4,608
+                                                          total  16,608
+
+The alternatives all miss it: without the stem's three concatenations
+15,872; without the two reductions 14,048; adding Inception-C's six inner
+concatenations (the 1x3/3x1 pairs of 2 x 256 that feed each C block's
+output concatenation, so those channels would be gated twice) 19,680.
+
+Parameters (trainable, our count; Table 3 says 44.50M for Inception-v4 and
+61.67M for Inception-v4-Gated), 1000 classes:
+
+  without aux head, BN without scale (TF-slim)     42,677,320 = 42.68M
+  with the aux head                                46,035,656 = 46.04M
+  without aux head, BN with scale                  42,709,320 = 42.71M
+  with the aux head, BN with scale                 46,068,040 = 46.07M
+
+(1001 classes, TF-slim's count with the background class, adds 1,537
+without and 2,306 with the aux head.) No variant gives 44.50M: the
+baseline's published count is not reproduced by Inception-v4 as TF-slim
+defines it, with or without the auxiliary head. The gated total does not
+fit 44.50M either: the gater of the ResNet rows, a ResNet-18 feature
+extractor (11,176,512) + FC 512->256 (131,328) + BN (512) + FC
+256->16,608 (4,268,256) = 15,576,608, gives 44.50 + 15.58 = 60.08M, not
+61.67M; the 1.59M gap would need a bottleneck of about 349 instead of the
+stated 256. The ResNet rows of Table 3 do follow backbone + that gater
+exactly (e.g. ResNet-101-Gated 44.55 + 11.18 + 0.13 + 8.36 = 64.21M), so
+the Inception-v4-Gated row is the one that departs. With the aux head,
+46.04M (no scale) / 46.07M (scale) + 15.58M = 61.61M / 61.64M, within
+0.06M of 61.67M, which suggests the gated count includes the aux head
+while the baseline's does not; we keep the architecture as defined and
+record the discrepancy rather than adjust it.
+
+`width` scales every conv's filters (1.0 is the paper's model); it exists
+so that tests can run real forward passes at small cost. The smallest
+input the valid-padded stem and reductions accept is 75x75 (107x107 with
+the aux head, whose 5x5 pool needs a 5x5 grid at Mixed_6h). With
+`num_classes=None` the network returns its pooled `(batch, 1536)` features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gaternet_jax.gates import GateSpec, Gates
+from gaternet_jax.models.layers import apply_site
+
+# TF-slim's inception_arg_scope: variance_scaling_initializer() (factor 2,
+# fan_in, truncated normal) for convs; xavier (glorot uniform) for the fc.
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_in',
+                                              'truncated_normal')
+_fc_init = nn.initializers.glorot_uniform()
+
+NUM_A, NUM_B, NUM_C = 4, 7, 3
+STEM_SITES = ('Mixed_3a', 'Mixed_4a', 'Mixed_5a')
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvConfig:
+  """What every ConvBN of one network shares."""
+  width: float = 1.0
+  bn_momentum: float = 0.9997
+  bn_epsilon: float = 1e-3
+  bn_scale: bool = False
+  dtype: Any = jnp.float32
+
+  def ch(self, n: int) -> int:
+    """The scaled filter count of a conv with `n` filters at width 1."""
+    return max(1, int(round(n * self.width)))
+
+
+class ConvBN(nn.Module):
+  """conv (no bias) -> BN -> ReLU; kernels may be non-square (1x7, 7x1)."""
+  cfg: ConvConfig
+  features: int  # at width 1; scaled by cfg.width
+  kernel: Tuple[int, int]
+  strides: int = 1
+  padding: Any = 'SAME'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """`(batch, h, w, c)` -> `(batch, h', w', cfg.ch(features))`."""
+    c = self.cfg
+    y = nn.Conv(c.ch(self.features), self.kernel, strides=self.strides,
+                padding=self.padding, use_bias=False, kernel_init=_conv_init,
+                dtype=c.dtype, name='conv')(x)
+    y = nn.BatchNorm(use_running_average=not train, momentum=c.bn_momentum,
+                     epsilon=c.bn_epsilon, use_scale=c.bn_scale,
+                     dtype=c.dtype, name='bn')(y)
+    return nn.relu(y)
+
+
+def _cbn(cfg, features, kernel, name, strides=1, padding='SAME'):
+  if isinstance(kernel, int):
+    kernel = (kernel, kernel)
+  return ConvBN(cfg, features, tuple(kernel), strides, padding, name=name)
+
+
+def _max_pool_3x3_s2(x):
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+
+
+def _avg_pool_3x3(x):
+  # TF's SAME average pooling divides by the number of valid inputs.
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME',
+                     count_include_pad=False)
+
+
+def _concat(branches: Sequence[jax.Array], gate: Optional[jax.Array]):
+  """The gated site: a block's channel concatenation, then Eq. 4's mask."""
+  return apply_site(jnp.concatenate(branches, axis=-1), gate, None)
+
+
+class Stem(nn.Module):
+  """299x299x3 -> 35x35x384, gating its three concatenations."""
+  cfg: ConvConfig
+
+  @nn.compact
+  def __call__(self, x, gates: Optional[Gates], *, train: bool):
+    g = (lambda k: None) if gates is None else (lambda k: gates[k])
+    c = self.cfg
+    x = _cbn(c, 32, 3, 'Conv2d_1a_3x3', 2, 'VALID')(x, train=train)  # 149
+    x = _cbn(c, 32, 3, 'Conv2d_2a_3x3', 1, 'VALID')(x, train=train)  # 147
+    x = _cbn(c, 64, 3, 'Conv2d_2b_3x3')(x, train=train)              # 147
+    # Mixed_3a -> 73x73x160.
+    x = _concat([_max_pool_3x3_s2(x),
+                 _cbn(c, 96, 3, 'Mixed_3a_Branch_1_Conv2d_0a_3x3', 2,
+                      'VALID')(x, train=train)], g('Mixed_3a'))
+    # Mixed_4a -> 71x71x192.
+    b0 = _cbn(c, 64, 1, 'Mixed_4a_Branch_0_Conv2d_0a_1x1')(x, train=train)
+    b0 = _cbn(c, 96, 3, 'Mixed_4a_Branch_0_Conv2d_1a_3x3', 1, 'VALID')(
+        b0, train=train)
+    b1 = _cbn(c, 64, 1, 'Mixed_4a_Branch_1_Conv2d_0a_1x1')(x, train=train)
+    b1 = _cbn(c, 64, (1, 7), 'Mixed_4a_Branch_1_Conv2d_0b_1x7')(
+        b1, train=train)
+    b1 = _cbn(c, 64, (7, 1), 'Mixed_4a_Branch_1_Conv2d_0c_7x1')(
+        b1, train=train)
+    b1 = _cbn(c, 96, 3, 'Mixed_4a_Branch_1_Conv2d_1a_3x3', 1, 'VALID')(
+        b1, train=train)
+    x = _concat([b0, b1], g('Mixed_4a'))
+    # Mixed_5a -> 35x35x384.
+    b0 = _cbn(c, 192, 3, 'Mixed_5a_Branch_0_Conv2d_1a_3x3', 2, 'VALID')(
+        x, train=train)
+    return _concat([b0, _max_pool_3x3_s2(x)], g('Mixed_5a'))
+
+
+class InceptionA(nn.Module):
+  """35x35 block: 1x1 | 1x1-3x3 | 1x1-3x3-3x3 | avgpool-1x1 (4 x 96)."""
+  cfg: ConvConfig
+
+  @nn.compact
+  def __call__(self, x, gate, *, train: bool):
+    c = self.cfg
+    b0 = _cbn(c, 96, 1, 'Branch_0_Conv2d_0a_1x1')(x, train=train)
+    b1 = _cbn(c, 64, 1, 'Branch_1_Conv2d_0a_1x1')(x, train=train)
+    b1 = _cbn(c, 96, 3, 'Branch_1_Conv2d_0b_3x3')(b1, train=train)
+    b2 = _cbn(c, 64, 1, 'Branch_2_Conv2d_0a_1x1')(x, train=train)
+    b2 = _cbn(c, 96, 3, 'Branch_2_Conv2d_0b_3x3')(b2, train=train)
+    b2 = _cbn(c, 96, 3, 'Branch_2_Conv2d_0c_3x3')(b2, train=train)
+    b3 = _cbn(c, 96, 1, 'Branch_3_Conv2d_0b_1x1')(_avg_pool_3x3(x),
+                                                  train=train)
+    return _concat([b0, b1, b2, b3], gate)
+
+
+class ReductionA(nn.Module):
+  """35x35x384 -> 17x17x1024: 3x3/2 (384) | 1x1-3x3-3x3/2 (256) | maxpool."""
+  cfg: ConvConfig
+
+  @nn.compact
+  def __call__(self, x, gate, *, train: bool):
+    c = self.cfg
+    b0 = _cbn(c, 384, 3, 'Branch_0_Conv2d_1a_3x3', 2, 'VALID')(x, train=train)
+    b1 = _cbn(c, 192, 1, 'Branch_1_Conv2d_0a_1x1')(x, train=train)
+    b1 = _cbn(c, 224, 3, 'Branch_1_Conv2d_0b_3x3')(b1, train=train)
+    b1 = _cbn(c, 256, 3, 'Branch_1_Conv2d_1a_3x3', 2, 'VALID')(b1,
+                                                                train=train)
+    return _concat([b0, b1, _max_pool_3x3_s2(x)], gate)
+
+
+class InceptionB(nn.Module):
+  """17x17 block: 1x1 (384) | 1x7-7x1 (256) | 7x1-1x7 x2 (256) | pool (128)."""
+  cfg: ConvConfig
+
+  @nn.compact
+  def __call__(self, x, gate, *, train: bool):
+    c = self.cfg
+    b0 = _cbn(c, 384, 1, 'Branch_0_Conv2d_0a_1x1')(x, train=train)
+    b1 = _cbn(c, 192, 1, 'Branch_1_Conv2d_0a_1x1')(x, train=train)
+    b1 = _cbn(c, 224, (1, 7), 'Branch_1_Conv2d_0b_1x7')(b1, train=train)
+    b1 = _cbn(c, 256, (7, 1), 'Branch_1_Conv2d_0c_7x1')(b1, train=train)
+    b2 = _cbn(c, 192, 1, 'Branch_2_Conv2d_0a_1x1')(x, train=train)
+    b2 = _cbn(c, 192, (7, 1), 'Branch_2_Conv2d_0b_7x1')(b2, train=train)
+    b2 = _cbn(c, 224, (1, 7), 'Branch_2_Conv2d_0c_1x7')(b2, train=train)
+    b2 = _cbn(c, 224, (7, 1), 'Branch_2_Conv2d_0d_7x1')(b2, train=train)
+    b2 = _cbn(c, 256, (1, 7), 'Branch_2_Conv2d_0e_1x7')(b2, train=train)
+    b3 = _cbn(c, 128, 1, 'Branch_3_Conv2d_0b_1x1')(_avg_pool_3x3(x),
+                                                   train=train)
+    return _concat([b0, b1, b2, b3], gate)
+
+
+class ReductionB(nn.Module):
+  """17x17x1024 -> 8x8x1536: 1x1-3x3/2 (192) | 1x1-1x7-7x1-3x3/2 (320) | pool."""
+  cfg: ConvConfig
+
+  @nn.compact
+  def __call__(self, x, gate, *, train: bool):
+    c = self.cfg
+    b0 = _cbn(c, 192, 1, 'Branch_0_Conv2d_0a_1x1')(x, train=train)
+    b0 = _cbn(c, 192, 3, 'Branch_0_Conv2d_1a_3x3', 2, 'VALID')(b0,
+                                                                train=train)
+    b1 = _cbn(c, 256, 1, 'Branch_1_Conv2d_0a_1x1')(x, train=train)
+    b1 = _cbn(c, 256, (1, 7), 'Branch_1_Conv2d_0b_1x7')(b1, train=train)
+    b1 = _cbn(c, 320, (7, 1), 'Branch_1_Conv2d_0c_7x1')(b1, train=train)
+    b1 = _cbn(c, 320, 3, 'Branch_1_Conv2d_1a_3x3', 2, 'VALID')(b1,
+                                                                train=train)
+    return _concat([b0, b1, _max_pool_3x3_s2(x)], gate)
+
+
+class InceptionC(nn.Module):
+  """8x8 block: 1x1 | 1x1-(1x3,3x1) | 1x1-3x1-1x3-(1x3,3x1) | pool (6 x 256).
+
+  The two inner (1x3, 3x1) concatenations are not sites: their channels are
+  gated once, at the block's output concatenation.
+  """
+  cfg: ConvConfig
+
+  @nn.compact
+  def __call__(self, x, gate, *, train: bool):
+    c = self.cfg
+    b0 = _cbn(c, 256, 1, 'Branch_0_Conv2d_0a_1x1')(x, train=train)
+    b1 = _cbn(c, 384, 1, 'Branch_1_Conv2d_0a_1x1')(x, train=train)
+    b1 = [_cbn(c, 256, (1, 3), 'Branch_1_Conv2d_0b_1x3')(b1, train=train),
+          _cbn(c, 256, (3, 1), 'Branch_1_Conv2d_0c_3x1')(b1, train=train)]
+    b2 = _cbn(c, 384, 1, 'Branch_2_Conv2d_0a_1x1')(x, train=train)
+    b2 = _cbn(c, 448, (3, 1), 'Branch_2_Conv2d_0b_3x1')(b2, train=train)
+    b2 = _cbn(c, 512, (1, 3), 'Branch_2_Conv2d_0c_1x3')(b2, train=train)
+    b2 = [_cbn(c, 256, (1, 3), 'Branch_2_Conv2d_0d_1x3')(b2, train=train),
+          _cbn(c, 256, (3, 1), 'Branch_2_Conv2d_0e_3x1')(b2, train=train)]
+    b3 = _cbn(c, 256, 1, 'Branch_3_Conv2d_0b_1x1')(_avg_pool_3x3(x),
+                                                   train=train)
+    # Concatenating the flattened list equals TF-slim's nested concats.
+    return _concat([b0, *b1, *b2, b3], gate)
+
+
+class AuxHead(nn.Module):
+  """TF-slim's AuxLogits on Mixed_6h: 17x17x1024 -> `(batch, classes)`."""
+  cfg: ConvConfig
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    c = self.cfg
+    y = nn.avg_pool(x, (5, 5), strides=(3, 3), padding='VALID')  # 5x5
+    y = _cbn(c, 128, 1, 'Conv2d_1b_1x1')(y, train=train)
+    # Like TF-slim, the kernel covers the whole remaining grid.
+    y = _cbn(c, 768, y.shape[1:3], 'Conv2d_2a', 1, 'VALID')(y, train=train)
+    y = y.reshape(y.shape[0], -1)
+    y = nn.Dense(self.num_classes, kernel_init=_fc_init, dtype=c.dtype,
+                 name='Aux_logits')(y)
+    return y.astype(jnp.float32)
+
+
+def _site_names() -> Tuple[str, ...]:
+  """TF-slim's names of the 17 concatenating blocks, in depth order."""
+  return (STEM_SITES +
+          tuple(f'Mixed_5{chr(ord("b") + i)}' for i in range(NUM_A)) +
+          ('Mixed_6a',) +
+          tuple(f'Mixed_6{chr(ord("b") + i)}' for i in range(NUM_B)) +
+          ('Mixed_7a',) +
+          tuple(f'Mixed_7{chr(ord("b") + i)}' for i in range(NUM_C)))
+
+
+class InceptionV4(nn.Module):
+  """Inception-v4 for 299x299x3 images, gated at its 17 concatenations.
+
+  Attributes:
+    num_classes: classifier outputs (1000 for ImageNet; TF-slim's
+      checkpoints use 1001 with a background class); None returns the pooled
+      `(batch, 1536 * width)` features.
+    dropout_rate: dropout before the fc in training (TF-slim keeps 0.8).
+    aux_logits: build the auxiliary classifier on Mixed_6h; its logits are
+      sown into 'intermediates' as `aux_logits` in training.
+    width: multiplies every conv's filter count (1.0 is Inception-v4).
+    bn_momentum, bn_epsilon, bn_scale: BN settings (TF-slim's defaults).
+  """
+  num_classes: Optional[int] = 1000
+  dropout_rate: float = 0.2
+  aux_logits: bool = False
+  width: float = 1.0
+  bn_momentum: float = 0.9997
+  bn_epsilon: float = 1e-3
+  bn_scale: bool = False
+  dtype: Any = jnp.float32
+
+  @property
+  def _cfg(self) -> ConvConfig:
+    return ConvConfig(self.width, self.bn_momentum, self.bn_epsilon,
+                      self.bn_scale, self.dtype)
+
+  def gate_spec(self) -> GateSpec:
+    """The 17 gated concatenations, in depth order (16,608 at width 1)."""
+    ch = self._cfg.ch
+    a = 4 * ch(96)
+    red_a = ch(384) + ch(256) + a          # max pool passes A's channels
+    b = ch(384) + ch(256) + ch(256) + ch(128)
+    red_b = ch(192) + ch(320) + b          # max pool passes B's channels
+    cc = 6 * ch(256)
+    stem = (ch(64) + ch(96), 2 * ch(96), ch(192) + 2 * ch(96))
+    sizes = (stem + (a,) * NUM_A + (red_a,) + (b,) * NUM_B + (red_b,) +
+             (cc,) * NUM_C)
+    return GateSpec(tuple(zip(_site_names(), (int(s) for s in sizes))))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
+               train: bool = False) -> jax.Array:
+    """`(batch, 299, 299, 3)` normalised images -> `(batch, num_classes)`.
+
+    `gates`, when given, maps every site of `gate_spec()` to a
+    `(batch, filters)` array multiplying that concatenation's channels.
+    """
+    cfg = self._cfg
+    names = iter(_site_names())
+
+    def block(cls, y):
+      name = next(names)
+      gate = None if gates is None else gates[name]
+      return cls(cfg, name=name)(y, gate, train=train)
+
+    x = x.astype(self.dtype)
+    stem_gates = None
+    if gates is not None:
+      stem_gates = {n: gates[n] for n in STEM_SITES}
+    for _ in STEM_SITES:
+      next(names)
+    y = Stem(cfg, name='Stem')(x, stem_gates, train=train)
+    for _ in range(NUM_A):
+      y = block(InceptionA, y)
+    y = block(ReductionA, y)
+    for _ in range(NUM_B):
+      y = block(InceptionB, y)
+    # Built at init whatever `train` is, so that eval-mode init and
+    # training share one parameter tree; evaluated only in training.
+    if self.aux_logits and self.num_classes is not None and (
+        train or self.is_initializing()):
+      aux = AuxHead(cfg, self.num_classes, name='AuxLogits')(y, train=train)
+      if train:
+        self.sow('intermediates', 'aux_logits', aux)
+    y = block(ReductionB, y)
+    for _ in range(NUM_C):
+      y = block(InceptionC, y)
+    y = jnp.mean(y, axis=(1, 2))
+    if self.num_classes is None:
+      return y.astype(jnp.float32)
+    if train and self.dropout_rate > 0:
+      keep = jax.random.bernoulli(self.make_rng('dropout'),
+                                  1.0 - self.dropout_rate, y.shape)
+      y = jnp.where(keep, y / (1.0 - self.dropout_rate), 0).astype(y.dtype)
+    y = nn.Dense(self.num_classes, kernel_init=_fc_init, dtype=self.dtype,
+                 name='Logits')(y)
+    return y.astype(jnp.float32)
+
+
+def inception_v4(num_classes: Optional[int] = 1000, **kwargs) -> InceptionV4:
+  """Registry factory: `inception_v4(num_classes=..., dtype=..., **config)`."""
+  width = float(kwargs.get('width', 1.0))
+  if width <= 0:
+    raise ValueError(f'inception_v4 width must be positive; got {width}.')
+  rate = float(kwargs.get('dropout_rate', 0.2))
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f'inception_v4 dropout_rate must be in [0, 1); got '
+                     f'{rate}.')
+  return InceptionV4(num_classes=num_classes, **kwargs)
