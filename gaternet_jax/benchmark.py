@@ -22,7 +22,7 @@ from gaternet_jax.models import create_model
 
 def _measure(config: ml_collections.ConfigDict, batch_size: int
              ) -> Dict[str, float]:
-  image_shape, num_classes = data_lib.dataset_info(config.data.name)
+  image_shape, num_classes = data_lib.dataset_info(config.data)
   model = create_model(config.model, num_classes)
   spec = model.gate_spec()
   mesh = sharding.create_mesh()

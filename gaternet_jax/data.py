@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from gaternet_jax import batching
+from gaternet_jax import sharding
 from gaternet_jax.errors import DataError
 
 __all__ = ['InMemoryDataset', 'dataset_info', 'load_dataset']
@@ -89,14 +90,66 @@ class InMemoryDataset:
 
 _IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3),
                  'cifar100': (32, 32, 3)}
+# Streamed through tf.data (gaternet_jax.input_pipeline), or synthetic.
+_STREAMED = ('imagenet2012', 'image_folder')
+_FAKE = 'fake'
 
 
-def dataset_info(name: str):
-  """`(image_shape, num_classes)` of a named dataset, without loading it."""
+def dataset_info(data_cfg):
+  """`(image_shape, num_classes)` of `data_cfg`'s dataset, without loading.
+
+  ImageNet-style datasets take their size from `data_cfg.image_size` and,
+  for image folders and fake data, their classes from `data_cfg.num_classes`.
+  """
+  name = data_cfg.get('name', None)
+  if name in _STREAMED or name == _FAKE:
+    size = int(data_cfg.get('image_size', 224))
+    classes = 1000 if name == 'imagenet2012' else int(
+        data_cfg.get('num_classes', 1000))
+    return (size, size, 3), classes
   if name not in _NUM_CLASSES:
     raise DataError(f'Unknown dataset name {name!r}; expected one of '
-                    f'{", ".join(sorted(_NUM_CLASSES))}.')
+                    f'{", ".join(sorted(_NUM_CLASSES) + list(_STREAMED))}, '
+                    f'{_FAKE}.')
   return _IMAGE_SHAPES[name], _NUM_CLASSES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDataset:
+  """Random uint8 images and labels, made per batch: benchmarks and smoke
+  runs of ImageNet-sized models without a dataset (configs/imagenet_fake.py).
+
+  Batches are a function of (seed, step), so resuming repeats them.
+  """
+  name: str
+  image_shape: tuple
+  num_classes: int
+  num_train_examples: int
+  num_test_examples: int
+  mean: tuple = (0.5, 0.5, 0.5)
+  std: tuple = (0.25, 0.25, 0.25)
+  test_split_name: str = 'test'
+
+  def _batch(self, batch_size, seed, step):
+    rng = np.random.default_rng([seed, step])
+    rows = sharding.process_slice(batch_size)
+    images = rng.integers(0, 256, (batch_size,) + self.image_shape, np.uint8)
+    labels = rng.integers(0, self.num_classes, batch_size).astype(np.int32)
+    return {'image': images[rows], 'label': labels[rows]}
+
+  def train_batches(self, batch_size: int, seed: int, start_step: int = 0):
+    step = start_step
+    while True:
+      yield self._batch(batch_size, seed, step)
+      step += 1
+
+  def eval_batches(self, batch_size: int):
+    n = self.num_test_examples
+    for i, start in enumerate(range(0, n, batch_size)):
+      batch = self._batch(batch_size, -1, i)
+      mask = (np.arange(start, start + batch_size) < n).astype(np.float32)
+      batch['mask'] = mask[sharding.process_slice(batch_size)]
+      yield batch
 
 
 def load_dataset(data_cfg) -> InMemoryDataset:
@@ -110,10 +163,18 @@ def load_dataset(data_cfg) -> InMemoryDataset:
       on disk is missing or malformed.
   """
   name = data_cfg.get('name', None)
+  if name in _STREAMED:
+    from gaternet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.load_imagenet(data_cfg)
+  if name == _FAKE:
+    shape, classes = dataset_info(data_cfg)
+    return FakeDataset(name, shape, classes,
+                       _get_count(data_cfg, 'num_train_examples') or 1_281_167,
+                       _get_count(data_cfg, 'num_test_examples') or 50_000)
   if name not in _NUM_CLASSES:
     raise DataError(
         f'Unknown dataset data.name={name!r}; use one of '
-        f'{", ".join(sorted(_NUM_CLASSES))}.')
+        f'{", ".join(sorted(_NUM_CLASSES) + list(_STREAMED))}, {_FAKE}.')
   num_classes = _NUM_CLASSES[name]
   holdout = _get_count(data_cfg, 'validation_holdout')
   holdout_seed = _get_count(data_cfg, 'holdout_seed')

@@ -22,7 +22,7 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   Returns params_total, params_backbone, params_gater, gated_filters,
   gated_sites, num_classes and image_shape.
   """
-  image_shape, num_classes = data_lib.dataset_info(config.data.name)
+  image_shape, num_classes = data_lib.dataset_info(config.data)
   model = create_model(config.model, num_classes)
   variables = jax.eval_shape(
       lambda: model.init({'params': jax.random.key(0),

@@ -579,3 +579,24 @@ def test_tfds_cifar10_mock():
   assert ds.train_labels.dtype == np.int32
   assert ds.train_labels.min() >= 0 and ds.train_labels.max() < 10
   assert ds.num_classes == 10 and len(ds.mean) == 3
+
+
+def test_fake_dataset_and_dataset_info():
+  dataset_info = data.dataset_info
+  cfg = ConfigDict(dict(name='fake', image_size=32, num_classes=7,
+                        num_train_examples=100, num_test_examples=10))
+  assert dataset_info(cfg) == ((32, 32, 3), 7)
+  assert dataset_info(ConfigDict(dict(name='imagenet2012', image_size=299))
+                      ) == ((299, 299, 3), 1000)
+  assert dataset_info(ConfigDict(dict(name='cifar100'))) == ((32, 32, 3), 100)
+  ds = data.load_dataset(cfg)
+  a = next(ds.train_batches(8, seed=3, start_step=5))
+  it = ds.train_batches(8, seed=3)
+  b = [next(it) for _ in range(6)][-1]
+  np.testing.assert_array_equal(a['image'], b['image'])  # resumable
+  assert a['image'].shape == (8, 32, 32, 3) and a['image'].dtype == np.uint8
+  assert a['label'].max() < 7
+  masks = [e['mask'] for e in ds.eval_batches(4)]
+  assert len(masks) == 3 and sum(m.sum() for m in masks) == 10
+  with pytest.raises(DataError):
+    dataset_info(ConfigDict(dict(name='mnist')))

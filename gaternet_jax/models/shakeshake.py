@@ -1,8 +1,8 @@
 """Shake-Shake 26 for CIFAR (Gastaldi 2017) that accepts a gate PyTree.
 
-A first conv3x3 to 16 channels + BN, then three stages of (depth - 2) / 6
-residual blocks of widths `width`, 2 * `width`, 4 * `width` (strides 1, 2, 2),
-then ReLU-global pool-fc. Each block adds two branches
+A first conv3x3 to `stem_width` (16) channels + BN, then three stages of
+(depth - 2) / 6 residual blocks of widths `width`, 2 * `width`, 4 * `width`
+(strides 1, 2, 2), then ReLU-global pool-fc. Each block adds two branches
 ReLU-conv3x3-BN-ReLU-conv3x3-BN (the first conv strided in a stage's first
 block) to its shortcut, mixed by Shake-Shake-Image regularisation: in
 training a per-sample alpha ~ U(0, 1) weighs the branches in the forward pass
@@ -13,7 +13,19 @@ The shortcut is the identity, or where the shape changes (each stage's first
 block, stage 1's included: 16 -> `width` channels) the paper's: the ReLU'd
 input, subsampled at the stride by two 1x1 convs to half the width each, the
 second over the input shifted by one pixel (so the two halves see the
-complementary pixels of each 2x2 cell), concatenated, then BN.
+complementary pixels of each 2x2 cell), concatenated, then BN. The shift is
+up-left (pixel (i+1, j+1) lands at (i, j)), as in the widely used TensorFlow
+(AutoAugment) port; Gastaldi's Torch code shifts down-right, which picks the
+same odd pixels one cell earlier, with a zero first row and column. Either
+way it changes no parameter count.
+
+Parameter counts: with Gastaldi's 16-channel first conv, 2x64d / 2x96d have
+11,653,978 / 26,192,922 parameters, Gastaldi's 11.7M / 26.2M; GaterNet's
+Table 2 prints 11.71M / 26.33M. `stem_width=width` (the first conv straight to
+the first stage's width, whose first block then has an identity shortcut)
+gives 11,709,514 / 26,331,754, exactly Table 2's numbers (and, with the
+ResNet-20 gater, its gated 12.01M / 26.65M), so that is most likely the
+reimplementation GaterNet counted; the default stays Gastaldi's.
 
 Gated sites (GaterNet section 4.4): the last conv of each branch, after its
 BN and before the shake mix; 2 * 4 * 7 * `width` gated filters (3,584 for
@@ -194,8 +206,13 @@ class ShakeShake(nn.Module):
     return y.astype(jnp.float32)
 
 
-def shake_shake(depth: int = 26, width: int = 64, **kwargs) -> ShakeShake:
-  """Shake-Shake of depth 6n+2 (26: "2x64d", "2x96d" by `width`)."""
+def shake_shake(depth: int = 26, width: int = 64, stem_width: int = 16,
+                **kwargs) -> ShakeShake:
+  """Shake-Shake of depth 6n+2 (26: "2x64d", "2x96d" by `width`).
+
+  `stem_width=16` is Gastaldi's; `stem_width=width` reproduces GaterNet's
+  Table 2 parameter counts exactly (see the module docstring).
+  """
   if depth < 8 or (depth - 2) % 6:
     raise ValueError(f'shake_shake depth must be 6n+2 (26 = 6*4+2); '
                      f'got {depth}.')
@@ -203,7 +220,7 @@ def shake_shake(depth: int = 26, width: int = 64, **kwargs) -> ShakeShake:
     raise ValueError(f'shake_shake width must be even (the shortcut '
                      f'concatenates two halves); got {width}.')
   return ShakeShake(blocks_per_stage=(depth - 2) // 6, width=int(width),
-                    **kwargs)
+                    stem_width=int(stem_width), **kwargs)
 
 
 ShakeShake26_2x64d = functools.partial(shake_shake, depth=26, width=64)

@@ -1,0 +1,7 @@
+"""CIFAR-10 DenseNet-BC (L=250, k=24) baseline: GaterNet Table 2."""
+
+from configs import densenet
+
+
+def get_config():
+  return densenet.densenet_config('bc250_k24', gated=False)
