@@ -130,8 +130,8 @@ class FakeDataset:
   std: tuple = (0.25, 0.25, 0.25)
   test_split_name: str = 'test'
 
-  def _batch(self, batch_size, seed, step):
-    rng = np.random.default_rng([seed, step])
+  def _batch(self, batch_size, seed, step, split=0):
+    rng = np.random.default_rng([seed, step, split])
     rows = sharding.process_slice(batch_size)
     images = rng.integers(0, 256, (batch_size,) + self.image_shape, np.uint8)
     labels = rng.integers(0, self.num_classes, batch_size).astype(np.int32)
@@ -146,7 +146,7 @@ class FakeDataset:
   def eval_batches(self, batch_size: int):
     n = self.num_test_examples
     for i, start in enumerate(range(0, n, batch_size)):
-      batch = self._batch(batch_size, -1, i)
+      batch = self._batch(batch_size, 0, i, split=1)
       mask = (np.arange(start, start + batch_size) < n).astype(np.float32)
       batch['mask'] = mask[sharding.process_slice(batch_size)]
       yield batch
