@@ -162,11 +162,13 @@ def format_seconds(s: float) -> str:
 
 
 def average(metrics: List[Dict[str, Any]]) -> Dict[str, float]:
-  """Mean of a list of per-step scalar dicts (fetched in one transfer)."""
+  """Per-step mean of a list of metric dicts (fetched in one transfer);
+  each value a scalar (one step) or a `(steps,)` array (scanned steps)."""
   if not metrics:
     return {}
-  stacked = jax.device_get(metrics)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  fetched = jax.device_get(metrics)
+  return {k: float(np.mean(np.concatenate(
+      [np.atleast_1d(m[k]) for m in fetched]))) for k in fetched[0]}
 
 
 def read_jsonl(path: str, kind: str = 'scalars') -> List[Dict[str, Any]]:

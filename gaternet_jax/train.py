@@ -28,6 +28,7 @@ import optax
 from gaternet_jax import augment
 from gaternet_jax import checkpoints
 from gaternet_jax import data as data_lib
+from gaternet_jax import device_data
 from gaternet_jax import losses
 from gaternet_jax import metrics as metrics_lib
 from gaternet_jax import recipe
@@ -222,6 +223,25 @@ class Steps:
         functools.partial(eval_step, spec=spec, mean=mean, std=std),
         in_shardings=(repl, data), out_shardings=repl)
 
+    step_fn = functools.partial(
+        train_step, spec=spec, config=config, mean=mean, std=std,
+        gate_dropout_fn=create_gate_dropout_fn(config, num_train_steps))
+    batch_fn = functools.partial(device_data.batch_at,
+                                 batch_size=config.batch_size,
+                                 seed=config.seed + 1, mesh=mesh)
+
+    def train_many(state, arrays, rng, num_steps):
+      """`num_steps` steps on device-resident data in one call; metrics
+      come back stacked, `(num_steps,)` each."""
+      def body(state, _):
+        return step_fn(state, batch_fn(arrays, state.step), rng)
+      return jax.lax.scan(body, state, None, length=num_steps)
+
+    self.train_many = jax.jit(
+        train_many, in_shardings=(repl, repl, repl),
+        out_shardings=(repl, repl), donate_argnums=(0,),
+        static_argnums=(3,))
+
   def evaluate(self, state: TrainState, batches: Iterable[Mapping[str, Any]],
                spec: GateSpec) -> Dict[str, float]:
     """Accuracy, loss and gate statistics over padded eval batches."""
@@ -349,28 +369,44 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   results = None
   buffer = []
-  batches = ds.train_batches(config.batch_size, config.seed + 1, start)
+  on_device = config.data.get('on_device', False)
+  if on_device:
+    if not hasattr(ds, 'train_images'):
+      raise ConfigError('data.on_device needs an in-memory dataset (digits, '
+                        'CIFAR); this one is streamed.')
+    arrays = device_data.put_on_devices(ds, mesh)
+  else:
+    batches = ds.train_batches(config.batch_size, config.seed + 1, start)
+  events = (config.log_every_steps, eval_every, config.checkpoint_every_steps)
   t0 = time.time()
+  step = start
   try:
-    for step in range(start, total_steps):
-      batch = sharding.to_global(next(batches), steps.data_sharding)
-      state, m = steps.train(state, batch, train_rng)
+    while step < total_steps:
+      if on_device:
+        # Run up to the next log/eval/checkpoint step in one call.
+        n = min([config.get('steps_per_call', 1), total_steps - step] +
+                [(step // e + 1) * e - step for e in events])
+        state, m = steps.train_many(state, arrays, train_rng, n)
+      else:
+        n = 1
+        batch = sharding.to_global(next(batches), steps.data_sharding)
+        state, m = steps.train(state, batch, train_rng)
       buffer.append(m)
-      s = step + 1
-      progress(s)
-      if s % config.log_every_steps == 0 or s == total_steps:
+      step += n
+      progress(step)
+      if step % config.log_every_steps == 0 or step == total_steps:
         scalars = metrics_lib.average(buffer)
-        scalars['learning_rate'] = float(lr_fn(step))
-        writer.write_scalars(s, {f'train/{k}': v for k, v in scalars.items()})
+        scalars['learning_rate'] = float(lr_fn(step - 1))
+        writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
         buffer = []
-      if s % eval_every == 0 or s == total_steps:
+      if step % eval_every == 0 or step == total_steps:
         results = steps.evaluate(
             state, ds.eval_batches(config.eval_batch_size), spec)
         writer.write_scalars(
-            s, {f'{ds.test_split_name}/{k}': v for k, v in results.items()})
-      ckpt.save(s, state, force=(s == total_steps) or bool(preempted))
+            step, {f'{ds.test_split_name}/{k}': v for k, v in results.items()})
+      ckpt.save(step, state, force=(step == total_steps) or bool(preempted))
       if step_callback is not None:
-        step_callback(s)
+        step_callback(step)
       if preempted:
         raise _Preempted()
   except _Preempted:

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from gaternet_jax.models.densenet import DenseLayer, densenet_bc
+from gaternet_jax.models.gaternet import Gater
 from gaternet_jax.models.resnet_cifar import cifar_resnet
-from gaternet_jax.models.shakeshake import Branch, shake, shake_shake
+from gaternet_jax.models.shakeshake import (Branch, ShakeBlock, shake,
+                                            shake_shake)
 
 # GaterNet Table 2: (gated filters, baseline params M, gated params M).
 TABLE2_DENSENET = {(100, 12): (540, 0.77, 1.05),
@@ -31,10 +33,18 @@ def _num_params(model, size: int = 32) -> int:
 
 @pytest.fixture(scope='module')
 def gater_params():
-  """`num_gates -> params` of the ResNet-20 gater (bottleneck 8, with BN)."""
+  """`num_gates -> params` of Table 2's gater: ResNet-20, bottleneck 8, BN."""
   features = _num_params(cifar_resnet(depth=20, num_classes=None))
-  # FC1 64->8 (+bias), BN(8) scale and bias, FC2 8->c (+bias).
-  return lambda c: features + (64 * 8 + 8) + 2 * 8 + (8 * c + c)
+  assert features == 272_474 - (64 * 10 + 10)  # ResNet-20 without its fc.
+
+  def count(c):
+    # FC1 64->8 (+bias), BN(8) scale and bias, FC2 8->c (+bias).
+    return features + (64 * 8 + 8) + 2 * 8 + (8 * c + c)
+
+  gater = Gater(features=cifar_resnet(depth=20, num_classes=None),
+                num_gates=540, bottleneck=8, batchnorm=True)
+  assert _num_params(gater) == count(540)
+  return count
 
 
 def _assert_millions(count: int, reported: float, rel: float):
@@ -66,9 +76,15 @@ def test_densenet_params_match_table2(depth, k, gater_params):
   # The standard DenseNet-BC counts round to the printed numbers.
   assert round(params / 1e6, 2) == base_m, params
   assert round((params + gater_params(gated)) / 1e6, 2) == gated_m
-  # The factory's defaults are DenseNet-BC (L=100, k=12) on CIFAR-10.
   if (depth, k) == (100, 12):
-    assert params == 769_162 and _num_params(densenet_bc(), 8) == params
+    assert params == 769_162  # As the reference PyTorch implementations.
+
+
+def test_densenet_factory_defaults():
+  # DenseNet-BC (L=100, k=12, theta=0.5) for CIFAR-10.
+  model = densenet_bc()
+  assert (model.layers_per_block, model.growth_rate, model.compression,
+          model.bottleneck_factor, model.num_classes) == (16, 12, 0.5, 4, 10)
 
 
 def test_densenet_bad_args():
@@ -82,53 +98,84 @@ def test_densenet_bad_args():
 TINY_DENSE = dict(depth=16, growth_rate=4)
 
 
-def _init(model, x):
-  return jax.jit(lambda x: model.init(jax.random.key(1), x, None))(x)
+def _random_variables(model, *args, seed: int = 0, **kwargs):
+  """`model.init(rng, *args, **kwargs)`'s variables filled from NumPy.
+
+  He-normal kernels, BN scales and variances near 1: on CPU, compiling
+  `init`'s random initialisers costs more than the tests' forward passes.
+  """
+  shapes = jax.eval_shape(
+      lambda *a: model.init(jax.random.key(0), *a, **kwargs), *args)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == 'kernel':
+      value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+    elif name in ('scale', 'var'):
+      value = rng.uniform(0.8, 1.2, shape)
+    else:  # Biases and BN means.
+      value = 0.1 * rng.normal(size=shape)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def test_densenet_forward_shapes():
-  x = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
-  model = densenet_bc(num_classes=7, **TINY_DENSE)
-  logits = jax.jit(model.apply)(_init(model, x), x)
-  assert logits.shape == (3, 7) and logits.dtype == jnp.float32
-  feats = densenet_bc(num_classes=None, **TINY_DENSE)
-  # 2k stem + 2k new maps = 16 -> transition 8 -> 16 -> 8 -> 16 channels.
-  out = jax.jit(feats.apply)(_init(feats, x), x)
-  assert out.shape == (3, 16) and out.dtype == jnp.float32
-  assert np.all(np.isfinite(out))
+def _capture(model, variables, keep):
+  """Jitted `(x, gates) -> (logits, intermediates)`, evaluation mode."""
+  @jax.jit
+  def run(x, gates):
+    logits, state = model.apply(variables, x, gates, capture_intermediates=keep,
+                                mutable=('intermediates',))
+    return logits, state['intermediates']
+  return run
 
 
-def test_densenet_gates_mask_new_maps_before_concat():
+@pytest.fixture(scope='module')
+def tiny_dense():
   model = densenet_bc(num_classes=5, **TINY_DENSE)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  variables = _random_variables(model, x, None)
+  # Each DenseLayer's output (its k new maps) is recorded.
+  run = _capture(model, variables, lambda m, _: isinstance(m, DenseLayer))
+  return model, x, variables, run
+
+
+def test_densenet_forward_shapes(tiny_dense):
+  model, x, variables, run = tiny_dense
+  logits, maps = run(x, None)
+  assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  assert len(maps) == 6  # 3 blocks x 2 layers, gated or not.
+  feats = densenet_bc(num_classes=None, **TINY_DENSE)
+  out = jax.eval_shape(feats.apply, variables, x)
+  # 2k stem + 2k new maps = 16 -> transition 8 -> 16 -> 8 -> 16 channels.
+  assert out.shape == (2, 16) and out.dtype == jnp.float32
+  bf16 = densenet_bc(num_classes=5, dtype=jnp.bfloat16, **TINY_DENSE)
+  assert jax.eval_shape(bf16.apply, variables, x).dtype == jnp.float32
+
+
+def test_densenet_gates_mask_new_maps_before_concat(tiny_dense):
+  model, x, _, run = tiny_dense
   spec = model.gate_spec()
   assert spec.names == ('block1_layer02', 'block2_layer02', 'block3_layer02')
-  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  variables = _init(model, x)
-
-  @jax.jit
-  def run(gates):
-    # Each DenseLayer's output (its k new maps) is recorded as intermediate.
-    return model.apply(variables, x, gates, capture_intermediates=(
-        lambda m, _: isinstance(m, DenseLayer)), mutable=('intermediates',))
-
-  plain, plain_maps = run(None)
-  ones, _ = run(spec.ones(2))
-  np.testing.assert_allclose(ones, plain, atol=1e-6)
+  plain, plain_maps = run(x, None)
+  ones, _ = run(x, spec.ones(2))
+  np.testing.assert_allclose(ones, plain, atol=1e-5)
   for site in spec.names:
     closed = spec.ones(2)
     closed[site] = closed[site].at[0].set(0.0)
-    out, maps = run(closed)
-    new = maps['intermediates'][site]['__call__'][0]
-    # The site's k new maps are zero for sample 0 only, so every later
-    # layer sees zeros in those concatenated channels.
+    out, maps = run(x, closed)
+    new = maps[site]['__call__'][0]
     side = 16 // 2 ** (int(site[len('block')]) - 1)
     assert new.shape == (2, side, side, TINY_DENSE['growth_rate'])
+    # The site's k new maps are zero for sample 0 only, and they are what
+    # the later layers see concatenated: sample 0's output changes.
     np.testing.assert_array_equal(new[0], 0.0)
-    np.testing.assert_allclose(
-        new[1], plain_maps['intermediates'][site]['__call__'][0][1],
-        atol=1e-6)
-    assert not np.allclose(out[0], plain[0], atol=1e-5)
-    np.testing.assert_allclose(out[1], plain[1], atol=1e-6)
+    np.testing.assert_allclose(new[1], plain_maps[site]['__call__'][0][1],
+                               atol=1e-5)
+    assert not np.allclose(out[0], plain[0], atol=1e-4)
+    np.testing.assert_allclose(out[1], plain[1], atol=1e-5)
 
 
 # ------------------------------------------------------------- Shake-Shake
@@ -171,71 +218,83 @@ def test_shake_shake_bad_args():
 TINY_SHAKE = dict(depth=8, width=4)
 
 
+def _keep_block_parts(m, _):
+  """Capture filter: each block, its two branches and its shortcut."""
+  return m.name is not None and (
+      m.name.startswith('stage') or m.name in ('branch1', 'branch2',
+                                               'shortcut'))
+
+
+def _block_parts(intermediates):
+  """`{block: (output, shortcut, branch1, branch2)}` from the captures.
+
+  Every block of the tiny network changes shape, so all have a shortcut.
+  """
+  def out(tree):
+    return tree['__call__'][0]
+  return {name: (out(b), out(b['shortcut']), out(b['branch1']),
+                 out(b['branch2']))
+          for name, b in intermediates.items() if name.startswith('stage')}
+
+
 @pytest.fixture(scope='module')
 def tiny_shake():
+  """(model, x, variables, eval run, train run), the runs jitted once."""
   model = shake_shake(num_classes=5, **TINY_SHAKE)
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
-  return model, x, _init(model, x)
+  variables = _random_variables(model, x, None)
+  run_eval = _capture(model, variables, _keep_block_parts)
 
+  @jax.jit
+  def run_train(x, rng):
+    logits, state = model.apply(
+        variables, x, None, train=True, rngs={'dropout': rng},
+        capture_intermediates=_keep_block_parts,
+        mutable=('batch_stats', 'intermediates'))
+    return logits, state['intermediates'], state['batch_stats']
 
-def _train_apply(model, variables, x, rng, gates=None, **kwargs):
-  return model.apply(variables, x, gates, train=True, rngs={'dropout': rng},
-                     mutable=('batch_stats',), **kwargs)
+  return model, x, variables, run_eval, run_train
 
 
 def test_shake_shake_forward_shapes(tiny_shake):
-  model, x, variables = tiny_shake
-  assert jax.jit(model.apply)(variables, x).shape == (4, 5)
+  model, x, variables, run_eval, run_train = tiny_shake
+  logits, parts = run_eval(x, None)
+  assert logits.shape == (4, 5) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  assert sorted(_block_parts(parts)) == [
+      'stage1_block1', 'stage2_block1', 'stage3_block1']
   feats = shake_shake(num_classes=None, **TINY_SHAKE)
-  out = jax.jit(feats.apply)(_init(feats, x), x)
+  out = jax.eval_shape(feats.apply, variables, x)
   assert out.shape == (4, 16) and out.dtype == jnp.float32
-  # Training needs the 'dropout' stream, and updates the BN statistics.
-  logits, state = jax.jit(_train_apply, static_argnums=0)(
-      model, variables, x, jax.random.key(2))
-  assert logits.shape == (4, 5) and 'batch_stats' in state
+  bf16 = shake_shake(num_classes=5, dtype=jnp.bfloat16, **TINY_SHAKE)
+  assert jax.eval_shape(bf16.apply, variables, x).dtype == jnp.float32
+  # Training draws from the 'dropout' stream and updates the BN statistics.
+  logits_t, _, stats = run_train(x, jax.random.key(2))
+  assert logits_t.shape == (4, 5)
+  assert jax.tree.structure(stats) == jax.tree.structure(
+      variables['batch_stats'])
+  with pytest.raises(Exception, match='dropout'):
+    jax.eval_shape(lambda v, x: model.apply(
+        v, x, train=True, mutable=('batch_stats',)), variables, x)
 
 
 def test_shake_shake_gates_mask_branches(tiny_shake):
-  model, x, variables = tiny_shake
+  model, x, _, run_eval, _ = tiny_shake
   spec = model.gate_spec()
   assert spec.total == 2 * (4 + 8 + 16)
-  run = jax.jit(model.apply)
-  plain = run(variables, x, None)
-  np.testing.assert_allclose(run(variables, x, spec.ones(4)), plain,
-                             atol=1e-6)
+  plain, _ = run_eval(x, None)
+  ones, _ = run_eval(x, spec.ones(4))
+  np.testing.assert_allclose(ones, plain, atol=1e-5)
+  rest = np.array([0, 1, 3])
   for site in ('stage1_block1_branch1', 'stage3_block1_branch2'):
     closed = spec.ones(4)
     closed[site] = closed[site].at[2].set(0.0)
-    out = run(variables, x, closed)
-    assert not np.allclose(out[2], plain[2], atol=1e-5)
-    rest = np.array([0, 1, 3])
-    np.testing.assert_allclose(out[rest], plain[rest], atol=1e-6)
-
-
-def _block_parts(model, variables, x, train, rng=None):
-  """`{block: (output, shortcut, branch1, branch2)}` as computed in `apply`.
-
-  The shortcut is None for identity shortcuts (none in the tiny network).
-  """
-  def keep(m, _):
-    return m.name is not None and (
-        m.name.startswith('stage') or
-        m.name in ('branch1', 'branch2', 'shortcut'))
-  if train:
-    _, state = model.apply(variables, x, None, train=True,
-                           rngs={'dropout': rng}, capture_intermediates=keep,
-                           mutable=('batch_stats', 'intermediates'))
-  else:
-    _, state = model.apply(variables, x, None, capture_intermediates=keep,
-                           mutable=('intermediates',))
-  parts = {}
-  for name, block in state['intermediates'].items():
-    if name.startswith('stage'):
-      short = block['shortcut']['__call__'][0] if 'shortcut' in block else None
-      parts[name] = (block['__call__'][0], short,
-                     block['branch1']['__call__'][0],
-                     block['branch2']['__call__'][0])
-  return parts
+    out, parts = run_eval(x, closed)
+    block, branch = site.rsplit('_', 1)
+    # The gate is applied at the branch's output (after its last BN).
+    np.testing.assert_array_equal(parts[block][branch]['__call__'][0][2], 0.)
+    assert not np.allclose(out[2], plain[2], atol=1e-4)
+    np.testing.assert_allclose(out[rest], plain[rest], atol=1e-5)
 
 
 def _per_sample_coefficient(num, den):
@@ -246,29 +305,24 @@ def _per_sample_coefficient(num, den):
 
 
 def test_shake_shake_eval_is_deterministic_mean(tiny_shake):
-  model, x, variables = tiny_shake
-  run = jax.jit(model.apply)  # No rng needed in evaluation.
-  np.testing.assert_array_equal(run(variables, x), run(variables, x))
-  parts = jax.jit(lambda v, x: _block_parts(model, v, x, False))(variables, x)
-  assert sorted(parts) == ['stage1_block1', 'stage2_block1', 'stage3_block1']
-  for out, short, a, b in parts.values():
-    # Every block of the tiny net changes shape, so all have a shortcut.
+  _, x, _, run_eval, _ = tiny_shake
+  logits, parts = run_eval(x, None)  # No rng: evaluation draws nothing.
+  logits_again, _ = run_eval(x, None)
+  np.testing.assert_array_equal(logits, logits_again)
+  for out, short, a, b in _block_parts(parts).values():
     np.testing.assert_allclose(out, short + 0.5 * (a + b), atol=1e-5)
 
 
 def test_shake_shake_training_forward_is_per_sample_random(tiny_shake):
-  model, x, variables = tiny_shake
-  run = jax.jit(_train_apply, static_argnums=0)
-  l1, _ = run(model, variables, x, jax.random.key(1))
-  l1_again, _ = run(model, variables, x, jax.random.key(1))
-  l2, _ = run(model, variables, x, jax.random.key(2))
+  _, x, _, _, run_train = tiny_shake
+  l1, parts, _ = run_train(x, jax.random.key(1))
+  l1_again, _, _ = run_train(x, jax.random.key(1))
+  l2, _, _ = run_train(x, jax.random.key(2))
   np.testing.assert_array_equal(l1, l1_again)
-  assert not np.allclose(l1, l2, atol=1e-5)
-  parts = jax.jit(lambda v, x, r: _block_parts(model, v, x, True, r))(
-      variables, x, jax.random.key(1))
+  assert not np.allclose(l1, l2, atol=1e-4)
   alphas = []
-  for out, short, a, b in parts.values():
-    # out - shortcut - b = alpha * (a - b), one alpha per sample.
+  for out, short, a, b in _block_parts(parts).values():
+    # out - shortcut - b = alpha * (a - b), one alpha in [0, 1] per sample.
     alpha = _per_sample_coefficient(out - short - b, a - b)
     np.testing.assert_allclose(out - short - b,
                                alpha[:, None, None, None] * (a - b),
@@ -282,56 +336,69 @@ def test_shake_shake_training_forward_is_per_sample_random(tiny_shake):
 
 
 def test_shake_custom_gradient_uses_beta():
-  ka, kb, kg = jax.random.split(jax.random.key(0), 3)
-  a = jax.random.normal(ka, (3, 2, 2, 5))
-  b = jax.random.normal(kb, (3, 2, 2, 5))
-  cot = jax.random.normal(kg, (3, 2, 2, 5))
-  alpha = jnp.array([0.1, 0.5, 0.8]).reshape(3, 1, 1, 1)
-  beta = jnp.array([0.7, 0.2, 0.4]).reshape(3, 1, 1, 1)
-  out, vjp = jax.vjp(shake, a, b, alpha, beta)
+  rng = np.random.default_rng(0)
+  a, b, cot = (rng.normal(size=(3, 2, 2, 5)).astype(np.float32)
+               for _ in range(3))
+  alpha = np.array([0.1, 0.5, 0.8], np.float32).reshape(3, 1, 1, 1)
+  beta = np.array([0.7, 0.2, 0.4], np.float32).reshape(3, 1, 1, 1)
+
+  @jax.jit
+  def forward_and_grads(a, b, cot):
+    out, vjp = jax.vjp(shake, a, b, alpha, beta)
+    return out, vjp(cot.astype(out.dtype))
+
+  out, (da, db, dalpha, dbeta) = forward_and_grads(a, b, cot)
   np.testing.assert_allclose(out, alpha * a + (1 - alpha) * b, rtol=1e-6)
-  da, db, dalpha, dbeta = vjp(cot)
   np.testing.assert_allclose(da, beta * cot, rtol=1e-6)
   np.testing.assert_allclose(db, (1 - beta) * cot, rtol=1e-6)
   assert not np.allclose(da, alpha * cot)
   np.testing.assert_array_equal(dalpha, 0.0)
   np.testing.assert_array_equal(dbeta, 0.0)
-  # bfloat16 branches: the cotangents keep the branches' dtype.
-  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-  out16, vjp16 = jax.vjp(shake, a16, b16, alpha, beta)
-  da16, db16, _, _ = vjp16(cot.astype(jnp.bfloat16))
+  # bfloat16 branches: output and cotangents keep the branches' dtype.
+  out16, (da16, db16, _, _) = jax.eval_shape(
+      forward_and_grads, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), cot)
   assert out16.dtype == da16.dtype == db16.dtype == jnp.bfloat16
 
 
-def test_shake_block_gradient_wrt_branches_is_beta(tiny_shake):
-  """In the model, d block / d branch output is beta * g, not alpha * g."""
-  model, x, variables = tiny_shake
-  site = 'stage2_block1'  # Input (4, 16, 16, 4); strided: branches 8x8x8.
-  shape = (4, 8, 8, 8)
+def test_shake_block_gradient_wrt_branches_is_beta():
+  """In a block, d output / d branch output is beta * g, not alpha * g."""
+  block = ShakeBlock(features=8, stride=2)
+  x = np.random.default_rng(1).normal(size=(4, 8, 8, 4)).astype(np.float32)
+  variables = _random_variables(block, x, None, None, train=False)
+  shape = (4, 4, 4, 8)
 
-  def block_out(deltas):
-    # Adds `deltas` to the branch outputs of `site`: the block output's
-    # gradient wrt them is what the shake passes back to the branches.
+  def run(deltas):
+    # Adds `deltas` to the branch outputs: the block output's gradient wrt
+    # them is what the shake passes back to the branches.
     def add_delta(next_fun, args, kwargs, context):
       y = next_fun(*args, **kwargs)
-      m = context.module
-      if (context.method_name == '__call__' and isinstance(m, Branch) and
-          m.scope.path[-2] == site):
-        y = y + deltas[m.name]
+      if context.method_name == '__call__' and isinstance(context.module,
+                                                           Branch):
+        y = y + deltas[context.module.name]
       return y
     with nn.intercept_methods(add_delta):
-      parts = _block_parts(model, variables, x, True, jax.random.key(3))
-    return parts[site][0], parts[site]
+      out, state = block.apply(
+          variables, x, None, None, train=True,
+          rngs={'dropout': jax.random.key(3)},
+          capture_intermediates=_keep_block_parts,
+          mutable=('batch_stats', 'intermediates'))
+    parts = state['intermediates']
+    return out, (out, parts['shortcut']['__call__'][0],
+                 parts['branch1']['__call__'][0],
+                 parts['branch2']['__call__'][0])
 
   @jax.jit
   def grads_and_parts(cot):
     zeros = {'branch1': jnp.zeros(shape), 'branch2': jnp.zeros(shape)}
-    _, vjp, parts = jax.vjp(block_out, zeros, has_aux=True)
+    _, vjp, parts = jax.vjp(run, zeros, has_aux=True)
     return vjp(cot)[0], parts
 
-  cot = jax.random.normal(jax.random.key(4), shape)
+  cot = np.random.default_rng(2).normal(size=shape).astype(np.float32)
   grads, (out, short, a, b) = grads_and_parts(cot)
+  assert out.shape == shape
   alpha = _per_sample_coefficient(out - short - b, a - b)
+  np.testing.assert_allclose(out - short - b,
+                             alpha[:, None, None, None] * (a - b), atol=1e-4)
   beta = _per_sample_coefficient(grads['branch1'], cot)
   beta4 = beta[:, None, None, None]
   np.testing.assert_allclose(grads['branch1'], beta4 * cot, atol=1e-5)

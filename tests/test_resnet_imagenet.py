@@ -5,14 +5,16 @@ passes use tiny widths on 32x32 images, the smallest size the /32 network
 takes.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.imagenet import SE_REDUCTION, WIDER
 from gaternet_jax.models.gaternet import Gater, GaterNet
-from gaternet_jax.models.resnet_imagenet import (SE_REDUCTION, STANDARD_WIDTHS,
-                                                 WIDER_WIDTHS, ImageNetResNet,
+from gaternet_jax.models.resnet_imagenet import (STANDARD_WIDTHS, ImageNetResNet,
                                                  ResNet18, ResNet34, ResNet50,
                                                  ResNet101, ResNet152,
                                                  imagenet_resnet)
@@ -40,9 +42,9 @@ TABLE3_PARAMS = {
     'ResNet-34-SE': (dict(depth=34, se_reduction=SE_REDUCTION), 21.96),
     'ResNet-101-SE': (dict(depth=101, se_reduction=SE_REDUCTION), 49.33),
     'ResNet-152-SE': (dict(depth=152, se_reduction=SE_REDUCTION), 66.82),
-    'ResNet-34-Wider': (dict(depth=34, widths=WIDER_WIDTHS[34]), 33.89),
-    'ResNet-101-Wider': (dict(depth=101, widths=WIDER_WIDTHS[101]), 59.17),
-    'ResNet-152-Wider': (dict(depth=152, widths=WIDER_WIDTHS[152]), 81.37),
+    'ResNet-34-Wider': (dict(depth=34, widths=WIDER[34]['widths']), 33.89),
+    'ResNet-101-Wider': (dict(depth=101, widths=WIDER[101]['widths']), 59.17),
+    'ResNet-152-Wider': (dict(depth=152, widths=WIDER[152]['widths']), 81.37),
 }
 # Rows no integer widths of the uniform-multiplier family hit to the printed
 # digit; they must still be within 1%.
@@ -54,10 +56,42 @@ def _num_params(variables) -> int:
       variables['params']))
 
 
+def _variables(model, x, seed=0):
+  """Random variables of `model`'s shapes, without compiling `model.init`.
+
+  Flax's initialisers take about a minute to compile on two CPU cores, so
+  the tests fill the traced shapes from numpy instead: kernels ~ N(0, 1 /
+  fan_in), BN at its initial statistics, small random scales and offsets.
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == 'var':
+      return jnp.ones(leaf.shape, leaf.dtype)
+    if name == 'mean':
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    if name == 'kernel':
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return jnp.asarray(rng.normal(0.0, fan_in ** -0.5, leaf.shape),
+                         leaf.dtype)
+    base = 1.0 if name == 'scale' else 0.0
+    return jnp.asarray(base + 0.1 * rng.normal(size=leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def _abstract_init(model, *rngs):
   keys = {'params': jax.random.key(0), 'gates': jax.random.key(1)}
   return jax.eval_shape(
       lambda x: model.init({k: keys[k] for k in rngs}, x), IMAGE_224)
+
+
+@functools.lru_cache(maxsize=None)
+def _millions(**kwargs) -> float:
+  """Parameters of `imagenet_resnet(**kwargs)` (traced at 224x224), in M."""
+  return _num_params(_abstract_init(imagenet_resnet(**kwargs), 'params')) / 1e6
 
 
 @pytest.mark.parametrize('depth', sorted(LAYOUT))
@@ -87,7 +121,7 @@ def test_presets_and_bad_depth():
 @pytest.mark.parametrize('row', list(TABLE3_PARAMS))
 def test_table3_params(row):
   kwargs, reported = TABLE3_PARAMS[row]
-  ours = _num_params(_abstract_init(imagenet_resnet(**kwargs), 'params')) / 1e6
+  ours = _millions(**kwargs)
   assert abs(ours - reported) <= 0.01 * reported, (ours, reported)
   if row not in APPROXIMATE_ROWS:
     assert round(ours, 2) == reported, (ours, reported)
@@ -98,23 +132,44 @@ def test_table3_params(row):
 def test_table3_gated_totals(depth, gated_filters, reported):
   # Bottleneck 256 in all three rows: the 1024 the text gives for
   # ResNet-152-Gated would make it 120.97M, not 83.80M.
-  backbone = imagenet_resnet(depth=depth)
-  spec = backbone.gate_spec()
+  spec = imagenet_resnet(depth=depth).gate_spec()
   assert spec.total == gated_filters
   gater = Gater(features=imagenet_resnet(depth=18, num_classes=None),
                 num_gates=spec.total, bottleneck=256, batchnorm=True)
-  model = GaterNet(backbone=backbone, gater=gater)
-  ours = _num_params(_abstract_init(model, 'params', 'gates')) / 1e6
+  # GaterNet's parameters are the backbone's plus the gater's; tracing the
+  # gater alone reuses the backbone count of test_table3_params.
+  ours = _millions(depth=depth) + _num_params(
+      _abstract_init(gater, 'params')) / 1e6
   assert round(ours, 2) == reported, (ours, reported)
 
 
-@pytest.mark.parametrize('depth', [34, 50])
-def test_forward_shapes(depth):
-  x = jnp.linspace(-1.0, 1.0, 2 * 32 * 32 * 3).reshape(2, 32, 32, 3)
+def test_gaternet_params_are_backbone_plus_gater():
+  backbone = imagenet_resnet(depth=18, widths=TINY_WIDTHS)
+  gater = Gater(features=imagenet_resnet(depth=18, widths=TINY_WIDTHS,
+                                         num_classes=None),
+                num_gates=backbone.gate_spec().total, bottleneck=4)
+  model = GaterNet(backbone=backbone, gater=gater)
+  total = _num_params(_abstract_init(model, 'params', 'gates'))
+  assert total == (_num_params(_abstract_init(backbone, 'params'))
+                   + _num_params(_abstract_init(gater, 'params')))
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(depth):
+  """A tiny-width model, its variables, a batch of 3 and its jitted apply.
+
+  Cached so the shape and gating tests share one compilation per depth.
+  """
+  x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
   model = imagenet_resnet(depth=depth, widths=TINY_WIDTHS, num_classes=10)
-  variables = jax.jit(model.init)(jax.random.key(0), x)
-  logits = jax.jit(model.apply)(variables, x)
-  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+  return model, _variables(model, x, seed=depth), x, jax.jit(model.apply)
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_forward_shapes(depth):
+  model, variables, x, apply = _tiny(depth)
+  logits = apply(variables, x)
+  assert logits.shape == (3, 10) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
   # Features mode: the same trunk, pooled, no classifier.
   features = model.clone(num_classes=None)
@@ -122,12 +177,16 @@ def test_forward_shapes(depth):
       {'params': {k: v for k, v in variables['params'].items() if k != 'fc'},
        'batch_stats': variables['batch_stats']}, x)
   out = TINY_WIDTHS[-1] * (4 if depth == 50 else 1)
-  assert pooled.shape == (2, out) and pooled.dtype == jnp.float32
-  # Training mode updates BN statistics and still returns float32 logits.
-  logits, updates = jax.jit(
-      lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
-          variables, x)
-  assert logits.shape == (2, 10) and 'batch_stats' in updates
+  assert pooled.shape == (3, out) and pooled.dtype == jnp.float32
+  assert np.all(np.isfinite(pooled))
+  # Training mode updates BN statistics and still returns float32 logits
+  # (traced only: a third compilation would double the test's time).
+  logits, updates = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']),
+      variables, x)
+  assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+  assert (jax.tree.structure(updates['batch_stats'])
+          == jax.tree.structure(variables['batch_stats']))
   # bfloat16 compute keeps float32 parameters and float32 outputs.
   half = model.clone(dtype=jnp.bfloat16)
   shapes = jax.eval_shape(half.init, jax.random.key(0), x)
@@ -137,10 +196,7 @@ def test_forward_shapes(depth):
 
 @pytest.mark.parametrize('depth', [18, 50])
 def test_gates_mask_channels(depth):
-  x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
-  model = imagenet_resnet(depth=depth, widths=TINY_WIDTHS, num_classes=10)
-  variables = jax.jit(model.init)(jax.random.key(1), x)
-  apply = jax.jit(model.apply)
+  model, variables, x, apply = _tiny(depth)
   spec = model.gate_spec()
   plain = apply(variables, x)
   np.testing.assert_allclose(apply(variables, x, spec.ones(3)), plain,

@@ -7,15 +7,21 @@ from typing import Any, Callable, Dict
 import jax.numpy as jnp
 import ml_collections
 
+from gaternet_jax.models.densenet import densenet_bc
 from gaternet_jax.models.gaternet import Gater, GaterNet
 from gaternet_jax.models.resnet_cifar import (CifarResNet, cifar_preact_resnet,
                                               cifar_resnet)
+from gaternet_jax.models.resnet_imagenet import imagenet_resnet
+from gaternet_jax.models.shakeshake import shake_shake
 
 # name -> factory(num_classes=..., dtype=..., **config kwargs) -> module with
 # gate_spec() and __call__(x, gates, train=).
 BACKBONES: Dict[str, Callable[..., Any]] = {
     'cifar_resnet': cifar_resnet,
     'cifar_preact_resnet': cifar_preact_resnet,
+    'imagenet_resnet': imagenet_resnet,
+    'densenet_bc': densenet_bc,
+    'shake_shake': shake_shake,
 }
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

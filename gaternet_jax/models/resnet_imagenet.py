@@ -18,9 +18,9 @@ the squeeze-and-excitation unit of the ResNet-SE baselines. With
 GaterNet's ImageNet gater).
 
 ResNet-Wider ("additional filters at each layer") multiplies every width,
-the stem's included, by one factor; `WIDER_WIDTHS` holds the integer widths
+the stem's included, by one factor; configs/imagenet.py holds the integer widths
 that match Table 3's parameter counts. ResNet-SE uses Hu et al.'s reduction
-16 (`SE_REDUCTION`), which reproduces Table 3's counts exactly.
+16, which reproduces Table 3's counts exactly.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from gaternet_jax.gates import GateSpec, Gates
-from gaternet_jax.models.layers import SqueezeExcite, apply_site, batch_norm, conv
+from gaternet_jax.models.layers import (SqueezeExcite, apply_site, batch_norm,
+                                       conv)
 
 # Bottleneck blocks output `EXPANSION * width` channels.
 EXPANSION = 4
@@ -48,22 +49,6 @@ DEPTHS = {
 }
 
 STANDARD_WIDTHS = (64, 128, 256, 512)
-
-# ResNet-Wider of Table 3: the standard widths (stem included) times one
-# multiplier, rounded per stage. ResNet-34 x1.25 and ResNet-101 x1.15625
-# (stem 80 / 74) give 33.89M / 59.17M, Table 3's counts to the printed digit
-# (a 64-filter stem would give 33.88M / 59.16M, hence the widened stem). No
-# (w, 2w, 4w, 8w) comes within 1% of ResNet-152-Wider's 81.37M (w = 74: 80.07M,
-# w = 75: 82.21M); x1.165 rounded per stage gives 81.21M (-0.19%).
-WIDER_WIDTHS = {
-    34: (80, 160, 320, 640),
-    101: (74, 148, 296, 592),
-    152: (75, 149, 298, 597),
-}
-
-# Squeeze-and-excitation reduction of the ResNet-SE rows (Hu et al.'s r=16),
-# which reproduces Table 3's 21.96M / 49.33M / 66.82M.
-SE_REDUCTION = 16
 
 
 class BasicBlock(nn.Module):
@@ -224,8 +209,8 @@ def imagenet_resnet(depth: int = 50,
   Args:
     depth: 18 or 34 (basic blocks) or 50, 101, 152 (bottlenecks).
     widths: the four stages' widths (bottleneck: inner width, output 4x);
-      `WIDER_WIDTHS[depth]` gives Table 3's ResNet-Wider.
-    se_reduction: >0 (Table 3's ResNet-SE: `SE_REDUCTION` = 16) adds
+      configs/imagenet.py's WIDER gives Table 3's ResNet-Wider.
+    se_reduction: >0 (Table 3's ResNet-SE: 16) adds
       squeeze-and-excitation units.
     num_classes: classifier outputs; None gives a feature extractor.
     dtype: compute dtype; parameters stay float32.

@@ -1,0 +1,7 @@
+"""ImageNet ResNet-101-Wider: GaterNet Table 3."""
+
+from configs import imagenet
+
+
+def get_config():
+  return imagenet.resnet_config(101, 'wider')
