@@ -12,27 +12,22 @@ from gaternet_jax import paper
 from gaternet_jax import summary
 from gaternet_jax.models import create_model, cifar_preact_resnet, cifar_resnet
 
-TABLE1 = paper.TABLE1
-
+ROWS = sorted(name for table in paper.TABLES.values() for name in table)
 
 
 def _load(name):
   return importlib.import_module(f'configs.{name}').get_config()
 
 
-@pytest.mark.parametrize('dataset', ['cifar10', 'cifar100'])
-@pytest.mark.parametrize('row', sorted(TABLE1))
-def test_table1_counts(dataset, row):
-  s = summary.model_summary(_load(f'{dataset}_{row}'))
-  gated, p10, p100 = TABLE1[row]
+@pytest.mark.parametrize('name', ROWS)
+def test_paper_table_counts(name):
+  """Gated filters exactly, params within 0.01M (Table 1) or 1% (2-3)."""
+  s = summary.model_summary(_load(name))
+  gated = next(t[name][0] for t in paper.TABLES.values() if name in t)
   assert s['gated_filters'] == gated
-  reported = p10 if dataset == 'cifar10' else p100
-  ours = s['params_total'] / 1e6
   assert s['params_total'] == s['params_backbone'] + s['params_gater']
-  if (dataset, row) in paper.DISCREPANCIES:
-    assert abs(ours - paper.DISCREPANCIES[dataset, row][0]) <= 0.01, ours
-  else:
-    assert abs(ours - reported) <= 0.01, (ours, reported)
+  assert paper.within_tolerance(name, s['params_total'] / 1e6), (
+      name, s['params_total'] / 1e6, paper.expected(name))
 
 
 @pytest.mark.parametrize('depth,sites', [(20, 9), (56, 27), (110, 54)])
