@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_decay = 1e-4
   c.gate_l1_weight = 0.1  # lambda of the gate L1 term (sec. 3.2.2)
   c.label_smoothing = 0.0
+  c.aux_loss_weight = 0.0  # weight of auxiliary classifiers' loss, if any
 
   # Section 3.3: pretrain backbone and gater features, then train jointly.
   c.pretrain = ml_collections.ConfigDict()

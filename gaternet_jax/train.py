@@ -142,12 +142,23 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
         {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, gate_dropout=gate_dropout_fn(state.step),
         rngs={'gates': gates_rng, 'dropout': dropout_rng},
-        mutable=['batch_stats'])
+        mutable=['batch_stats', 'intermediates'])
     loss, terms = losses.total_loss(
         logits, batch['label'], gates, spec, params,
         weight_decay=config.weight_decay,
         gate_l1_weight=config.gate_l1_weight,
         label_smoothing=config.get('label_smoothing', 0.0))
+    # Auxiliary classifiers (Inception-v4's) sow logits named 'aux_logits'.
+    aux = [x for path, x in jax.tree_util.tree_leaves_with_path(
+        new_model_state.get('intermediates', {}))
+           if 'aux_logits' in jax.tree_util.keystr(path)]
+    if aux:
+      terms['aux_cross_entropy'] = sum(
+          losses.cross_entropy(a, batch['label'],
+                               label_smoothing=config.get(
+                                   'label_smoothing', 0.0)) for a in aux)
+      loss = loss + config.get('aux_loss_weight', 0.0) * terms[
+          'aux_cross_entropy']
     return loss, (logits, gates, new_model_state, dict(terms, loss=loss))
 
   grads, (logits, gates, new_model_state, terms) = jax.grad(

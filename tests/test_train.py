@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,10 @@ import pytest
 from gaternet_jax import checkpoints
 from gaternet_jax import losses
 from gaternet_jax import recipe
+from gaternet_jax import sharding
 from gaternet_jax import train as train_lib
-from gaternet_jax.models import create_model
+from gaternet_jax.gates import GateSpec
+from gaternet_jax.models import GaterNet, create_model
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +153,7 @@ def test_recipe_pretrains_then_initialises_both_parts(tmp_path):
   model = create_model(config.model, ds.num_classes)
   state = train_lib.create_train_state(
       config, model, (16, 16, 3), lambda s: 0.1, jax.random.key(0),
-      __import__('gaternet_jax.sharding', fromlist=['x']).create_mesh())
+      sharding.create_mesh())
   state = recipe.stage_init(stages[0])(state)
   _assert_trees_close(state.params['backbone'], pre['params']['backbone'], 0)
   features = {k: v for k, v in pre['params']['backbone'].items() if k != 'fc'}
@@ -227,7 +230,7 @@ def test_bfloat16_step_matches_float32():
     config = helpers.tiny_config(gated=True)
     config.model.dtype = dtype
     model = create_model(config.model, ds.num_classes)
-    mesh = __import__('gaternet_jax.sharding', fromlist=['x']).create_mesh()
+    mesh = sharding.create_mesh()
     state = train_lib.create_train_state(config, model, (16, 16, 3),
                                          lambda s: 0.1, jax.random.key(0),
                                          mesh)
@@ -286,3 +289,45 @@ def test_on_device_scanned_steps_match_single_steps_and_resume(tmp_path):
     config.data.name = 'fake'
     config.data.image_size = 16
     train_lib.train(config, str(tmp_path / 'fake'))
+
+
+class _AuxNet(nn.Module):
+  """A tiny backbone with an auxiliary classifier, as Inception-v4 has."""
+  num_classes: int = 3
+
+  def gate_spec(self):
+    return GateSpec()
+
+  @nn.compact
+  def __call__(self, x, gates=None, *, train=False):
+    y = jnp.mean(x, axis=(1, 2))
+    if train:
+      self.sow('intermediates', 'aux_logits', nn.Dense(self.num_classes,
+                                                       name='aux')(y))
+    else:
+      nn.Dense(self.num_classes, name='aux')(y)  # same params in eval
+    return nn.Dense(self.num_classes, name='fc')(y)
+
+
+@pytest.mark.parametrize('weight', [0.0, 0.4])
+def test_auxiliary_classifier_loss(weight):
+  ds = helpers.synthetic_dataset()
+  config = helpers.tiny_config(gated=False)
+  config.aux_loss_weight = weight
+  config.weight_decay = 0.0
+  model = GaterNet(backbone=_AuxNet())
+  mesh = sharding.create_mesh()
+  state = train_lib.create_train_state(config, model, (16, 16, 3),
+                                       lambda s: 0.1, jax.random.key(0), mesh)
+  before = jax.device_get(state.params)
+  steps = train_lib.Steps(config, model.gate_spec(), mesh, ds.mean, ds.std)
+  new, m = steps.train(state, next(ds.train_batches(16, seed=0)),
+                       jax.random.key(1))
+  m = jax.device_get(m)
+  assert m['aux_cross_entropy'] > 0
+  np.testing.assert_allclose(
+      m['loss'], m['cross_entropy'] + weight * m['aux_cross_entropy'],
+      rtol=1e-5)
+  moved = np.abs(np.asarray(new.params['backbone']['aux']['kernel']) -
+                 before['backbone']['aux']['kernel']).max()
+  assert (moved > 0) == (weight > 0)

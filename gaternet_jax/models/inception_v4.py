@@ -29,7 +29,7 @@ after the channel concatenation operations."): each block's output
 concatenation is one site, named after the block, with one gate per output
 channel. Channels of max-pool branches (pass-through channels of the
 previous concatenation) are gated as well, being part of the concatenation.
-The 17 sites give exactly the paper's 16,608 gated filters (Table 3):
+The 19 sites give exactly the paper's 16,608 gated filters (Table 3):
 
   stem   Mixed_3a 64+96 = 160, Mixed_4a 96+96 = 192, Mixed_5a 192+192 = 384
                                                                 =   736
@@ -45,34 +45,35 @@ The alternatives all miss it: without the stem's three concatenations
 concatenations (the 1x3/3x1 pairs of 2 x 256 that feed each C block's
 output concatenation, so those channels would be gated twice) 19,680.
 
-Parameters (trainable, our count; Table 3 says 44.50M for Inception-v4 and
-61.67M for Inception-v4-Gated), 1000 classes:
+Parameters ('params' collection, exact; Table 3 says 44.50M for
+Inception-v4 and 61.67M for Inception-v4-Gated), 1000 classes:
 
-  without aux head, BN without scale (TF-slim)     42,677,320 = 42.68M
-  with the aux head                                46,035,656 = 46.04M
-  without aux head, BN with scale                  42,709,320 = 42.71M
-  with the aux head, BN with scale                 46,068,040 = 46.07M
+                           BN without scale (TF-slim)   BN with scale
+  no aux head (default)     42,648,232 = 42.65M         42,679,816 = 42.68M
+  with the aux head         46,006,800 = 46.01M         46,039,280 = 46.04M
 
-(1001 classes, TF-slim's count with the background class, adds 1,537
-without and 2,306 with the aux head.) No variant gives 44.50M: the
-baseline's published count is not reproduced by Inception-v4 as TF-slim
-defines it, with or without the auxiliary head. The gated total does not
-fit 44.50M either: the gater of the ResNet rows, a ResNet-18 feature
-extractor (11,176,512) + FC 512->256 (131,328) + BN (512) + FC
-256->16,608 (4,268,256) = 15,576,608, gives 44.50 + 15.58 = 60.08M, not
-61.67M; the 1.59M gap would need a bottleneck of about 349 instead of the
-stated 256. The ResNet rows of Table 3 do follow backbone + that gater
-exactly (e.g. ResNet-101-Gated 44.55 + 11.18 + 0.13 + 8.36 = 64.21M), so
-the Inception-v4-Gated row is the one that departs. With the aux head,
-46.04M (no scale) / 46.07M (scale) + 15.58M = 61.61M / 61.64M, within
-0.06M of 61.67M, which suggests the gated count includes the aux head
-while the baseline's does not; we keep the architecture as defined and
-record the discrepancy rather than adjust it.
+(TF-slim's 1001 classes add 1,537 without and 2,306 with the aux head.)
+No variant gives 44.50M: Inception-v4 as TF-slim defines it is 42.65-42.68M
+and its auxiliary head adds 3.36M (1x1 conv 1024->128, 5x5 conv 128->768,
+fc 768->classes), so the baseline's published count is reproduced neither
+with nor without it. The gated count does not follow from 44.50M either:
+the gater of Table 3's ResNet rows, a ResNet-18 feature extractor
+(11,176,512) + FC 512->256 (131,328) + BN (512) + FC 256->16,608
+(4,268,256) = 15,576,608, gives 44.50 + 15.58 = 60.08M, not 61.67M; the
+1.59M gap would need a bottleneck of about 349 instead of the stated 256.
+That gater does reproduce the ResNet rows exactly (ResNet-101-Gated:
+44.55 + 11.18 + 0.13 + 8.36 = 64.21M), so the Inception-v4 rows are the
+ones that disagree. With the aux head, 46.01M / 46.04M + 15.58M =
+61.58M / 61.62M, 0.09M / 0.06M short of 61.67M: the gated count likely
+includes the auxiliary head (used in training) and the baseline's does not
+match any variant. We keep the architecture as defined and record the
+discrepancy rather than adjust it; `aux_logits=False` is the default.
 
 `width` scales every conv's filters (1.0 is the paper's model); it exists
 so that tests can run real forward passes at small cost. The smallest
-input the valid-padded stem and reductions accept is 75x75 (107x107 with
-the aux head, whose 5x5 pool needs a 5x5 grid at Mixed_6h). With
+input that leaves a non-empty grid after the valid-padded stem and
+reductions is 75x75 (107x107 with the aux head, whose 5x5 pool needs a
+5x5 grid at Mixed_6h). With
 `num_classes=None` the network returns its pooled `(batch, 1536)` features.
 """
 
@@ -94,8 +95,12 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_in',
                                               'truncated_normal')
 _fc_init = nn.initializers.glorot_uniform()
 
-NUM_A, NUM_B, NUM_C = 4, 7, 3
+# TF-slim's names of the 19 concatenating blocks: the gated sites.
 STEM_SITES = ('Mixed_3a', 'Mixed_4a', 'Mixed_5a')
+A_SITES = tuple(f'Mixed_5{s}' for s in 'bcde')        # 4 x Inception-A
+B_SITES = tuple(f'Mixed_6{s}' for s in 'bcdefgh')     # 7 x Inception-B
+C_SITES = tuple(f'Mixed_7{s}' for s in 'bcd')         # 3 x Inception-C
+SITES = STEM_SITES + A_SITES + ('Mixed_6a',) + B_SITES + ('Mixed_7a',) + C_SITES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,37 +159,42 @@ def _concat(branches: Sequence[jax.Array], gate: Optional[jax.Array]):
   return apply_site(jnp.concatenate(branches, axis=-1), gate, None)
 
 
-class Stem(nn.Module):
-  """299x299x3 -> 35x35x384, gating its three concatenations."""
+class Mixed3a(nn.Module):
+  """Stem, 147x147x64 -> 73x73x160: maxpool 3x3/2 | conv 3x3/2 (96)."""
   cfg: ConvConfig
 
   @nn.compact
-  def __call__(self, x, gates: Optional[Gates], *, train: bool):
-    g = (lambda k: None) if gates is None else (lambda k: gates[k])
-    c = self.cfg
-    x = _cbn(c, 32, 3, 'Conv2d_1a_3x3', 2, 'VALID')(x, train=train)  # 149
-    x = _cbn(c, 32, 3, 'Conv2d_2a_3x3', 1, 'VALID')(x, train=train)  # 147
-    x = _cbn(c, 64, 3, 'Conv2d_2b_3x3')(x, train=train)              # 147
-    # Mixed_3a -> 73x73x160.
-    x = _concat([_max_pool_3x3_s2(x),
-                 _cbn(c, 96, 3, 'Mixed_3a_Branch_1_Conv2d_0a_3x3', 2,
-                      'VALID')(x, train=train)], g('Mixed_3a'))
-    # Mixed_4a -> 71x71x192.
-    b0 = _cbn(c, 64, 1, 'Mixed_4a_Branch_0_Conv2d_0a_1x1')(x, train=train)
-    b0 = _cbn(c, 96, 3, 'Mixed_4a_Branch_0_Conv2d_1a_3x3', 1, 'VALID')(
-        b0, train=train)
-    b1 = _cbn(c, 64, 1, 'Mixed_4a_Branch_1_Conv2d_0a_1x1')(x, train=train)
-    b1 = _cbn(c, 64, (1, 7), 'Mixed_4a_Branch_1_Conv2d_0b_1x7')(
-        b1, train=train)
-    b1 = _cbn(c, 64, (7, 1), 'Mixed_4a_Branch_1_Conv2d_0c_7x1')(
-        b1, train=train)
-    b1 = _cbn(c, 96, 3, 'Mixed_4a_Branch_1_Conv2d_1a_3x3', 1, 'VALID')(
-        b1, train=train)
-    x = _concat([b0, b1], g('Mixed_4a'))
-    # Mixed_5a -> 35x35x384.
-    b0 = _cbn(c, 192, 3, 'Mixed_5a_Branch_0_Conv2d_1a_3x3', 2, 'VALID')(
+  def __call__(self, x, gate, *, train: bool):
+    b1 = _cbn(self.cfg, 96, 3, 'Branch_1_Conv2d_0a_3x3', 2, 'VALID')(
         x, train=train)
-    return _concat([b0, _max_pool_3x3_s2(x)], g('Mixed_5a'))
+    return _concat([_max_pool_3x3_s2(x), b1], gate)
+
+
+class Mixed4a(nn.Module):
+  """Stem, 73x73x160 -> 71x71x192: 1x1-3x3 (96) | 1x1-1x7-7x1-3x3 (96)."""
+  cfg: ConvConfig
+
+  @nn.compact
+  def __call__(self, x, gate, *, train: bool):
+    c = self.cfg
+    b0 = _cbn(c, 64, 1, 'Branch_0_Conv2d_0a_1x1')(x, train=train)
+    b0 = _cbn(c, 96, 3, 'Branch_0_Conv2d_1a_3x3', 1, 'VALID')(b0, train=train)
+    b1 = _cbn(c, 64, 1, 'Branch_1_Conv2d_0a_1x1')(x, train=train)
+    b1 = _cbn(c, 64, (1, 7), 'Branch_1_Conv2d_0b_1x7')(b1, train=train)
+    b1 = _cbn(c, 64, (7, 1), 'Branch_1_Conv2d_0c_7x1')(b1, train=train)
+    b1 = _cbn(c, 96, 3, 'Branch_1_Conv2d_1a_3x3', 1, 'VALID')(b1, train=train)
+    return _concat([b0, b1], gate)
+
+
+class Mixed5a(nn.Module):
+  """Stem, 71x71x192 -> 35x35x384: conv 3x3/2 (192) | maxpool 3x3/2."""
+  cfg: ConvConfig
+
+  @nn.compact
+  def __call__(self, x, gate, *, train: bool):
+    b0 = _cbn(self.cfg, 192, 3, 'Branch_0_Conv2d_1a_3x3', 2, 'VALID')(
+        x, train=train)
+    return _concat([b0, _max_pool_3x3_s2(x)], gate)
 
 
 class InceptionA(nn.Module):
@@ -242,7 +252,8 @@ class InceptionB(nn.Module):
 
 
 class ReductionB(nn.Module):
-  """17x17x1024 -> 8x8x1536: 1x1-3x3/2 (192) | 1x1-1x7-7x1-3x3/2 (320) | pool."""
+  """17x17x1024 -> 8x8x1536: 1x1-3x3/2 (192) | 1x1-1x7-7x1-3x3/2 (320) |
+  maxpool."""
   cfg: ConvConfig
 
   @nn.compact
@@ -303,18 +314,28 @@ class AuxHead(nn.Module):
     return y.astype(jnp.float32)
 
 
-def _site_names() -> Tuple[str, ...]:
-  """TF-slim's names of the 17 concatenating blocks, in depth order."""
-  return (STEM_SITES +
-          tuple(f'Mixed_5{chr(ord("b") + i)}' for i in range(NUM_A)) +
-          ('Mixed_6a',) +
-          tuple(f'Mixed_6{chr(ord("b") + i)}' for i in range(NUM_B)) +
-          ('Mixed_7a',) +
-          tuple(f'Mixed_7{chr(ord("b") + i)}' for i in range(NUM_C)))
+class Head(nn.Module):
+  """Global average pool -> dropout (training only) -> fc, as TF-slim."""
+  num_classes: int
+  dropout_rate: float = 0.2
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """`(batch, h, w, c)` -> `(batch, num_classes)` float32 logits."""
+    y = jnp.mean(x, axis=(1, 2))
+    if train and self.dropout_rate > 0:
+      # Inverted dropout, so evaluation needs no rescaling and no rng.
+      keep = jax.random.bernoulli(self.make_rng('dropout'),
+                                  1.0 - self.dropout_rate, y.shape)
+      y = jnp.where(keep, y / (1.0 - self.dropout_rate), 0).astype(y.dtype)
+    y = nn.Dense(self.num_classes, kernel_init=_fc_init, dtype=self.dtype,
+                 name='Logits')(y)
+    return y.astype(jnp.float32)
 
 
 class InceptionV4(nn.Module):
-  """Inception-v4 for 299x299x3 images, gated at its 17 concatenations.
+  """Inception-v4 for 299x299x3 images, gated at its 19 concatenations.
 
   Attributes:
     num_classes: classifier outputs (1000 for ImageNet; TF-slim's
@@ -341,17 +362,17 @@ class InceptionV4(nn.Module):
                       self.bn_scale, self.dtype)
 
   def gate_spec(self) -> GateSpec:
-    """The 17 gated concatenations, in depth order (16,608 at width 1)."""
+    """The 19 gated concatenations, in depth order (16,608 at width 1)."""
     ch = self._cfg.ch
-    a = 4 * ch(96)
-    red_a = ch(384) + ch(256) + a          # max pool passes A's channels
-    b = ch(384) + ch(256) + ch(256) + ch(128)
-    red_b = ch(192) + ch(320) + b          # max pool passes B's channels
-    cc = 6 * ch(256)
     stem = (ch(64) + ch(96), 2 * ch(96), ch(192) + 2 * ch(96))
-    sizes = (stem + (a,) * NUM_A + (red_a,) + (b,) * NUM_B + (red_b,) +
-             (cc,) * NUM_C)
-    return GateSpec(tuple(zip(_site_names(), (int(s) for s in sizes))))
+    a = 4 * ch(96)
+    red_a = ch(384) + ch(256) + a          # the max pool passes A's channels
+    b = ch(384) + 2 * ch(256) + ch(128)
+    red_b = ch(192) + ch(320) + b          # the max pool passes B's channels
+    c = 6 * ch(256)
+    sizes = (stem + (a,) * len(A_SITES) + (red_a,) + (b,) * len(B_SITES) +
+             (red_b,) + (c,) * len(C_SITES))
+    return GateSpec(tuple(zip(SITES, sizes)))
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
@@ -362,45 +383,36 @@ class InceptionV4(nn.Module):
     `(batch, filters)` array multiplying that concatenation's channels.
     """
     cfg = self._cfg
-    names = iter(_site_names())
 
-    def block(cls, y):
-      name = next(names)
+    def block(cls, name, y):
       gate = None if gates is None else gates[name]
       return cls(cfg, name=name)(y, gate, train=train)
 
-    x = x.astype(self.dtype)
-    stem_gates = None
-    if gates is not None:
-      stem_gates = {n: gates[n] for n in STEM_SITES}
-    for _ in STEM_SITES:
-      next(names)
-    y = Stem(cfg, name='Stem')(x, stem_gates, train=train)
-    for _ in range(NUM_A):
-      y = block(InceptionA, y)
-    y = block(ReductionA, y)
-    for _ in range(NUM_B):
-      y = block(InceptionB, y)
-    # Built at init whatever `train` is, so that eval-mode init and
+    y = x.astype(self.dtype)
+    y = _cbn(cfg, 32, 3, 'Conv2d_1a_3x3', 2, 'VALID')(y, train=train)  # 149
+    y = _cbn(cfg, 32, 3, 'Conv2d_2a_3x3', 1, 'VALID')(y, train=train)  # 147
+    y = _cbn(cfg, 64, 3, 'Conv2d_2b_3x3')(y, train=train)              # 147
+    for cls, name in zip((Mixed3a, Mixed4a, Mixed5a), STEM_SITES):
+      y = block(cls, name, y)                                       # 35
+    for name in A_SITES:
+      y = block(InceptionA, name, y)
+    y = block(ReductionA, 'Mixed_6a', y)                            # 17
+    for name in B_SITES:
+      y = block(InceptionB, name, y)
+    # Built at init whatever `train` is, so that evaluation-mode init and
     # training share one parameter tree; evaluated only in training.
     if self.aux_logits and self.num_classes is not None and (
         train or self.is_initializing()):
       aux = AuxHead(cfg, self.num_classes, name='AuxLogits')(y, train=train)
       if train:
         self.sow('intermediates', 'aux_logits', aux)
-    y = block(ReductionB, y)
-    for _ in range(NUM_C):
-      y = block(InceptionC, y)
-    y = jnp.mean(y, axis=(1, 2))
+    y = block(ReductionB, 'Mixed_7a', y)                            # 8
+    for name in C_SITES:
+      y = block(InceptionC, name, y)
     if self.num_classes is None:
-      return y.astype(jnp.float32)
-    if train and self.dropout_rate > 0:
-      keep = jax.random.bernoulli(self.make_rng('dropout'),
-                                  1.0 - self.dropout_rate, y.shape)
-      y = jnp.where(keep, y / (1.0 - self.dropout_rate), 0).astype(y.dtype)
-    y = nn.Dense(self.num_classes, kernel_init=_fc_init, dtype=self.dtype,
-                 name='Logits')(y)
-    return y.astype(jnp.float32)
+      return jnp.mean(y, axis=(1, 2)).astype(jnp.float32)
+    return Head(self.num_classes, self.dropout_rate, self.dtype,
+                name='Logits')(y, train=train)
 
 
 def inception_v4(num_classes: Optional[int] = 1000, **kwargs) -> InceptionV4:
