@@ -9,7 +9,7 @@ import ml_collections
 
 from gaternet_jax.models.densenet import densenet_bc
 from gaternet_jax.models.gaternet import Gater, GaterNet
-from gaternet_jax.models.inception_v4 import inception_v4
+from gaternet_jax.models import inception_v4 as _inception_v4_lib
 from gaternet_jax.models.resnet_cifar import (CifarResNet, cifar_preact_resnet,
                                               cifar_resnet)
 from gaternet_jax.models.resnet_imagenet import imagenet_resnet
@@ -23,7 +23,7 @@ BACKBONES: Dict[str, Callable[..., Any]] = {
     'imagenet_resnet': imagenet_resnet,
     'densenet_bc': densenet_bc,
     'shake_shake': shake_shake,
-    'inception_v4': inception_v4,
+    'inception_v4': _inception_v4_lib.inception_v4,
 }
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
