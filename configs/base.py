@@ -59,6 +59,17 @@ def base_config() -> ml_collections.ConfigDict:
            rmsprop_eps=1.0))
   c.weight_decay = 1e-4
   c.gate_l1_weight = 0.1  # lambda of the gate L1 term (sec. 3.2.2)
+  # Batch-shaping (Bejnordi et al. 2020), for models with local gates: the
+  # Beta(a, b) prior the relaxed gates are shaped to, weight `weight` until
+  # `decay_start_epoch`, then linearly to `final_weight` at
+  # `decay_end_epoch`.
+  c.batch_shaping = ml_collections.ConfigDict(
+      dict(weight=0.0, a=0.6, b=0.4, final_weight=0.0, decay_start_epoch=0.0,
+           decay_end_epoch=0.0))
+  # L0: `weight` times the mean probability of a gate being on, off until
+  # `start_epoch` and ramped linearly to `weight` over `ramp_epochs`.
+  c.l0 = ml_collections.ConfigDict(
+      dict(weight=0.0, start_epoch=0.0, ramp_epochs=0.0))
   c.label_smoothing = 0.0
   c.aux_loss_weight = 0.0  # weight of auxiliary classifiers' loss, if any
 

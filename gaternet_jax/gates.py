@@ -1,4 +1,5 @@
-"""The gate PyTree and Improved SemHash.
+"""The gate PyTree and the gate functions: Improved SemHash (GaterNet) and the
+straight-through Gumbel-sigmoid (batch-shaping).
 
 A backbone declares its gated sites in a `GateSpec`: an ordered list of
 `(site_name, num_filters)`. A gate PyTree is a dict mapping every site name to
@@ -140,6 +141,58 @@ def improved_semhash(
   mix_shape = (logits.shape[0],) + (1,) * (logits.ndim - 1)
   use_beta = jax.random.bernoulli(mix_rng, mix_prob, mix_shape)
   return jnp.where(use_beta, g_beta, g_alpha)
+
+
+@jax.custom_vjp
+def straight_through_step(x: jax.Array) -> jax.Array:
+  """1(x > 0.5) forward; the identity's gradient backward."""
+  return (x > 0.5).astype(x.dtype)
+
+
+def _st_step_fwd(x):
+  return straight_through_step(x), None
+
+
+def _st_step_bwd(_, g):
+  return (g,)
+
+
+straight_through_step.defvjp(_st_step_fwd, _st_step_bwd)
+
+
+def gumbel_sigmoid(
+    logits: jax.Array,
+    *,
+    rng: Optional[jax.Array],
+    train: bool,
+    temperature: float = 2.0 / 3.0,
+) -> Tuple[jax.Array, jax.Array]:
+  """Batch-shaping's gates: a binary concrete sample, thresholded at 0.5.
+
+  Training draws u ~ U(0, 1) per gate and forms the relaxed sample
+  s = sigmoid((logit + log u - log(1 - u)) / temperature); the gate is
+  1(s > 0.5) with the straight-through gradient ds. Evaluation is
+  deterministic: s = sigmoid(logit / temperature), gate = 1(logit > 0).
+
+  Args:
+    logits: `(batch, ...)` gate logits.
+    rng: PRNG key; needed when `train` is True.
+    train: sample (True) or threshold the logits (False).
+    temperature: of the relaxation (2/3 in the paper).
+
+  Returns:
+    (gates, relaxed values `s`), both of `logits`' shape and dtype; the
+    relaxed values are what the batch-shaping loss shapes.
+  """
+  if not train:
+    soft = jax.nn.sigmoid(logits / temperature)
+    return (logits > 0).astype(logits.dtype), soft
+  if rng is None:
+    raise ValueError('gumbel_sigmoid needs an rng in training mode.')
+  tiny = jnp.finfo(logits.dtype).tiny
+  u = jax.random.uniform(rng, logits.shape, logits.dtype, tiny, 1.0 - 1e-7)
+  soft = jax.nn.sigmoid((logits + jnp.log(u) - jnp.log1p(-u)) / temperature)
+  return straight_through_step(soft), soft
 
 
 # ---------------------------------------------------------------------------

@@ -1,16 +1,23 @@
-"""Training losses: cross-entropy, weight decay and the gate L1 term.
+"""Training losses: cross-entropy, weight decay and the gate losses.
 
-L = CE + weight_decay / 2 * ||W||^2 + lambda * ||G(x)||_1 / c  (GaterNet Eq. 5
-plus weight decay). The gates are a function of the gater alone, so the L1
-term sends gradient to the gater only, as the paper requires.
+GaterNet: L = CE + weight_decay / 2 * ||W||^2 + lambda * ||G(x)||_1 / c
+(Eq. 5 plus weight decay). The gates are a function of the gater alone, so
+the L1 term sends gradient to the gater only, as the paper requires.
+
+Batch-shaping (Bejnordi et al., 2020): L = CE + weight decay
++ gamma(t) * batch_shaping_loss(relaxed gate values) + lambda(t) * L0, with
+L0 the mean probability of a gate being on; gamma and lambda follow the
+schedules of `gate_loss_weights`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import functools
+from typing import Any, Dict, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from gaternet_jax.gates import GateSpec, gate_l1
@@ -55,3 +62,87 @@ def total_loss(logits: jax.Array, labels: jax.Array,
   l1 = gate_l1(gates, spec)
   loss = ce + weight_decay * l2 + gate_l1_weight * l1
   return loss, {'cross_entropy': ce, 'weight_l2': l2, 'gate_l1': l1}
+
+
+# ---------------------------------------------------------------------------
+# Batch-shaping.
+
+# The Beta pdf (the CDF's derivative) is clipped to this range so gradients
+# stay finite where it diverges (x -> 0 for a < 1, x -> 1 for b < 1).
+PDF_CLIP = (1e-3, 100.0)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def beta_cdf(x: jax.Array, a: float, b: float) -> jax.Array:
+  """The Beta(a, b) CDF, I_x(a, b), with the clipped pdf as its derivative."""
+  return jax.scipy.special.betainc(a, b, jnp.clip(x, 0.0, 1.0))
+
+
+@beta_cdf.defjvp
+def _beta_cdf_jvp(a, b, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  xc = jnp.clip(x, 0.0, 1.0)
+  # xlogy/xlog1py: 0 * log(0) = 0 when a or b is 1.
+  log_pdf = (jax.scipy.special.xlogy(a - 1.0, xc) +
+             jax.scipy.special.xlog1py(b - 1.0, -xc) -
+             jax.scipy.special.betaln(a, b))
+  pdf = jnp.clip(jnp.exp(log_pdf), *PDF_CLIP)
+  return beta_cdf(x, a, b), pdf * dx
+
+
+def batch_shaping_loss(values: jax.Array, a: float = 0.6,
+                       b: float = 0.4) -> jax.Array:
+  """Distance of each gate's distribution over the batch to a Beta prior.
+
+  For every gate (column), sorts its values x_(1) <= ... <= x_(N) over the
+  batch and takes (1/N) sum_i (F(x_(i)) - i / (N + 1))^2, F the Beta(a, b)
+  CDF: the squared distance between the prior's CDF and the empirical one
+  (a Cramer-von Mises statistic). Returns the mean over gates.
+
+  Args:
+    values: `(batch, gates)` values in [0, 1] (the relaxed gates). The sort
+      is over the whole leading axis, so under `jit` with the batch split over
+      devices it is a global-batch sort (XLA gathers what it needs).
+    a, b: the Beta prior's parameters (default: mean 0.6, U-shaped).
+
+  Returns:
+    A float32 scalar.
+  """
+  values = values.astype(jnp.float32)
+  n = values.shape[0]
+  ranks = jnp.arange(1, n + 1, dtype=jnp.float32) / (n + 1)
+  cdf = beta_cdf(jnp.sort(values, axis=0), a, b)
+  return jnp.mean(jnp.square(cdf - ranks[:, None]))
+
+
+def l0_loss(probs: jax.Array) -> jax.Array:
+  """Mean probability of a gate being on (the expected fraction of open
+  gates), over the batch and all gates of `(batch, gates)` probabilities."""
+  return jnp.mean(probs.astype(jnp.float32))
+
+
+def _ramp(step: jax.Array, start: float, end: float) -> jax.Array:
+  """0 before `start`, 1 after `end`, linear in between (steps)."""
+  if end <= start:
+    return (step >= start).astype(jnp.float32)
+  return jnp.clip((step - start) / (end - start), 0.0, 1.0)
+
+
+def gate_loss_weights(cfg: ml_collections.ConfigDict, step: jax.Array,
+                      steps_per_epoch: int) -> Dict[str, jax.Array]:
+  """Batch-shaping's and L0's weights at `step` (epochs in the config).
+
+  batch_shaping.weight holds from the start until `decay_start_epoch`, then
+  falls linearly to `final_weight` at `decay_end_epoch`. l0.weight is 0
+  until `start_epoch` (after the batch-shaping phase) and ramps linearly to
+  its full value over `ramp_epochs`.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  e = float(steps_per_epoch)
+  bs = cfg.batch_shaping
+  fall = _ramp(step, bs.decay_start_epoch * e, bs.decay_end_epoch * e)
+  bs_w = bs.weight + (bs.final_weight - bs.weight) * fall
+  l0 = cfg.l0
+  l0_w = l0.weight * _ramp(step, l0.start_epoch * e,
+                           (l0.start_epoch + l0.ramp_epochs) * e)
+  return {'batch_shaping': bs_w, 'l0': l0_w}

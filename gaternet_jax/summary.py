@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gaternet_jax import data as data_lib
+from gaternet_jax import macs as macs_lib
 from gaternet_jax.models import create_model
 
 
@@ -20,7 +21,11 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """Counts from `jax.eval_shape` of the model's init (no FLOPs spent).
 
   Returns params_total, params_backbone, params_gater, gated_filters,
-  gated_sites, num_classes and image_shape.
+  gated_sites, gating ('gater', 'local' or 'none'), macs_backbone and
+  macs_gater (dense MACs per image: the backbone with every gate open, and
+  what the gater or the gating modules add), num_classes and image_shape.
+  Batch-shaping's gating modules live inside the backbone's units, so their
+  parameters count in params_backbone and their MACs in macs_gater.
   """
   image_shape, num_classes = data_lib.dataset_info(config.data)
   model = create_model(config.model, num_classes)
@@ -30,12 +35,18 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
                          jnp.zeros((1,) + image_shape), train=False))
   params = variables['params']
   spec = model.gate_spec()
+  counter = macs_lib.count(model, image_shape, conditional=False)
+  gating = ('gater' if model.gater is not None else
+            'local' if model.locally_gated else 'none')
   return {
       'params_total': count(params),
       'params_backbone': count(params.get('backbone', {})),
       'params_gater': count(params.get('gater', {})),
       'gated_filters': spec.total,
       'gated_sites': len(spec),
+      'gating': gating,
+      'macs_backbone': counter.dense_backbone,
+      'macs_gater': counter.dense_gater,
       'num_classes': num_classes,
       'image_shape': list(image_shape),
   }

@@ -30,6 +30,7 @@ from gaternet_jax import checkpoints
 from gaternet_jax import data as data_lib
 from gaternet_jax import device_data
 from gaternet_jax import losses
+from gaternet_jax import macs as macs_lib
 from gaternet_jax import metrics as metrics_lib
 from gaternet_jax import recipe
 from gaternet_jax import sharding
@@ -99,6 +100,25 @@ def create_gate_dropout_fn(config: ml_collections.ConfigDict,
       step.astype(jnp.float32) / max(num_train_steps, 1), 1.0)
 
 
+def gate_losses_enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config trains with batch-shaping and/or L0."""
+  return (config.get('batch_shaping', {}).get('weight', 0.0) > 0 or
+          config.get('batch_shaping', {}).get('final_weight', 0.0) > 0 or
+          config.get('l0', {}).get('weight', 0.0) > 0)
+
+
+def create_gate_loss_weights_fn(config: ml_collections.ConfigDict,
+                                steps_per_epoch: int) -> Optional[Callable]:
+  """step -> {'batch_shaping', 'l0'} weights, or None when both are off."""
+  if not gate_losses_enabled(config):
+    return None
+  bs = config.batch_shaping
+  if not (bs.a > 0 and bs.b > 0):
+    raise ConfigError(f'batch_shaping.a and .b must be > 0; got {bs.a}, '
+                      f'{bs.b}.')
+  return lambda step: losses.gate_loss_weights(config, step, steps_per_epoch)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: Any,
                        image_shape, lr_fn: optax.Schedule, rng: jax.Array,
                        mesh) -> TrainState:
@@ -120,13 +140,16 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any,
 def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                rng: jax.Array, *, spec: GateSpec,
                config: ml_collections.ConfigDict, mean, std,
-               gate_dropout_fn: Callable = lambda step: 0.0):
+               gate_dropout_fn: Callable = lambda step: 0.0,
+               gate_weights_fn: Optional[Callable] = None):
   """One SGD step on a global batch of uint8 images.
 
   Args:
     state: the replicated train state (donated).
     batch: {'image': (batch, h, w, c) uint8, 'label': (batch,) int32}.
     rng: the run's base key; this step's key is `fold_in(rng, state.step)`.
+    gate_weights_fn: step -> batch-shaping and L0 weights (models with
+      local gates), or None.
 
   Returns:
     (new state, dict of scalar metrics).
@@ -159,6 +182,19 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                                    'label_smoothing', 0.0)) for a in aux)
       loss = loss + config.get('aux_loss_weight', 0.0) * terms[
           'aux_cross_entropy']
+    if gate_weights_fn is not None:
+      # Local gates sow their relaxed values and on-probabilities.
+      inter = new_model_state['intermediates']
+      values = spec.flatten(inter['gate_values'][0])
+      probs = spec.flatten(inter['gate_probs'][0])
+      weights = gate_weights_fn(state.step)
+      terms['batch_shaping'] = losses.batch_shaping_loss(
+          values, config.batch_shaping.a, config.batch_shaping.b)
+      terms['l0'] = losses.l0_loss(probs)
+      terms['batch_shaping_weight'] = weights['batch_shaping']
+      terms['l0_weight'] = weights['l0']
+      loss = (loss + weights['batch_shaping'] * terms['batch_shaping'] +
+              weights['l0'] * terms['l0'])
     return loss, (logits, gates, new_model_state, dict(terms, loss=loss))
 
   grads, (logits, gates, new_model_state, terms) = jax.grad(
@@ -173,11 +209,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
-              spec: GateSpec, mean, std) -> Dict[str, jax.Array]:
+              spec: GateSpec, mean, std,
+              mac_counter: Optional[macs_lib.MacCounter] = None
+              ) -> Dict[str, jax.Array]:
   """Sums over the unmasked examples of a padded eval batch.
 
   Returns {'count', 'correct', 'loss_sum'} and, for gated models,
-  'gate_l1_sum' and 'gate_on_counts' `(c,)` (per gate, samples with it on).
+  'gate_l1_sum' and 'gate_on_counts' `(c,)` (per gate, samples with it on);
+  with a `mac_counter`, 'macs' `(batch,)`: each example's MACs, -1 where
+  the batch is padded.
   """
   images = augment.preprocess(batch['image'], mean=mean, std=std)
   logits, gates = state.apply_fn(
@@ -193,10 +233,38 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     per_sample = jnp.mean(spec.flatten(gates), axis=-1)
     out['gate_l1_sum'] = jnp.sum(per_sample * mask)
     out['gate_on_counts'] = gate_on_counts(gates, spec, mask)
+  if mac_counter is not None:
+    per_sample = jnp.broadcast_to(mac_counter.per_sample(gates),
+                                  mask.shape)
+    out['macs'] = jnp.where(mask > 0, per_sample, -1.0)
   return out
 
 
-def summarize_eval(sums: Mapping[str, Any], spec: GateSpec) -> Dict[str, float]:
+def summarize_macs(per_sample: np.ndarray,
+                   mac_counter: macs_lib.MacCounter) -> Dict[str, float]:
+  """Dense and conditional MACs per image, and the reduction.
+
+  `macs_dense` is the ungated backbone's cost, `macs_overhead` what the
+  gater (or gating modules) adds, `macs_mean` the mean conditional cost of
+  the examples (overhead included) with its spread, and `macs_reduction`
+  = 1 - macs_mean / macs_dense.
+  """
+  x = np.asarray(per_sample, np.float64)
+  dense = float(mac_counter.dense_backbone)
+  mean = float(x.mean())
+  return {'macs_dense': dense, 'macs_overhead': float(mac_counter.dense_gater),
+          'macs_mean': mean, 'macs_std': float(x.std()),
+          'macs_min': float(x.min()), 'macs_max': float(x.max()),
+          'macs_p10': float(np.percentile(x, 10)),
+          'macs_p50': float(np.percentile(x, 50)),
+          'macs_p90': float(np.percentile(x, 90)),
+          'macs_reduction': 1.0 - mean / dense}
+
+
+def summarize_eval(sums: Mapping[str, Any], spec: GateSpec,
+                   per_sample_macs: Optional[np.ndarray] = None,
+                   mac_counter: Optional[macs_lib.MacCounter] = None
+                   ) -> Dict[str, float]:
   """Turns summed eval outputs into the metrics an eval writes."""
   sums = jax.device_get(sums)
   n = float(sums['count'])
@@ -211,6 +279,8 @@ def summarize_eval(sums: Mapping[str, Any], spec: GateSpec) -> Dict[str, float]:
                gates_always_off=kinds['always_off'],
                gates_input_dependent=kinds['input_dependent'],
                gated_filters=spec.total)
+  if mac_counter is not None and per_sample_macs is not None:
+    out.update(summarize_macs(per_sample_macs, mac_counter))
   return out
 
 
@@ -218,25 +288,27 @@ class Steps:
   """The jitted train and eval steps of one model on one mesh."""
 
   def __init__(self, config: ml_collections.ConfigDict, spec: GateSpec, mesh,
-               mean, std, num_train_steps: int = 1):
+               mean, std, num_train_steps: int = 1, steps_per_epoch: int = 1,
+               mac_counter: Optional[macs_lib.MacCounter] = None):
     self.mesh = mesh
+    self.spec = spec
+    self.mac_counter = mac_counter
     repl = sharding.replicated(mesh)
     data = sharding.batch_sharded(mesh)
     self.data_sharding = data
     mean, std = tuple(mean), tuple(std)
-    self.train = jax.jit(
-        functools.partial(
-            train_step, spec=spec, config=config, mean=mean, std=std,
-            gate_dropout_fn=create_gate_dropout_fn(config, num_train_steps)),
-        in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-        donate_argnums=(0,))
-    self.eval = jax.jit(
-        functools.partial(eval_step, spec=spec, mean=mean, std=std),
-        in_shardings=(repl, data), out_shardings=repl)
-
     step_fn = functools.partial(
         train_step, spec=spec, config=config, mean=mean, std=std,
-        gate_dropout_fn=create_gate_dropout_fn(config, num_train_steps))
+        gate_dropout_fn=create_gate_dropout_fn(config, num_train_steps),
+        gate_weights_fn=create_gate_loss_weights_fn(config, steps_per_epoch))
+    self.train = jax.jit(
+        step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+        donate_argnums=(0,))
+    self.eval = jax.jit(
+        functools.partial(eval_step, spec=spec, mean=mean, std=std,
+                          mac_counter=mac_counter),
+        in_shardings=(repl, data), out_shardings=repl)
+
     batch_fn = functools.partial(device_data.batch_at,
                                  batch_size=config.batch_size,
                                  seed=config.seed + 1, mesh=mesh)
@@ -255,13 +327,21 @@ class Steps:
 
   def evaluate(self, state: TrainState, batches: Iterable[Mapping[str, Any]],
                spec: GateSpec) -> Dict[str, float]:
-    """Accuracy, loss and gate statistics over padded eval batches."""
-    total = None
+    """Accuracy, loss, gate statistics and MACs over padded eval batches."""
+    total, macs = None, []
     for batch in batches:
-      out = self.eval(state, sharding.to_global(batch, self.data_sharding))
+      out = dict(self.eval(state, sharding.to_global(batch,
+                                                     self.data_sharding)))
+      if 'macs' in out:
+        macs.append(out.pop('macs'))
       total = out if total is None else jax.tree_util.tree_map(
           jnp.add, total, out)
-    return summarize_eval(total, spec)
+    per_sample = None
+    if macs:
+      per_sample = np.concatenate([np.asarray(m) for m in jax.device_get(
+          macs)])
+      per_sample = per_sample[per_sample >= 0]
+    return summarize_eval(total, spec, per_sample, self.mac_counter)
 
 
 def num_steps(config, num_examples: int):
@@ -274,6 +354,25 @@ def num_steps(config, num_examples: int):
   if total is None or total <= 0:
     total = int(round(config.num_epochs * steps_per_epoch))
   return steps_per_epoch, total
+
+
+def create_mac_counter(model: Any, image_shape) -> Optional[
+    macs_lib.MacCounter]:
+  """The model's MAC counter, or None (logged) if its backbone cannot say
+  which convs its gates switch off."""
+  try:
+    return macs_lib.count(model, image_shape)
+  except NotImplementedError as e:
+    logging.warning('No MAC accounting: %s', e)
+    return None
+
+
+def _check_gate_losses(config: ml_collections.ConfigDict, model: Any):
+  if gate_losses_enabled(config) and not getattr(model, 'locally_gated',
+                                                  False):
+    raise ConfigError('batch_shaping and l0 weights need a model whose units '
+                      'gate themselves (model.backbone.local_gating); set '
+                      'them to 0 or enable local gating.')
 
 
 class _Preempted(Exception):
@@ -331,6 +430,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   _check_workdir_config(config, workdir)
   ds = dataset if dataset is not None else data_lib.load_dataset(config.data)
   model = create_model(config.model, ds.num_classes)
+  _check_gate_losses(config, model)
   spec = model.gate_spec()
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.batch_size)
@@ -358,7 +458,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                   json.loads(config.to_json_best_effort()))
   start = int(state.step)
 
-  steps = Steps(config, spec, mesh, ds.mean, ds.std, total_steps)
+  steps = Steps(config, spec, mesh, ds.mean, ds.std, total_steps,
+                steps_per_epoch, create_mac_counter(model, ds.image_shape))
   writer = metrics_lib.create_writer(workdir, config.get('tensorboard', True))
   eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
   logging.info('%s: %d train / %d %s examples, %d steps (%d per epoch), '
@@ -504,7 +605,8 @@ def evaluate(config: ml_collections.ConfigDict,
                          f'config.init.official_checkpoint is empty).')
     state = jax.device_put(recipe.official_init(config)(state),
                            sharding.replicated(mesh))
-  steps = Steps(config, spec, mesh, ds.mean, ds.std)
+  steps = Steps(config, spec, mesh, ds.mean, ds.std,
+                mac_counter=create_mac_counter(model, ds.image_shape))
   results = steps.evaluate(
       state, ds.eval_batches(config.eval_batch_size), spec)
   return dict(results, step=int(state.step), split=ds.test_split_name)

@@ -31,6 +31,20 @@ def tiny_config(gated: bool = True) -> ml_collections.ConfigDict:
   return c
 
 
+def tiny_local_config(l0: bool = True) -> ml_collections.ConfigDict:
+  """`tiny_config`'s ResNet-8 with batch-shaping's self-gating units."""
+  c = tiny_config(gated=False)
+  c.model.backbone.local_gating = ml_collections.ConfigDict(dict(
+      enabled=True, position='conv1', hidden=4, temperature=2.0 / 3.0,
+      bias_init=1.0))
+  c.gate_l1_weight = 0.0
+  c.batch_shaping.update(dict(weight=1.0, final_weight=0.5,
+                              decay_start_epoch=1.0, decay_end_epoch=2.0))
+  c.l0.update(dict(weight=0.1 if l0 else 0.0, start_epoch=0.0,
+                   ramp_epochs=1.0))
+  return c
+
+
 def synthetic_dataset(n_train: int = 64, n_test: int = 40, size: int = 16,
                       num_classes: int = 3, seed: int = 0) -> InMemoryDataset:
   """Images whose class sets their brightness: learnable in a few steps."""

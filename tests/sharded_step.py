@@ -1,6 +1,7 @@
 """Runs two train steps and one eval on however many devices XLA_FLAGS gives
 and writes the resulting state (flattened) to the .npz named by argv[1].
-Used by test_train.py to compare 1 and 8 devices."""
+argv[2] 'local' uses batch-shaping's self-gated model with its losses.
+Used by test_train.py and test_batch_shaping.py to compare 1 and 8 devices."""
 
 import os
 import sys
@@ -15,8 +16,9 @@ from gaternet_jax.models import create_model
 from tests import helpers
 
 
-def main(out_path):
-  config = helpers.tiny_config(gated=True)
+def main(out_path, variant='gaternet'):
+  config = (helpers.tiny_local_config() if variant == 'local' else
+            helpers.tiny_config(gated=True))
   ds = helpers.synthetic_dataset()
   model = create_model(config.model, ds.num_classes)
   spec = model.gate_spec()
@@ -24,7 +26,10 @@ def main(out_path):
   lr_fn = train_lib.create_learning_rate_fn(config.optimizer, 4, 8)
   state = train_lib.create_train_state(config, model, (16, 16, 3), lr_fn,
                                        jax.random.key(0), mesh)
-  steps = train_lib.Steps(config, spec, mesh, ds.mean, ds.std)
+  steps = train_lib.Steps(config, spec, mesh, ds.mean, ds.std,
+                          steps_per_epoch=2,
+                          mac_counter=train_lib.create_mac_counter(
+                              model, (16, 16, 3)))
   rng = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
   it = ds.train_batches(config.batch_size, seed=0)
   for _ in range(2):
@@ -37,11 +42,12 @@ def main(out_path):
                        ('opt_state', state.opt_state), ('metrics', m)):
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
       flat[prefix + jax.tree_util.keystr(path)] = np.asarray(x)
-  for k in ('accuracy', 'loss', 'gate_l1', 'gates_on_fraction'):
+  for k in ('accuracy', 'loss', 'gate_l1', 'gates_on_fraction', 'macs_mean',
+            'macs_p90'):
     flat['eval_' + k] = np.asarray(ev[k])
   np.savez(out_path, **flat)
   print(f'devices={jax.device_count()}')
 
 
 if __name__ == '__main__':
-  main(sys.argv[1])
+  main(*sys.argv[1:])

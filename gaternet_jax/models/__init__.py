@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict
 import jax.numpy as jnp
 import ml_collections
 
+from gaternet_jax.errors import ConfigError
 from gaternet_jax.models.densenet import densenet_bc
 from gaternet_jax.models.gaternet import Gater, GaterNet
 from gaternet_jax.models import inception_v4 as _inception_v4_lib
@@ -25,6 +26,9 @@ BACKBONES: Dict[str, Callable[..., Any]] = {
     'shake_shake': shake_shake,
     'inception_v4': _inception_v4_lib.inception_v4,
 }
+
+# Backbones whose residual units can gate themselves (batch-shaping).
+LOCALLY_GATED = ('cifar_resnet', 'cifar_preact_resnet', 'imagenet_resnet')
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -51,7 +55,19 @@ def create_model(model_cfg: ml_collections.ConfigDict,
   backbone's gate spec.
   """
   dtype = _DTYPES[model_cfg.get('dtype', 'float32')]
-  backbone = _build(model_cfg.backbone, num_classes, dtype)
+  local = model_cfg.backbone.get('local_gating')
+  if local and model_cfg.backbone.name not in LOCALLY_GATED:
+    raise ConfigError(f'model.backbone.local_gating (batch-shaping) works with '
+                      f'{", ".join(LOCALLY_GATED)}; not with '
+                      f'{model_cfg.backbone.name!r}.')
+  if local and model_cfg.gated:
+    raise ConfigError('model.gated (a GaterNet gater) and '
+                      'model.backbone.local_gating (batch-shaping) exclude '
+                      'each other; set one.')
+  try:
+    backbone = _build(model_cfg.backbone, num_classes, dtype)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'model.backbone: {e}') from None
   gater = None
   if model_cfg.gated:
     features = _build(model_cfg.gater, None, dtype)

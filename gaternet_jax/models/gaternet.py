@@ -4,6 +4,11 @@ One `apply` runs the whole model: images -> gater -> gate logits ->
 Improved SemHash -> gate PyTree -> backbone -> logits. The backbone with no
 gater is the plain baseline, so baseline and gated models share parameter
 names under 'backbone' and a trained baseline initialises a gated model.
+
+The same wrapper runs batch-shaping's channel-gated networks (a backbone with
+`local_gating`): there the backbone's units make their own gates, and the
+wrapper returns them as the same gate PyTree, so losses, statistics, MAC
+accounting and analysis treat both methods alike.
 """
 
 from __future__ import annotations
@@ -56,8 +61,15 @@ class GaterNet(nn.Module):
   mix_prob: float = 0.5
   noise_std: float = 1.0
 
+  @property
+  def locally_gated(self) -> bool:
+    """True for batch-shaping's self-gating backbones."""
+    return getattr(self.backbone, 'local_gating', None) is not None
+
   def gate_spec(self) -> GateSpec:
-    return self.backbone.gate_spec() if self.gater is not None else GateSpec()
+    if self.gater is not None or self.locally_gated:
+      return self.backbone.gate_spec()
+    return GateSpec()
 
   def __call__(self, images: jax.Array, *, train: bool = False,
                gate_dropout: jax.Array | float = 0.0
@@ -65,9 +77,19 @@ class GaterNet(nn.Module):
     """`(batch, h, w, c)` -> (`(batch, classes)` logits, gate PyTree).
 
     In training the rng stream 'gates' drives SemHash's noise and mixing
-    and, when `gate_dropout` > 0 (the scheduled dropout of Appendix B), the
-    dropout of gates; the returned gates are the ones the backbone used.
+    (or the Gumbel noise of local gates) and, when `gate_dropout` > 0 (the
+    scheduled dropout of Appendix B), the dropout of gates; the returned
+    gates are the ones the backbone used. Local gates also sow their relaxed
+    values and on-probabilities as gate PyTrees, 'gate_values' and
+    'gate_probs' in the 'intermediates' collection (for batch-shaping and L0).
     """
+    if self.gater is None and self.locally_gated:
+      logits, samples = self.backbone(images, None, train=train)
+      self.sow('intermediates', 'gate_values',
+               {k: v['value'] for k, v in samples.items()})
+      self.sow('intermediates', 'gate_probs',
+               {k: v['prob'] for k, v in samples.items()})
+      return logits, {k: v['gate'] for k, v in samples.items()}
     if self.gater is None:
       return self.backbone(images, None, train=train), {}
     spec = self.backbone.gate_spec()

@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from gaternet_jax.gates import GateSpec, Gates
-from gaternet_jax.models.layers import (SqueezeExcite, apply_site, batch_norm,
-                                       conv)
+from gaternet_jax.models.layers import (LocalGating, SqueezeExcite, apply_site,
+                                       batch_norm, conv, gate_channels,
+                                       parse_local_gating)
 
 # Bottleneck blocks output `EXPANSION * width` channels.
 EXPANSION = 4
@@ -58,25 +59,34 @@ class BasicBlock(nn.Module):
     features: output channels of both convs (the gated site's size).
     stride: of the first conv and of the projection shortcut.
     se_reduction: >0 adds squeeze-and-excitation at the gated site.
+    local_gating: batch-shaping's gating module, gating conv1's channels
+      (the unit then returns `(y, gate sample)`), or None.
   """
   features: int
   stride: int
   se_reduction: int = 0
   dtype: Any = jnp.float32
+  local_gating: Optional[LocalGating] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, gate: Optional[jax.Array], *,
-               train: bool) -> jax.Array:
+               train: bool):
     """`(batch, h, w, c)` -> `(batch, h / stride, w / stride, features)`."""
+    sample = (None if self.local_gating is None else
+              self.local_gating.module(self.features, self.dtype)(
+                  x, train=train))
     y = conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
     y = nn.relu(batch_norm(train, self.dtype, 'bn1')(y))
+    if sample is not None:
+      y = gate_channels(y, sample['gate'])
     y = conv(self.features, 3, 1, self.dtype, 'conv2')(y)
     y = batch_norm(train, self.dtype, 'bn2')(y)
     se = (SqueezeExcite(self.se_reduction, self.dtype, name='se')
           if self.se_reduction else None)
     y = apply_site(y, gate, se)
-    return nn.relu(y + _shortcut(x, self.features, self.stride, train,
-                                 self.dtype))
+    y = nn.relu(y + _shortcut(x, self.features, self.stride, train,
+                              self.dtype))
+    return y if sample is None else (y, sample)
 
 
 class Bottleneck(nn.Module):
@@ -87,27 +97,40 @@ class Bottleneck(nn.Module):
       `EXPANSION * width` (the gated site's size).
     stride: of the 3x3 conv (torchvision v1.5) and of the projection.
     se_reduction: >0 adds squeeze-and-excitation at the gated site.
+    local_gating: batch-shaping's gating module, gating the inner channels
+      after conv1 or conv2 (the unit then returns `(y, gate sample)`), or
+      None.
   """
   width: int
   stride: int
   se_reduction: int = 0
   dtype: Any = jnp.float32
+  local_gating: Optional[LocalGating] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, gate: Optional[jax.Array], *,
-               train: bool) -> jax.Array:
+               train: bool):
     """`(batch, h, w, c)` -> `(batch, h / stride, w / stride, 4 * width)`."""
     out = EXPANSION * self.width
+    sample, position = None, ''
+    if self.local_gating is not None:
+      sample = self.local_gating.module(self.width, self.dtype)(x, train=train)
+      position = self.local_gating.position
     y = conv(self.width, 1, 1, self.dtype, 'conv1')(x)
     y = nn.relu(batch_norm(train, self.dtype, 'bn1')(y))
+    if position == 'conv1':
+      y = gate_channels(y, sample['gate'])
     y = conv(self.width, 3, self.stride, self.dtype, 'conv2')(y)
     y = nn.relu(batch_norm(train, self.dtype, 'bn2')(y))
+    if position == 'conv2':
+      y = gate_channels(y, sample['gate'])
     y = conv(out, 1, 1, self.dtype, 'conv3')(y)
     y = batch_norm(train, self.dtype, 'bn3')(y)
     se = (SqueezeExcite(self.se_reduction, self.dtype, name='se')
           if self.se_reduction else None)
     y = apply_site(y, gate, se)
-    return nn.relu(y + _shortcut(x, out, self.stride, train, self.dtype))
+    y = nn.relu(y + _shortcut(x, out, self.stride, train, self.dtype))
+    return y if sample is None else (y, sample)
 
 
 def _shortcut(x: jax.Array, features: int, stride: int, train: bool,
@@ -134,6 +157,8 @@ class ImageNetResNet(nn.Module):
     stem_width: filters of the 7x7 stem conv; None means `widths[0]`.
     num_classes: classifier outputs; None returns pooled features.
     se_reduction: >0 adds squeeze-and-excitation at each unit's site.
+    local_gating: None (gates, if any, come from a gater and act at each
+      unit's last conv) or batch-shaping's channel gating inside each unit.
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int] = STANDARD_WIDTHS
@@ -142,14 +167,31 @@ class ImageNetResNet(nn.Module):
   num_classes: Optional[int] = 1000
   se_reduction: int = 0
   dtype: Any = jnp.float32
+  local_gating: Optional[LocalGating] = None
 
   def gate_spec(self) -> GateSpec:
-    """The gated sites, one per residual unit, in depth order."""
-    mult = EXPANSION if self.block == 'bottleneck' else 1
+    """The gated sites, one per residual unit, in depth order: the unit's
+    output channels, or with local gating its gated inner channels."""
+    mult = (EXPANSION if self.block == 'bottleneck' and
+            self.local_gating is None else 1)
     return GateSpec(tuple(
         (f'stage{s + 1}_block{b + 1}', int(mult * w))
         for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths))
         for b in range(n)))
+
+  def gate_wiring(self):
+    """Per site, the convs whose output channels its gates switch off and
+    those that read them: `{site: ((conv path, 'out'|'in', offset), ...)}`."""
+    last = 'conv2' if self.block == 'basic' else 'conv3'
+    out = {}
+    for name in self.gate_spec().names:
+      if self.local_gating is None:
+        out[name] = (((name, last), 'out', 0),)
+      else:
+        at = self.local_gating.position
+        reader = 'conv2' if at == 'conv1' else 'conv3'
+        out[name] = (((name, at), 'out', 0), ((name, reader), 'in', 0))
+    return out
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
@@ -164,11 +206,17 @@ class ImageNetResNet(nn.Module):
       train: BN uses batch statistics (and updates 'batch_stats') if True.
 
     Returns:
-      Logits, or `(batch, C)` pooled features when `num_classes` is None.
+      Logits, or `(batch, C)` pooled features when `num_classes` is None;
+      with local gating, `(that, {site: gate sample})`.
     """
     if self.block not in ('basic', 'bottleneck'):
       raise ValueError(f"block must be 'basic' or 'bottleneck'; got "
                        f'{self.block!r}.')
+    if self.local_gating is not None:
+      assert gates is None, 'a locally gated network makes its own gates'
+      if self.block == 'basic' and self.local_gating.position != 'conv1':
+        raise ValueError("basic blocks gate at local_gating.position 'conv1'"
+                         f'; got {self.local_gating.position!r}.')
     if len(self.stage_sizes) != len(self.widths):
       raise ValueError(f'stage_sizes {tuple(self.stage_sizes)} and widths '
                        f'{tuple(self.widths)} differ in length.')
@@ -179,6 +227,7 @@ class ImageNetResNet(nn.Module):
     # torchvision's MaxPool2d(3, 2, padding=1); flax pads with -inf, so the
     # padding never wins the max.
     y = nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    samples = {}
     for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
       for b in range(n):
         name = f'stage{s + 1}_block{b + 1}'
@@ -186,16 +235,18 @@ class ImageNetResNet(nn.Module):
         stride = 2 if (s > 0 and b == 0) else 1
         if self.block == 'basic':
           unit = BasicBlock(int(w), stride, self.se_reduction, self.dtype,
-                            name=name)
+                            self.local_gating, name=name)
         else:
           unit = Bottleneck(int(w), stride, self.se_reduction, self.dtype,
-                            name=name)
+                            self.local_gating, name=name)
         y = unit(y, gate, train=train)
+        if self.local_gating is not None:
+          y, samples[name] = y
     y = jnp.mean(y, axis=(1, 2))
-    if self.num_classes is None:
-      return y.astype(jnp.float32)
-    y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
-    return y.astype(jnp.float32)
+    if self.num_classes is not None:
+      y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
+    y = y.astype(jnp.float32)
+    return y if self.local_gating is None else (y, samples)
 
 
 def imagenet_resnet(depth: int = 50,
@@ -203,7 +254,8 @@ def imagenet_resnet(depth: int = 50,
                     se_reduction: int = 0,
                     num_classes: Optional[int] = 1000,
                     dtype: Any = jnp.float32,
-                    stem_width: Optional[int] = None) -> ImageNetResNet:
+                    stem_width: Optional[int] = None,
+                    local_gating: Any = None) -> ImageNetResNet:
   """ImageNet ResNet-{18, 34, 50, 101, 152}.
 
   Args:
@@ -216,6 +268,8 @@ def imagenet_resnet(depth: int = 50,
     dtype: compute dtype; parameters stay float32.
     stem_width: the stem conv's filters; None follows `widths[0]` (64 for
       the standard widths), so a uniformly widened net widens its stem too.
+    local_gating: a `LocalGating` or its fields as a dict (batch-shaping's
+      channel-gated units), or None.
 
   Returns:
     The (unbound) module.
@@ -229,7 +283,8 @@ def imagenet_resnet(depth: int = 50,
   block, stage_sizes = DEPTHS[depth]
   return ImageNetResNet(stage_sizes=stage_sizes, widths=widths, block=block,
                         stem_width=stem_width, num_classes=num_classes,
-                        se_reduction=se_reduction, dtype=dtype)
+                        se_reduction=se_reduction, dtype=dtype,
+                        local_gating=parse_local_gating(local_gating))
 
 
 ResNet18 = functools.partial(imagenet_resnet, depth=18)

@@ -1,0 +1,209 @@
+"""Multiply-accumulates: dense per layer, and conditional on the gates.
+
+The layers are found by tracing the model once (`jax.eval_shape`, no FLOPs)
+with a Flax method interceptor that records every `nn.Conv` and `nn.Dense`
+call: its path, input and output shapes, kernel and groups. A conv costs
+`out_h * out_w * k_h * k_w / groups` MACs per (input channel, output
+channel) pair and a dense layer one per pair.
+
+Conditional cost: the backbone declares, per gated site, which convs produce
+its channels and which read them (`backbone.gate_wiring()`). A closed gate
+removes the work that produces its channel and, where a conv reads that
+channel, the conv's input slice, so a layer with `i` of its `C_in` inputs
+and `o` of its `C_out` outputs alive costs `coef * i * o`. With every gate
+open this is exactly the dense count. Everything outside the backbone (the
+GaterNet gater) and batch-shaping's gating modules are counted as overhead
+that every input pays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gaternet_jax.gates import GateSpec
+
+# Name of batch-shaping's gating module inside a unit (models/layers.py).
+LOCAL_GATE_MODULE = 'gate'
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSlice:
+  """Gates `[start, stop)` of `site` act on channels from `offset` on."""
+  site: str
+  start: int
+  stop: int
+  offset: int
+
+
+@dataclasses.dataclass
+class Layer:
+  """One conv or dense call and the gates acting on its channels."""
+  path: Tuple[str, ...]
+  kind: str  # 'conv' | 'dense'
+  cin: int
+  cout: int
+  coef: int  # MACs per (input channel, output channel) pair
+  overhead: bool  # the gater or a gating module: paid by every input
+  gated_in: List[GateSlice] = dataclasses.field(default_factory=list)
+  gated_out: List[GateSlice] = dataclasses.field(default_factory=list)
+
+  @property
+  def macs(self) -> int:
+    return self.coef * self.cin * self.cout
+
+
+def _record_layers(model: nn.Module, image_shape: Sequence[int]
+                   ) -> List[Tuple[Tuple[str, ...], str, tuple, tuple, Any]]:
+  """(path, kind, input shape, output shape, module) of every conv/dense."""
+  calls = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name == '__call__' and isinstance(
+        module, (nn.Conv, nn.Dense)):
+      kind = 'conv' if isinstance(module, nn.Conv) else 'dense'
+      calls.append((tuple(module.path), kind, tuple(args[0].shape),
+                    tuple(out.shape), module))
+    return out
+
+  def run():
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    variables = model.init({'params': jax.random.key(0),
+                            'gates': jax.random.key(1)}, x, train=False)
+    calls.clear()  # Keep only the apply's calls, not init's.
+    return model.apply(variables, x, train=False)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(run)
+  return calls
+
+
+def _layer(path, kind, in_shape, out_shape, module) -> Layer:
+  cin, cout = int(in_shape[-1]), int(out_shape[-1])
+  if kind == 'conv':
+    groups = int(module.feature_group_count)
+    spatial = int(np.prod(out_shape[1:-1]))
+    coef = spatial * int(np.prod(module.kernel_size)) // groups
+  else:
+    coef = int(np.prod(in_shape[1:-1])) if len(in_shape) > 2 else 1
+  overhead = path[:1] != ('backbone',) or LOCAL_GATE_MODULE in path[1:]
+  return Layer(path, kind, cin, cout, coef, overhead)
+
+
+class MacCounter:
+  """Dense and conditional MACs per image of one model at one input size.
+
+  Attributes:
+    layers: every conv and dense layer, in call order.
+    dense_backbone: MACs of the backbone with every gate open (the ungated
+      network's cost).
+    dense_gater: MACs every input pays on top: the gater (GaterNet) or the
+      gating modules (batch-shaping); 0 for a baseline.
+    spec: the gate spec the conditional count reads.
+  """
+
+  def __init__(self, layers: List[Layer], spec: GateSpec):
+    self.layers = layers
+    self.spec = spec
+    self.dense_backbone = int(sum(l.macs for l in layers if not l.overhead))
+    self.dense_gater = int(sum(l.macs for l in layers if l.overhead))
+
+  @property
+  def dense_total(self) -> int:
+    return self.dense_backbone + self.dense_gater
+
+  def per_sample(self, gates: Mapping[str, jax.Array]) -> jax.Array:
+    """`(batch,)` float32 MACs of each input given its gate PyTree:
+    the conditional backbone cost plus the overhead. Jittable."""
+    if not self.spec:
+      return jnp.full((1,), float(self.dense_total), jnp.float32)
+    closed = {}
+
+    def num_closed(s: GateSlice) -> jax.Array:
+      key = (s.site, s.start, s.stop)
+      if key not in closed:
+        g = gates[s.site][:, s.start:s.stop].astype(jnp.float32)
+        closed[key] = jnp.sum(1.0 - (g > 0.5), axis=-1)
+      return closed[key]
+
+    batch = gates[self.spec.names[0]].shape[0]
+    total = jnp.full((batch,), float(self.dense_gater), jnp.float32)
+    static = 0
+    for l in self.layers:
+      if l.overhead:
+        continue
+      if not l.gated_in and not l.gated_out:
+        static += l.macs
+        continue
+      alive_in = l.cin - sum((num_closed(s) for s in l.gated_in), 0.0)
+      alive_out = l.cout - sum((num_closed(s) for s in l.gated_out), 0.0)
+      total = total + float(l.coef) * alive_in * alive_out
+    return total + float(static)
+
+  def per_layer(self) -> List[Dict[str, Any]]:
+    """Dense MACs of each layer, as rows for a report."""
+    return [{'path': '/'.join(l.path), 'kind': l.kind, 'cin': l.cin,
+             'cout': l.cout, 'macs': l.macs, 'overhead': l.overhead,
+             'gated': bool(l.gated_in or l.gated_out)} for l in self.layers]
+
+
+def _wire(layers: List[Layer], wiring: Mapping[str, Sequence[tuple]],
+          spec: GateSpec, prefix: Tuple[str, ...]):
+  by_path = {}
+  for l in layers:
+    by_path.setdefault(l.path, []).append(l)
+  sizes = dict(spec.sites)
+  for site, entries in wiring.items():
+    assert site in sizes, f'wiring names unknown site {site!r}'
+    for entry in entries:
+      path, side, offset = entry[:3]
+      start, stop = entry[3:5] if len(entry) > 3 else (0, sizes[site])
+      full = prefix + tuple(path)
+      assert full in by_path, f'wiring names unknown layer {full}'
+      for l in by_path[full]:
+        limit = l.cin if side == 'in' else l.cout
+        assert offset + stop - start <= limit, (full, side, offset, limit)
+        (l.gated_in if side == 'in' else l.gated_out).append(
+            GateSlice(site, start, stop, offset))
+
+
+def count(model: nn.Module, image_shape: Sequence[int],
+          conditional: bool = True) -> MacCounter:
+  """Traces `model` (a `GaterNet`) on one `image_shape` input.
+
+  Args:
+    model: the model.
+    image_shape: `(h, w, c)` of one input.
+    conditional: read the backbone's gate wiring so `per_sample` counts what
+      closed gates save; False gives the dense counts of any model.
+
+  Raises:
+    NotImplementedError: `conditional`, the model is gated and its backbone
+      does not declare `gate_wiring()`.
+  """
+  layers = [_layer(*c) for c in _record_layers(model, image_shape)]
+  spec = model.gate_spec()
+  if spec and not conditional:
+    return MacCounter(layers, GateSpec())
+  if spec:
+    if not hasattr(model.backbone, 'gate_wiring'):
+      raise NotImplementedError(
+          f'{type(model.backbone).__name__} does not declare gate_wiring(); '
+          f'conditional MACs are unknown.')
+    _wire(layers, model.backbone.gate_wiring(), spec, ('backbone',))
+  return MacCounter(layers, spec)
+
+
+def format_macs(n: float) -> str:
+  """4.11e9 -> '4.11G', 4.06e7 -> '40.6M'."""
+  for unit, scale in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
+    if abs(n) >= scale:
+      return f'{n / scale:.3g}{unit}'
+  return f'{n:.3g}'
