@@ -30,7 +30,8 @@ LOCAL_GATING = dict(enabled=True, position='conv1', hidden=16,
                     temperature=2.0 / 3.0, bias_init=2.0)
 
 
-def _gate_losses(c: ml_collections.ConfigDict, l0: bool, epochs: float):
+def set_gate_losses(c: ml_collections.ConfigDict, l0: bool, epochs: float):
+  """Turns `c` into a self-gated run with batch-shaping (and L0) losses."""
   c.model.gated = False  # no GaterNet gater: the units gate themselves
   c.gate_l1_weight = 0.0
   c.pretrain.enabled = False
@@ -54,7 +55,7 @@ def cifar_config(depth: int, l0: bool = False) -> ml_collections.ConfigDict:
   c.optimizer.update(dict(learning_rate=0.1, nesterov=True,
                           lr_boundaries=(250, 375), lr_decay=0.1))
   c.weight_decay = 5e-4
-  _gate_losses(c, l0, c.num_epochs)
+  set_gate_losses(c, l0, c.num_epochs)
   return c
 
 
@@ -68,5 +69,5 @@ def imagenet_config(depth: int, l0: bool = False
   assert depth in IMAGENET_DEPTHS, depth
   c = imagenet.resnet_config(depth, 'baseline')
   c.model.backbone.local_gating = ml_collections.ConfigDict(LOCAL_GATING)
-  _gate_losses(c, l0, c.num_epochs)
+  set_gate_losses(c, l0, c.num_epochs)
   return c

@@ -271,5 +271,6 @@ def _shaping_run(weight: float, steps: int = 60):
 def test_batch_shaping_pulls_gates_toward_the_prior():
   before, after = _shaping_run(weight=5.0)
   _, control = _shaping_run(weight=0.0)
-  assert after < 0.6 * before, (before, after)
-  assert after < control, (after, control)
+  # Measured: KS 0.159 -> 0.092 with the loss; 0.196 without it.
+  assert after < 0.7 * before, (before, after)
+  assert after < 0.7 * control, (after, control)
