@@ -84,6 +84,48 @@ class DenseNetBC(nn.Module):
         (_site_name(b + 1, l + 1), int(self.growth_rate))
         for b in range(NUM_BLOCKS) for l in range(1, self.layers_per_block)))
 
+  def gate_wiring(self):
+    """Per site, the convs its gates act on (for `gaternet_jax.macs`):
+    `{site: ((path, 'out'|'in', channel offset), ...)}`.
+
+    A site's gates multiply its layer's `conv2` output right after the conv,
+    so a closed gate removes that output channel ('out'). The gated map is
+    then concatenated to the block's running input, at offset
+    `c_b + l * k` (`c_b` the block's input width, `l` the 0-based layer), and
+    every later reader sees it through BN-ReLU: each later dense layer's
+    `conv1`, then the transition's `conv` (blocks 1-2) or, after the last
+    block, `bn_final`-ReLU-global pool and `fc`. These are declared 'in'.
+
+    Strictly, a closed channel is not zero at those readers' inputs: at
+    inference it is relu(BN(0)) = relu(beta - gamma * mean / sqrt(var +
+    eps)), a per-channel constant that depends on no pixel and no image.
+    Every reader is a 1x1 conv (no padding) or the fc after global pooling,
+    so such a channel adds the same constant to every position of each
+    reader output, which folds into a bias computed once per sample in
+    (closed channels x reader outputs) MACs with no spatial factor; the
+    reader's work on that input slice is skipped, and that small bias cost
+    is not counted. (In training BN uses batch statistics; MACs concern
+    inference.) A layer whose k gates are all closed could also skip its
+    `conv1` and `bn2`; that is not declared (counted dense).
+    """
+    k = int(self.growth_rate)
+    n = int(self.layers_per_block)
+    out = {}
+    width = 2 * k  # the first conv's output: block 1's input
+    for b in range(NUM_BLOCKS):
+      for l in range(1, n):
+        offset = width + l * k
+        entries = [((_site_name(b + 1, l + 1), 'conv2'), 'out', 0)]
+        entries += [((_site_name(b + 1, j + 1), 'conv1'), 'in', offset)
+                    for j in range(l + 1, n)]
+        if b < NUM_BLOCKS - 1:
+          entries.append(((f'transition{b + 1}', 'conv'), 'in', offset))
+        elif self.num_classes is not None:
+          entries.append((('fc',), 'in', offset))
+        out[_site_name(b + 1, l + 1)] = tuple(entries)
+      width = int(self.compression * (width + n * k))
+    return out
+
   @nn.compact
   def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
                train: bool = False) -> jax.Array:

@@ -334,6 +334,45 @@ class Head(nn.Module):
     return y.astype(jnp.float32)
 
 
+# Per block: its concatenation's parts in order, (producing conv or None for
+# a max-pool pass-through, filters at width 1 or None), and the convs that
+# read the block's input directly (a max pool is no conv).
+_BLOCK_WIRING = {
+    Mixed3a: ([(None, None), ('Branch_1_Conv2d_0a_3x3', 96)],
+              ['Branch_1_Conv2d_0a_3x3']),
+    Mixed4a: ([('Branch_0_Conv2d_1a_3x3', 96), ('Branch_1_Conv2d_1a_3x3', 96)],
+              ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1']),
+    Mixed5a: ([('Branch_0_Conv2d_1a_3x3', 192), (None, None)],
+              ['Branch_0_Conv2d_1a_3x3']),
+    InceptionA: ([('Branch_0_Conv2d_0a_1x1', 96),
+                  ('Branch_1_Conv2d_0b_3x3', 96),
+                  ('Branch_2_Conv2d_0c_3x3', 96),
+                  ('Branch_3_Conv2d_0b_1x1', 96)],
+                 ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1',
+                  'Branch_2_Conv2d_0a_1x1', 'Branch_3_Conv2d_0b_1x1']),
+    ReductionA: ([('Branch_0_Conv2d_1a_3x3', 384),
+                  ('Branch_1_Conv2d_1a_3x3', 256), (None, None)],
+                 ['Branch_0_Conv2d_1a_3x3', 'Branch_1_Conv2d_0a_1x1']),
+    InceptionB: ([('Branch_0_Conv2d_0a_1x1', 384),
+                  ('Branch_1_Conv2d_0c_7x1', 256),
+                  ('Branch_2_Conv2d_0e_1x7', 256),
+                  ('Branch_3_Conv2d_0b_1x1', 128)],
+                 ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1',
+                  'Branch_2_Conv2d_0a_1x1', 'Branch_3_Conv2d_0b_1x1']),
+    ReductionB: ([('Branch_0_Conv2d_1a_3x3', 192),
+                  ('Branch_1_Conv2d_1a_3x3', 320), (None, None)],
+                 ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1']),
+    InceptionC: ([('Branch_0_Conv2d_0a_1x1', 256),
+                  ('Branch_1_Conv2d_0b_1x3', 256),
+                  ('Branch_1_Conv2d_0c_3x1', 256),
+                  ('Branch_2_Conv2d_0d_1x3', 256),
+                  ('Branch_2_Conv2d_0e_3x1', 256),
+                  ('Branch_3_Conv2d_0b_1x1', 256)],
+                 ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1',
+                  'Branch_2_Conv2d_0a_1x1', 'Branch_3_Conv2d_0b_1x1']),
+}
+
+
 class InceptionV4(nn.Module):
   """Inception-v4 for 299x299x3 images, gated at its 19 concatenations.
 
@@ -373,6 +412,61 @@ class InceptionV4(nn.Module):
     sizes = (stem + (a,) * len(A_SITES) + (red_a,) + (b,) * len(B_SITES) +
              (red_b,) + (c,) * len(C_SITES))
     return GateSpec(tuple(zip(SITES, sizes)))
+
+  def gate_wiring(self):
+    """Per site, the convs its gates act on (for `gaternet_jax.macs`):
+    `{site: ((path, 'out'|'in', offset[, start, stop]), ...)}`.
+
+    A site's gates multiply its block's output concatenation, whose every
+    branch ends in a ReLU, so a closed gate makes that channel exactly zero.
+    'out': gates `[start, stop)` of the site switch off the output channels
+    of the branch conv that produced that part of the concatenation (in the
+    concatenation's order, `_BLOCK_WIRING`); a max-pool branch has no conv,
+    so its part of the gates removes nothing there. 'in': the next block's
+    convs that read the concatenation unchanged (each branch's first conv,
+    the average-pool branch's 1x1 included, since a 3x3 average pool keeps
+    a zero channel zero), or after Mixed_7d the `Logits` fc (global average
+    pool, then fc), lose the closed channels as inputs.
+
+    Not declared, so counted as if open (an overcount): a reduction's
+    max-pool part carries the previous site's gated channels, which are
+    also zero where that previous site's gate is closed (Mixed_5a <-
+    Mixed_4a, Mixed_6a <- Mixed_5e, Mixed_7a <- Mixed_6h); the wiring gives
+    each input channel one site, the reduction's own. Branch convs before a
+    producer (e.g. a 1x1 reduce) whose whole output is closed are counted
+    dense too. The auxiliary head, which also reads Mixed_6h, runs in
+    training only and is not part of the (evaluation-mode) count.
+    """
+    spec = dict(self.gate_spec().sites)
+    ch = self._cfg.ch
+    blocks = (list(zip(STEM_SITES, (Mixed3a, Mixed4a, Mixed5a))) +
+              [(n, InceptionA) for n in A_SITES] +
+              [('Mixed_6a', ReductionA)] +
+              [(n, InceptionB) for n in B_SITES] +
+              [('Mixed_7a', ReductionB)] +
+              [(n, InceptionC) for n in C_SITES])
+    assert tuple(n for n, _ in blocks) == SITES
+    out = {}
+    for i, (site, cls) in enumerate(blocks):
+      producers, _ = _BLOCK_WIRING[cls]
+      convs = sum(ch(f) for name, f in producers if name is not None)
+      entries, start = [], 0
+      for name, f in producers:
+        # A pool branch passes the rest of the site through.
+        width = ch(f) if name is not None else spec[site] - convs
+        if name is not None:
+          entries.append(((site, name, 'conv'), 'out', 0, start,
+                          start + width))
+        start += width
+      assert start == spec[site], (site, start, spec[site])
+      if i + 1 < len(blocks):
+        nxt, nxt_cls = blocks[i + 1]
+        entries += [((nxt, name, 'conv'), 'in', 0)
+                    for name in _BLOCK_WIRING[nxt_cls][1]]
+      elif self.num_classes is not None:
+        entries.append((('Logits', 'Logits'), 'in', 0))
+      out[site] = tuple(entries)
+    return out
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,

@@ -178,6 +178,23 @@ class ShakeShake(nn.Module):
         for b in range(self.blocks_per_stage)
         for r in range(NUM_BRANCHES)))
 
+  def gate_wiring(self):
+    """Per site, the convs its gates act on (for `gaternet_jax.macs`).
+
+    A branch's gates multiply its `conv2` output after `bn2`, so a closed
+    gate removes that output channel ('out'). Nothing reads the gated
+    channel alone: it is mixed with the other branch and added to the
+    shortcut, so no later conv loses an input.
+    """
+    out = {}
+    for s in range(NUM_STAGES):
+      for b in range(self.blocks_per_stage):
+        for r in range(NUM_BRANCHES):
+          out[_site_name(s + 1, b + 1, r + 1)] = (
+              ((f'stage{s + 1}_block{b + 1}', f'branch{r + 1}', 'conv2'),
+               'out', 0),)
+    return out
+
   @nn.compact
   def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
                train: bool = False) -> jax.Array:
