@@ -27,7 +27,7 @@ CIFAR_DEPTHS = (20, 32, 56)
 IMAGENET_DEPTHS = (18, 34, 50)
 
 LOCAL_GATING = dict(enabled=True, position='conv1', hidden=16,
-                    temperature=2.0 / 3.0, bias_init=2.0)
+                    temperature=2.0 / 3.0, bias_init=0.0)
 
 
 def set_gate_losses(c: ml_collections.ConfigDict, l0: bool, epochs: float):

@@ -9,6 +9,7 @@ from typing import Any, Dict
 import ml_collections
 
 from gaternet_jax import metrics as metrics_lib
+from gaternet_jax.macs import format_macs
 
 MODES = ('train', 'eval', 'summary', 'benchmark')
 
@@ -22,14 +23,31 @@ def _gate_line(r: Dict[str, Any]) -> str:
           f'{r["gates_input_dependent"]} input-dependent')
 
 
+def _macs_cell(r: Dict[str, Any]) -> str:
+  """'1.3M (-74.9%)': mean conditional MACs per image and the change
+  against the dense backbone; '' when the eval counted no MACs."""
+  if 'macs_mean' not in r:
+    return ''
+  return (f'{format_macs(r["macs_mean"])} '
+          f"({0.0 - r['macs_reduction']:+.1%})")
+
+
 def print_training_report(results: Dict[str, Dict[str, Any]], seconds: float):
-  """Baseline(s) vs GaterNet accuracy and the gates, as a short table."""
+  """Baseline(s) vs gated accuracy, MACs per image and the gates, as a
+  short table."""
   print()
-  print(f'{"run":<12} {"split":<10} {"accuracy":>9} {"loss":>8}  gates')
+  print(f'{"run":<18} {"split":<6} {"accuracy":>9} {"loss":>8} '
+        f'{"MACs/image":>16}  gates')
   for name, r in results.items():
     label = 'final' if name == 'final' else f'pretrain:{name}'
-    print(f'{label:<12} {r["split"]:<10} {r["accuracy"]:>9.2%} '
-          f'{r["loss"]:>8.4f}  {_gate_line(r)}')
+    print(f'{label:<18} {r["split"]:<6} {r["accuracy"]:>9.2%} '
+          f'{r["loss"]:>8.4f} {_macs_cell(r):>16}  {_gate_line(r)}')
+  final = results.get('final', {})
+  if 'macs_overhead' in final and final['macs_overhead'] > 0:
+    print(f'MACs/image include {format_macs(final["macs_overhead"])} of '
+          f'gater overhead over a {format_macs(final["macs_dense"])} dense '
+          f'backbone; the gates save '
+          f'{final["macs_backbone_reduction"]:.1%} of the backbone.')
   print(f'wall time {metrics_lib.format_seconds(seconds)}')
 
 

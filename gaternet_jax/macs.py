@@ -119,11 +119,15 @@ class MacCounter:
   def dense_total(self) -> int:
     return self.dense_backbone + self.dense_gater
 
-  def per_sample(self, gates: Mapping[str, jax.Array]) -> jax.Array:
-    """`(batch,)` float32 MACs of each input given its gate PyTree:
-    the conditional backbone cost plus the overhead. Jittable."""
+  def saved_per_sample(self, gates: Mapping[str, jax.Array]) -> jax.Array:
+    """`(batch,)` float32 MACs that each input's closed gates save. Jittable.
+
+    Only the savings are summed in float32, so an all-open PyTree gives
+    exactly 0 and `dense_total - saved` stays exact in float64 on the host
+    for networks far above float32's 2**24 integer range.
+    """
     if not self.spec:
-      return jnp.full((1,), float(self.dense_total), jnp.float32)
+      return jnp.zeros((1,), jnp.float32)
     closed = {}
 
     def num_closed(s: GateSlice) -> jax.Array:
@@ -134,18 +138,23 @@ class MacCounter:
       return closed[key]
 
     batch = gates[self.spec.names[0]].shape[0]
-    total = jnp.full((batch,), float(self.dense_gater), jnp.float32)
-    static = 0
+    saved = jnp.zeros((batch,), jnp.float32)
     for l in self.layers:
-      if l.overhead:
+      if l.overhead or not (l.gated_in or l.gated_out):
         continue
-      if not l.gated_in and not l.gated_out:
-        static += l.macs
-        continue
-      alive_in = l.cin - sum((num_closed(s) for s in l.gated_in), 0.0)
-      alive_out = l.cout - sum((num_closed(s) for s in l.gated_out), 0.0)
-      total = total + float(l.coef) * alive_in * alive_out
-    return total + float(static)
+      dead_in = sum((num_closed(s) for s in l.gated_in), 0.0)
+      dead_out = sum((num_closed(s) for s in l.gated_out), 0.0)
+      # cin * cout - (cin - dead_in) * (cout - dead_out)
+      pairs = dead_in * l.cout + dead_out * l.cin - dead_in * dead_out
+      saved = saved + float(l.coef) * pairs
+    return saved
+
+  def per_sample(self, gates: Mapping[str, jax.Array]) -> jax.Array:
+    """`(batch,)` float32 MACs of each input given its gate PyTree: the
+    conditional backbone cost plus the overhead. Jittable. Above 2**24 MACs
+    float32 rounds; for exact figures use `dense_total - saved_per_sample`
+    in float64."""
+    return jnp.float32(self.dense_total) - self.saved_per_sample(gates)
 
   def per_layer(self) -> List[Dict[str, Any]]:
     """Dense MACs of each layer, as rows for a report."""

@@ -216,8 +216,8 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 
   Returns {'count', 'correct', 'loss_sum'} and, for gated models,
   'gate_l1_sum' and 'gate_on_counts' `(c,)` (per gate, samples with it on);
-  with a `mac_counter`, 'macs' `(batch,)`: each example's MACs, -1 where
-  the batch is padded.
+  with a `mac_counter`, 'macs_saved' `(batch,)`: the MACs each example's
+  closed gates save, -1 where the batch is padded.
   """
   images = augment.preprocess(batch['image'], mean=mean, std=std)
   logits, gates = state.apply_fn(
@@ -234,31 +234,35 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     out['gate_l1_sum'] = jnp.sum(per_sample * mask)
     out['gate_on_counts'] = gate_on_counts(gates, spec, mask)
   if mac_counter is not None:
-    per_sample = jnp.broadcast_to(mac_counter.per_sample(gates),
-                                  mask.shape)
-    out['macs'] = jnp.where(mask > 0, per_sample, -1.0)
+    saved = jnp.broadcast_to(mac_counter.saved_per_sample(gates),
+                             mask.shape)
+    out['macs_saved'] = jnp.where(mask > 0, saved, -1.0)
   return out
 
 
 def summarize_macs(per_sample: np.ndarray,
                    mac_counter: macs_lib.MacCounter) -> Dict[str, float]:
-  """Dense and conditional MACs per image, and the reduction.
+  """Dense and conditional MACs per image, and the reductions.
 
   `macs_dense` is the ungated backbone's cost, `macs_overhead` what the
   gater (or gating modules) adds, `macs_mean` the mean conditional cost of
-  the examples (overhead included) with its spread, and `macs_reduction`
-  = 1 - macs_mean / macs_dense.
+  the examples (overhead included) with its spread, `macs_reduction`
+  = 1 - macs_mean / macs_dense (what a user saves end to end), and
+  `macs_backbone_reduction` the same without the overhead (what the gates
+  save in the backbone).
   """
   x = np.asarray(per_sample, np.float64)
   dense = float(mac_counter.dense_backbone)
+  overhead = float(mac_counter.dense_gater)
   mean = float(x.mean())
-  return {'macs_dense': dense, 'macs_overhead': float(mac_counter.dense_gater),
+  return {'macs_dense': dense, 'macs_overhead': overhead,
           'macs_mean': mean, 'macs_std': float(x.std()),
           'macs_min': float(x.min()), 'macs_max': float(x.max()),
           'macs_p10': float(np.percentile(x, 10)),
           'macs_p50': float(np.percentile(x, 50)),
           'macs_p90': float(np.percentile(x, 90)),
-          'macs_reduction': 1.0 - mean / dense}
+          'macs_reduction': 1.0 - mean / dense,
+          'macs_backbone_reduction': 1.0 - (mean - overhead) / dense}
 
 
 def summarize_eval(sums: Mapping[str, Any], spec: GateSpec,
@@ -332,15 +336,16 @@ class Steps:
     for batch in batches:
       out = dict(self.eval(state, sharding.to_global(batch,
                                                      self.data_sharding)))
-      if 'macs' in out:
-        macs.append(out.pop('macs'))
+      if 'macs_saved' in out:
+        macs.append(out.pop('macs_saved'))
       total = out if total is None else jax.tree_util.tree_map(
           jnp.add, total, out)
     per_sample = None
     if macs:
-      per_sample = np.concatenate([np.asarray(m) for m in jax.device_get(
-          macs)])
-      per_sample = per_sample[per_sample >= 0]
+      saved = np.concatenate([np.asarray(m, np.float64)
+                              for m in jax.device_get(macs)])
+      # float64 on the host: exact for any network size.
+      per_sample = self.mac_counter.dense_total - saved[saved >= 0]
     return summarize_eval(total, spec, per_sample, self.mac_counter)
 
 

@@ -123,3 +123,29 @@ def test_baseline_and_jit():
 def test_format_macs():
   assert macs.format_macs(4.11e9) == '4.11G'
   assert macs.format_macs(40.8e6) == '40.8M'
+
+
+def test_large_network_savings_stay_exact():
+  # ResNet-50 with local gates costs ~4.1G MACs, far above float32's 2**24
+  # integer range: the savings are summed alone, so open gates save exactly
+  # 0 and one closed site saves exactly its analytic amount.
+  model = _model(dict(name='imagenet_resnet', depth=50),
+                 local=dict(enabled=True))
+  counter = macs.count(model, (224, 224, 3))
+  assert counter.dense_total > 2 ** 31
+  spec = model.gate_spec()
+  saved = np.asarray(counter.saved_per_sample(spec.ones(2)))
+  np.testing.assert_array_equal(saved, 0.0)
+  # stage1_block1 at 56x56: 64 channels between the 1x1 (64 -> 64) and the
+  # 3x3 (64 -> 64).
+  hw = 56 * 56
+  saved = counter.saved_per_sample(_closed(spec, 'stage1_block1'))
+  assert float(saved[1]) == hw * (64 * 64 + 9 * 64 * 64)
+  # The eval summary subtracts in float64 on the host.
+  from gaternet_jax import train
+  s = train.summarize_macs(counter.dense_total - np.asarray(saved, np.float64),
+                           counter)
+  assert s['macs_max'] == counter.dense_total
+  assert s['macs_overhead'] == counter.dense_gater
+  assert s['macs_backbone_reduction'] == pytest.approx(
+      float(saved[1]) / 2 / counter.dense_backbone, rel=1e-12)

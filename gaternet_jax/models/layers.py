@@ -67,12 +67,16 @@ class LocalGating:
       last 1x1). The next conv then reads only the open channels.
     hidden: units of the gating module's hidden layer (16 in the paper).
     temperature: of the Gumbel-sigmoid relaxation (2/3 in the paper).
-    bias_init: initial bias of the gate logits; > 0 starts gates mostly on.
+    bias_init: initial bias of the gate logits. 0 (the default) starts
+      every gate on for half the inputs, where the Beta prior's CDF is
+      steep and the batch-shaping loss has most to say; > 0 starts gates
+      mostly on (on the digits demo a bias of 2 left 99% of the gates on
+      after the batch-shaping phase, 0 left 78%).
   """
   position: str = 'conv1'
   hidden: int = 16
   temperature: float = 2.0 / 3.0
-  bias_init: float = 2.0
+  bias_init: float = 0.0
 
   def __post_init__(self):
     if self.position not in ('conv1', 'conv2'):
@@ -112,7 +116,7 @@ class LocalGate(nn.Module):
   features: int
   hidden: int = 16
   temperature: float = 2.0 / 3.0
-  bias_init: float = 2.0
+  bias_init: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
