@@ -45,7 +45,7 @@ def print_training_report(results: Dict[str, Dict[str, Any]], seconds: float):
   final = results.get('final', {})
   if 'macs_overhead' in final and final['macs_overhead'] > 0:
     print(f'MACs/image include {format_macs(final["macs_overhead"])} of '
-          f'gater overhead over a {format_macs(final["macs_dense"])} dense '
+          f'gating overhead over a {format_macs(final["macs_dense"])} dense '
           f'backbone; the gates save '
           f'{final["macs_backbone_reduction"]:.1%} of the backbone.')
   print(f'wall time {metrics_lib.format_seconds(seconds)}')

@@ -6,6 +6,7 @@ from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 import ml_collections
 
 from gaternet_jax import data as data_lib
@@ -25,7 +26,8 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   macs_gater (dense MACs per image: the backbone with every gate open, and
   what the gater or the gating modules add), num_classes and image_shape.
   Batch-shaping's gating modules live inside the backbone's units, so their
-  parameters count in params_backbone and their MACs in macs_gater.
+  parameters count in params_backbone (and, on their own, in
+  params_gating_modules) and their MACs in macs_gater.
   """
   image_shape, num_classes = data_lib.dataset_info(config.data)
   model = create_model(config.model, num_classes)
@@ -36,12 +38,16 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   params = variables['params']
   spec = model.gate_spec()
   counter = macs_lib.count(model, image_shape, conditional=False)
+  flat = traverse_util.flatten_dict(params.get('backbone', {}))
+  gating_modules = sum(v.size for k, v in flat.items()
+                       if macs_lib.LOCAL_GATE_MODULE in k[:-1])
   gating = ('gater' if model.gater is not None else
             'local' if model.locally_gated else 'none')
   return {
       'params_total': count(params),
       'params_backbone': count(params.get('backbone', {})),
       'params_gater': count(params.get('gater', {})),
+      'params_gating_modules': int(gating_modules),
       'gated_filters': spec.total,
       'gated_sites': len(spec),
       'gating': gating,

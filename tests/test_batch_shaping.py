@@ -274,3 +274,21 @@ def test_batch_shaping_pulls_gates_toward_the_prior():
   # Measured: KS 0.159 -> 0.092 with the loss; 0.196 without it.
   assert after < 0.7 * before, (before, after)
   assert after < 0.7 * control, (after, control)
+
+
+def test_summary_of_a_batch_shaping_config():
+  from configs import cifar10_r20_bas  # pylint: disable=g-import-not-at-top
+  from gaternet_jax import summary  # pylint: disable=g-import-not-at-top
+  s = summary.model_summary(cifar10_r20_bas.get_config())
+  assert s['gating'] == 'local' and s['gated_filters'] == 336
+  assert s['params_gater'] == 0 and s['macs_backbone'] == 40813184
+  # Gating module of a unit reading c_in channels and gating c: FC c_in->16,
+  # BN(16), FC 16->c. Stage widths 16, 32, 64; each first unit reads the
+  # previous width.
+  unit = lambda cin, c: cin * 16 + 16 + 2 * 16 + 16 * c + c
+  expected = (3 * unit(16, 16) + unit(16, 32) + 2 * unit(32, 32) +
+              unit(32, 64) + 2 * unit(64, 64))
+  assert s['params_gating_modules'] == expected == 10752
+  # Their MACs: the two FCs per unit (pooling is not counted).
+  assert s['macs_gater'] == expected - 9 * (16 + 2 * 16) - (
+      3 * 16 + 3 * 32 + 3 * 64)

@@ -149,3 +149,21 @@ def test_large_network_savings_stay_exact():
   assert s['macs_overhead'] == counter.dense_gater
   assert s['macs_backbone_reduction'] == pytest.approx(
       float(saved[1]) / 2 / counter.dense_backbone, rel=1e-12)
+
+
+def test_training_report_shows_macs(capsys):
+  from gaternet_jax import cli  # pylint: disable=g-import-not-at-top
+  gated = {'split': 'test', 'accuracy': 0.99, 'loss': 0.05,
+           'gated_filters': 4, 'gates_on_fraction': 0.5, 'gates_always_on': 1,
+           'gates_always_off': 1, 'gates_input_dependent': 2,
+           'macs_dense': 1e6, 'macs_overhead': 5e5, 'macs_mean': 1.25e6,
+           'macs_reduction': -0.25, 'macs_backbone_reduction': 0.25}
+  base = {'split': 'test', 'accuracy': 0.995, 'loss': 0.04,
+          'macs_dense': 1e6, 'macs_overhead': 0.0, 'macs_mean': 1e6,
+          'macs_reduction': 0.0, 'macs_backbone_reduction': 0.0}
+  cli.print_training_report({'baseline': base, 'final': gated}, 61.0)
+  lines = capsys.readouterr().out.splitlines()
+  assert 'MACs/image' in lines[1]
+  assert '1M (+0.0%)' in lines[2] and '1.25M (+25.0%)' in lines[3]
+  assert lines[4] == ('MACs/image include 500K of gating overhead over a 1M '
+                      'dense backbone; the gates save 25.0% of the backbone.')
