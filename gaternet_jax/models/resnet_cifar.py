@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from gaternet_jax.gates import GateSpec, Gates
 from gaternet_jax.models.layers import (LocalGating, SqueezeExcite, apply_site,
                                        batch_norm, conv, gate_channels,
-                                       parse_local_gating)
+                                       parse_local_gating,
+                                       residual_gate_wiring)
 
 
 def _local_gate(module: nn.Module, x: jax.Array, features: int, train: bool):
@@ -152,16 +153,8 @@ class CifarResNet(nn.Module):
   def gate_wiring(self):
     """Per site, the convs whose output channels its gates switch off and
     those that read them: `{site: ((conv path, 'out'|'in', offset), ...)}`."""
-    last = 'conv2' if self.block == 'basic' else 'conv3'
-    out = {}
-    for name, _, _ in self._units():
-      if self.local_gating is None:
-        out[name] = (((name, last), 'out', 0),)
-      else:
-        at = self.local_gating.position
-        reader = 'conv2' if at == 'conv1' else 'conv3'
-        out[name] = (((name, at), 'out', 0), ((name, reader), 'in', 0))
-    return out
+    units = [name for name, _, _ in self._units()]
+    return residual_gate_wiring(units, self.block, self.local_gating)
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,

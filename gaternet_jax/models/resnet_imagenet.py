@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from gaternet_jax.gates import GateSpec, Gates
 from gaternet_jax.models.layers import (LocalGating, SqueezeExcite, apply_site,
                                        batch_norm, conv, gate_channels,
-                                       parse_local_gating)
+                                       parse_local_gating,
+                                       residual_gate_wiring)
 
 # Bottleneck blocks output `EXPANSION * width` channels.
 EXPANSION = 4
@@ -182,16 +183,8 @@ class ImageNetResNet(nn.Module):
   def gate_wiring(self):
     """Per site, the convs whose output channels its gates switch off and
     those that read them: `{site: ((conv path, 'out'|'in', offset), ...)}`."""
-    last = 'conv2' if self.block == 'basic' else 'conv3'
-    out = {}
-    for name in self.gate_spec().names:
-      if self.local_gating is None:
-        out[name] = (((name, last), 'out', 0),)
-      else:
-        at = self.local_gating.position
-        reader = 'conv2' if at == 'conv1' else 'conv3'
-        out[name] = (((name, at), 'out', 0), ((name, reader), 'in', 0))
-    return out
+    return residual_gate_wiring(self.gate_spec().names, self.block,
+                                self.local_gating)
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
