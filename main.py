@@ -1,6 +1,8 @@
-"""GaterNet in JAX: train, evaluate, summarise or benchmark a config.
+"""GaterNet in JAX: train, evaluate, analyse, summarise or benchmark a config.
 
   python main.py --config=configs/default.py --workdir=/tmp/gaternet_demo
+  python main.py --config=configs/default.py --workdir=/tmp/gaternet_demo \
+      --mode=analyze
   python main.py --config=configs/cifar10_r20.py --mode=summary
 """
 
@@ -35,7 +37,7 @@ def main(argv):
   if config is None:
     sys.exit('error: --config is required (for example '
              '--config=configs/default.py).')
-  if FLAGS.mode in ('train', 'eval') and not FLAGS.workdir:
+  if FLAGS.mode in ('train', 'eval', 'analyze') and not FLAGS.workdir:
     sys.exit(f'error: --workdir is required for --mode={FLAGS.mode}.')
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save at INFO; keep the run's own progress readable.

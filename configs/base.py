@@ -93,4 +93,16 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.benchmark = ml_collections.ConfigDict(
       dict(warmup_steps=3, steps=20, batch_size=0))  # 0: c.batch_size
+
+  # --mode=analyze (gaternet_jax/analysis.py): the gates of a trained run on
+  # `split` ('test' or 'train'), streamed in batches of `batch_size` (0:
+  # eval_batch_size). t-SNE and the k-NN agreement use `tsne_samples` random
+  # samples (0: skip them), drawn with `seed`; gate vectors are reduced to
+  # `pca_dims` by PCA first. An input-dependent gate is 'frequent' when on
+  # for between `frequent_low` and `frequent_high` of the samples.
+  c.analysis = ml_collections.ConfigDict(
+      dict(split='test', batch_size=0, tsne_samples=2000, pca_dims=400,
+           tsne_perplexity=30.0, knn_k=10, seed=0, frequent_low=0.01,
+           frequent_high=0.99, histogram_bins=50, difficulty_bins=10,
+           dpi=150))
   return c

@@ -11,7 +11,7 @@ import ml_collections
 from gaternet_jax import metrics as metrics_lib
 from gaternet_jax.macs import format_macs
 
-MODES = ('train', 'eval', 'summary', 'benchmark')
+MODES = ('train', 'eval', 'summary', 'benchmark', 'analyze')
 
 
 def _gate_line(r: Dict[str, Any]) -> str:
@@ -77,6 +77,11 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
     t = time.time()
     out = train.train_and_evaluate(config, workdir)
     print_training_report(out, time.time() - t)
+  elif mode == 'analyze':
+    from gaternet_jax import analysis  # pylint: disable=g-import-not-at-top
+    result = analysis.run_analysis(config, workdir)
+    print(analysis.format_report(result))
+    out = analysis.headline(result)
   else:
     raise ValueError(mode)
   print(json.dumps(out, sort_keys=True))
