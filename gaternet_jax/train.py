@@ -391,6 +391,30 @@ def _write_json(path: str, obj: Any):
   os.replace(tmp, path)
 
 
+def _drop_unset(d: Any) -> Any:
+  """`d` without entries that are 0, False, '' or empty (config defaults
+  that build nothing, such as `se_reduction=0`)."""
+  if not isinstance(d, dict):
+    return d
+  return {k: _drop_unset(v) for k, v in d.items()
+          if v not in (0, False, '', None, {}, [])}
+
+
+def _network(model: Dict[str, Any]) -> Dict[str, Any]:
+  """What of a `model` config shapes the trained network: an ungated model
+  has no gater, SemHash or gate dropout, and unset options build nothing."""
+  model = dict(model)
+  if not model.get('gated'):
+    for k in ('gater', 'semhash', 'gate_dropout'):
+      model.pop(k, None)
+  backbone = dict(model.get('backbone', {}))
+  gating = dict(backbone.get('local_gating') or {})
+  if not gating.get('enabled', True):  # as models.parse_local_gating reads it
+    backbone.pop('local_gating', None)
+  model['backbone'] = backbone
+  return _drop_unset(model)
+
+
 def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str):
   """Refuses to resume a workdir that was written by a different model."""
   path = os.path.join(workdir, 'config.json')
@@ -401,6 +425,8 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str):
   new = json.loads(config.to_json_best_effort())
   for key in ('model', 'data'):
     old_part, new_part = dict(old.get(key, {})), dict(new.get(key, {}))
+    if key == 'model':
+      old_part, new_part = _network(old_part), _network(new_part)
     if key == 'data':  # Where the data lives may change between machines.
       for k in ('data_dir',):
         old_part.pop(k, None)

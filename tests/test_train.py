@@ -331,3 +331,28 @@ def test_auxiliary_classifier_loss(weight):
   moved = np.abs(np.asarray(new.params['backbone']['aux']['kernel']) -
                  before['backbone']['aux']['kernel']).max()
   assert (moved > 0) == (weight > 0)
+
+
+def test_a_baseline_workdir_serves_as_a_pretraining_stage(tmp_path):
+  # A run of configs/cifar10_r20_baseline.py writes se_reduction=0 and a
+  # gater section its ungated model never builds; the recipe's stage config
+  # has neither. Same network, so the workdir is accepted; another depth or
+  # another gater (when gated) is refused.
+  from configs import cifar10_r20, cifar10_r20_baseline  # pylint: disable=g-import-not-at-top
+  from gaternet_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
+  wd = str(tmp_path)
+  with open(os.path.join(wd, 'config.json'), 'w', encoding='utf-8') as f:
+    f.write(cifar10_r20_baseline.get_config().to_json_best_effort())
+  stage, = recipe.pretraining_stages(cifar10_r20.get_config(), wd)
+  train_lib._check_workdir_config(stage.config, wd)
+  other = cifar10_r20_baseline.get_config()
+  other.model.backbone.depth = 32
+  with pytest.raises(WorkdirError, match='different `model`'):
+    train_lib._check_workdir_config(other, wd)
+  gated = cifar10_r20.get_config()
+  with open(os.path.join(wd, 'config.json'), 'w', encoding='utf-8') as f:
+    f.write(gated.to_json_best_effort())
+  train_lib._check_workdir_config(gated, wd)
+  gated.model.gater.bottleneck = 16
+  with pytest.raises(WorkdirError, match='different `model`'):
+    train_lib._check_workdir_config(gated, wd)
