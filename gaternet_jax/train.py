@@ -555,13 +555,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   except _Preempted:
     logging.warning('SIGTERM: saved a checkpoint at step %d and stopped.',
                     int(state.step))
-    ckpt.close()
     writer.close()
-    raise SystemExit(143)
+    raise SystemExit(143) from None
+  except BaseException:
+    writer.close()
+    raise
   finally:
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
-  ckpt.close()
+    # Whatever ended the loop, the checkpoint being written (and the old
+    # one max_to_keep deletes) are finished before this function returns,
+    # so a run started right after finds a settled checkpoints/ directory.
+    ckpt.close()
   if results is None:  # Nothing left to train: evaluate the restored state.
     results = steps.evaluate(
         state, ds.eval_batches(config.eval_batch_size), spec)

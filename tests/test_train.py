@@ -76,8 +76,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
   wd = str(tmp_path / 'killed')
   with pytest.raises(Killed):  # dies after step 5; last checkpoint is step 4
     train_lib.train(config, wd, dataset=ds, step_callback=kill_at(5))
+  # train() returned only after its async save had been committed.
+  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['1', '2', '4']
   with pytest.raises(Killed):  # dies again right after a checkpointed step
     train_lib.train(config, wd, dataset=ds, step_callback=kill_at(6))
+  # ... and after max_to_keep had deleted the oldest one.
+  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['2', '4', '6']
   resumed = train_lib.train(config, wd, dataset=ds)
   a, b = _params(str(tmp_path / 'ref')), _params(wd)
   assert a['step'] == b['step'] == 7
