@@ -437,36 +437,6 @@ def _check_analysis_config(cfg: ml_collections.ConfigDict):
                       '>= 0.')
 
 
-def _has_checkpoint(workdir: str) -> bool:
-  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
-    return False
-  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
-  try:
-    return ckpt.latest_step() is not None
-  finally:
-    ckpt.close()
-
-
-def _restore_state(config, workdir, model, ds, mesh,
-                   has_checkpoint: bool) -> train_lib.TrainState:
-  """The latest checkpoint of `workdir`, or the official checkpoint the
-  config names when the workdir has none (as --mode=eval does)."""
-  steps_per_epoch, total_steps = train_lib.num_steps(config,
-                                                     ds.num_train_examples)
-  lr_fn = train_lib.create_learning_rate_fn(config.optimizer, steps_per_epoch,
-                                            total_steps)
-  state = train_lib.create_train_state(config, model, ds.image_shape, lr_fn,
-                                       jax.random.key(config.seed), mesh)
-  if has_checkpoint:
-    ckpt = checkpoints.Checkpointer(workdir, read_only=True)
-    try:
-      return ckpt.restore(state)
-    finally:
-      ckpt.close()
-  return jax.device_put(recipe.official_init(config)(state),
-                        sharding.replicated(mesh))
-
-
 def _split_batches(ds, split: str, batch_size: int):
   """(padded batches, split name, number of examples) of `split`."""
   if split == 'test':
@@ -706,8 +676,8 @@ def run_analysis(config: ml_collections.ConfigDict,
     raise ConfigError('The config has no `analysis` fields; build it on '
                       'configs/base.py:base_config().')
   _check_analysis_config(cfg)
-  has_checkpoint = _has_checkpoint(workdir)
-  if not has_checkpoint and not recipe.official_checkpoint(config):
+  if (not checkpoints.has_checkpoint(workdir) and
+      not recipe.official_checkpoint(config)):
     raise WorkdirError(f'{workdir} has no checkpoint to analyze; train it '
                        f'first with --mode=train (or set '
                        f'config.init.official_checkpoint).')
@@ -718,7 +688,8 @@ def run_analysis(config: ml_collections.ConfigDict,
   batch_size = cfg.batch_size or config.eval_batch_size
   sharding.check_batch_size(batch_size, 'analysis.batch_size')
   batches, split, num_examples = _split_batches(ds, cfg.split, batch_size)
-  state = _restore_state(config, workdir, model, ds, mesh, has_checkpoint)
+  state = train_lib.restore_for_eval(config, workdir, model, ds.image_shape,
+                                     mesh, purpose='analyze')
   step = int(state.step)
   mac_counter = train_lib.create_mac_counter(model, ds.image_shape)
   step_fn = jax.jit(

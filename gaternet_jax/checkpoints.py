@@ -74,6 +74,17 @@ class Checkpointer:
     self._manager.close()
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds at least one finished checkpoint."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return False
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
+
+
 def load_variables(workdir: str) -> Mapping[str, Any]:
   """{'params', 'batch_stats', 'step'} of the latest checkpoint in `workdir`."""
   if not os.path.isdir(checkpoint_dir(workdir)):

@@ -600,8 +600,17 @@ def train_and_evaluate(
   if recipe.official_checkpoint(config):
     init_fns.append(recipe.official_init(config))
   for stage in recipe.pretraining_stages(config, workdir):
-    logging.info('Pretraining stage %r in %s.', stage.name, stage.workdir)
-    out[stage.name] = train(stage.config, stage.workdir, dataset=dataset)
+    if stage.train:
+      logging.info('Pretraining stage %r in %s.', stage.name, stage.workdir)
+      out[stage.name] = train(stage.config, stage.workdir, dataset=dataset)
+    else:  # A run the config names: read, never trained further.
+      logging.info('Pretrained %r: evaluating %s.', stage.name, stage.workdir)
+      if not checkpoints.has_checkpoint(stage.workdir):
+        raise WorkdirError(
+            f'The pretrained {stage.name} run {stage.workdir} (config.'
+            f'pretrain.{stage.targets[0]}_workdir) has no checkpoint; train '
+            f'it first or leave the field empty to train it here.')
+      out[stage.name] = evaluate(stage.config, stage.workdir, dataset=dataset)
     init_fns.append(recipe.stage_init(stage))
 
   def init_fn(state):
@@ -614,33 +623,48 @@ def train_and_evaluate(
   return out
 
 
-def evaluate(config: ml_collections.ConfigDict,
-             workdir: str) -> Dict[str, Any]:
+def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
+                     model: Any, image_shape, mesh, purpose: str = 'evaluate'
+                     ) -> TrainState:
+  """A replicated state holding the weights to evaluate: those of `workdir`'s
+  latest checkpoint or, when it has none, of
+  `config.init.official_checkpoint`.
+
+  Only the parameters, BatchNorm statistics and step are read, so the run
+  may have been trained with another optimiser (a pretraining stage, say).
+  """
+  state = create_train_state(config, model, image_shape, lambda _: 0.0,
+                             jax.random.key(config.seed), mesh)
+  if checkpoints.has_checkpoint(workdir):
+    saved = checkpoints.load_variables(workdir)
+    params = checkpoints.graft({'root': state.params}, ('root',),
+                               saved['params'], f'model in {workdir}')
+    stats = checkpoints.graft({'root': state.batch_stats}, ('root',),
+                              saved['batch_stats'],
+                              f'BatchNorm statistics in {workdir}')
+    state = state.replace(step=jnp.asarray(saved['step'], jnp.int32),
+                          params=params['root'],
+                          batch_stats=stats['root'])
+  elif recipe.official_checkpoint(config):
+    state = recipe.official_init(config)(state)
+  else:
+    raise WorkdirError(f'{workdir} has no checkpoint to {purpose}; train it '
+                       f'first with --mode=train (or set '
+                       f'config.init.official_checkpoint).')
+  return jax.device_put(state, sharding.replicated(mesh))
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             dataset: Optional[data_lib.InMemoryDataset] = None
+             ) -> Dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir` (or, when it has none,
   `config.init.official_checkpoint`) on the config's test split."""
-  ds = data_lib.load_dataset(config.data)
+  ds = dataset if dataset is not None else data_lib.load_dataset(config.data)
   model = create_model(config.model, ds.num_classes)
   spec = model.gate_spec()
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  steps_per_epoch, total_steps = num_steps(config, ds.num_train_examples)
-  lr_fn = create_learning_rate_fn(config.optimizer, steps_per_epoch,
-                                  total_steps)
-  state = create_train_state(config, model, ds.image_shape, lr_fn,
-                             jax.random.key(config.seed), mesh)
-  has_ckpt = os.path.isdir(checkpoints.checkpoint_dir(workdir))
-  if has_ckpt:
-    ckpt = checkpoints.Checkpointer(workdir, read_only=True)
-    has_ckpt = ckpt.latest_step() is not None
-    if has_ckpt:
-      state = ckpt.restore(state)
-    ckpt.close()
-  if not has_ckpt:
-    if not recipe.official_checkpoint(config):
-      raise WorkdirError(f'{workdir} has no checkpoint to evaluate (and '
-                         f'config.init.official_checkpoint is empty).')
-    state = jax.device_put(recipe.official_init(config)(state),
-                           sharding.replicated(mesh))
+  state = restore_for_eval(config, workdir, model, ds.image_shape, mesh)
   steps = Steps(config, spec, mesh, ds.mean, ds.std,
                 mac_counter=create_mac_counter(model, ds.image_shape))
   results = steps.evaluate(

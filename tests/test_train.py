@@ -166,6 +166,38 @@ def test_recipe_pretrains_then_initialises_both_parts(tmp_path):
                       pre['batch_stats']['backbone'], 0)
 
 
+def test_recipe_reads_a_named_pretraining_run_without_training_it(tmp_path):
+  ds = helpers.synthetic_dataset()
+  given = str(tmp_path / 'baseline')
+  base = helpers.tiny_config(gated=False)
+  base.num_train_steps = 4
+  base.optimizer.nesterov = True  # another optimiser than the gated run's
+  train_lib.train(base, given, dataset=ds)
+  before = sorted(os.listdir(os.path.join(given, 'checkpoints')))
+  config = helpers.tiny_config(gated=True)
+  config.pretrain.enabled = True
+  config.pretrain.backbone_workdir = given
+  config.pretrain.gater_workdir = given
+  config.num_train_steps = 8  # longer than the named run: it stays at 4
+  out = train_lib.train_and_evaluate(config, str(tmp_path / 'gated'),
+                                     dataset=ds)
+  assert out['baseline']['step'] == 4 and out['final']['step'] == 8
+  assert sorted(os.listdir(os.path.join(given, 'checkpoints'))) == before
+  assert out['baseline']['accuracy'] == train_lib.evaluate(
+      base, given, dataset=ds)['accuracy']
+  # --mode=eval of a run with the config of another network: one sentence.
+  wider = helpers.tiny_config(gated=False)
+  wider.model.backbone.widths = (4, 8, 32)
+  with pytest.raises(train_lib.WorkdirError, match='check that its config'):
+    train_lib.evaluate(wider, given, dataset=ds)
+  # A named run without checkpoints is refused in one sentence.
+  config.pretrain.backbone_workdir = config.pretrain.gater_workdir = str(
+      tmp_path / 'missing')
+  with pytest.raises(train_lib.WorkdirError, match='has no checkpoint'):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'gated2'), dataset=ds)
+  assert not os.path.exists(tmp_path / 'missing')
+
+
 def test_recipe_uses_two_stages_when_gater_differs(tmp_path):
   config = helpers.tiny_config(gated=True)
   config.pretrain.enabled = True
