@@ -55,8 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(
       dict(name='sgd', learning_rate=0.1, momentum=0.9, nesterov=False,
            schedule='step', lr_boundaries=(80, 120), lr_decay=0.1,
-           decay_epochs=2.0, warmup_epochs=0.0, rmsprop_decay=0.9,
-           rmsprop_eps=1.0))
+           decay_epochs=2.0, warmup_epochs=0.0, warmup_lr=0.0,
+           rmsprop_decay=0.9, rmsprop_eps=1.0))
+  # warmup_lr=0: the warm-up rises linearly to learning_rate; > 0: it holds
+  # warmup_lr.
   c.weight_decay = 1e-4
   c.gate_l1_weight = 0.1  # lambda of the gate L1 term (sec. 3.2.2)
   # Batch-shaping (Bejnordi et al. 2020), for models with local gates: the
@@ -80,6 +82,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrain.gater_workdir = ''
   # Fields that differ in the pretraining runs (any top-level config field).
   c.pretrain.overrides = ml_collections.ConfigDict()
+  # The gater's own pretraining run, when its network differs from the
+  # backbone's, follows the training scheme of the gater's network (section
+  # 4.2: each network is pretrained as its original paper trains it), not
+  # the backbone's: set below to the CIFAR ResNet scheme, by
+  # configs/imagenet.py to the torchvision ResNet one. Applied after
+  # `overrides`.
+  c.pretrain.gater_overrides = ml_collections.ConfigDict()
 
   c.init = ml_collections.ConfigDict()
   c.init.official_checkpoint = ''  # a torch.save file of the official code
@@ -105,4 +114,13 @@ def base_config() -> ml_collections.ConfigDict:
            tsne_perplexity=30.0, knn_k=10, seed=0, frequent_low=0.01,
            frequent_high=0.99, histogram_bins=50, difficulty_bins=10,
            dpi=150))
+  c.pretrain.gater_overrides = ml_collections.ConfigDict(training_scheme(c))
   return c
+
+
+def training_scheme(c: ml_collections.ConfigDict) -> dict:
+  """The fields of `c` that make up a network's training scheme."""
+  return dict(num_epochs=c.num_epochs, batch_size=c.batch_size,
+              optimizer=c.optimizer.to_dict(), weight_decay=c.weight_decay,
+              label_smoothing=c.label_smoothing,
+              aux_loss_weight=c.aux_loss_weight)

@@ -26,7 +26,8 @@ def densenet_config(size: str, gated: bool = True) -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = lr
   c.optimizer.lr_boundaries = (epochs // 2, epochs * 3 // 4)
   c.model.gate_dropout = 0.05 if gated else 0.0
-  # The pretraining runs follow the baseline scheme.
+  # The backbone's pretraining run follows the baseline scheme (the ResNet-20
+  # gater's follows He et al.'s: pretrain.gater_overrides, configs/base.py).
   c.pretrain.overrides = ml_collections.ConfigDict(dict(
       num_epochs=300, optimizer=dict(learning_rate=0.1,
                                      lr_boundaries=(150, 225))))

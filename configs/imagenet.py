@@ -44,6 +44,14 @@ def _imagenet_base(image_size: int) -> ml_collections.ConfigDict:
   c.log_every_steps = 500
   c.eval_every_epochs = 5.0
   c.checkpoint_every_steps = 5000
+  # The ResNet scheme; the ResNet-18 gater is pretrained with it whatever
+  # the backbone.
+  c.num_epochs = 90
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.lr_boundaries = (30, 60)
+  c.weight_decay = 1e-4
+  c.pretrain.gater_overrides = ml_collections.ConfigDict(
+      base.training_scheme(c))
   return c
 
 
@@ -60,10 +68,6 @@ def resnet_config(depth: int, variant: str = 'gated',
     backbone['se_reduction'] = SE_REDUCTION
   c.model.backbone = ml_collections.ConfigDict(backbone)
   c.model.gated = variant == 'gated'
-  c.num_epochs = 90
-  c.optimizer.learning_rate = 0.1
-  c.optimizer.lr_boundaries = (30, 60)
-  c.weight_decay = 1e-4
   return c
 
 

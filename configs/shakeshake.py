@@ -25,6 +25,8 @@ def shakeshake_config(size: str, gated: bool = True
   c.num_epochs, c.optimizer.learning_rate = (1830, 0.05) if gated else (1800,
                                                                         0.2)
   c.model.gate_dropout = 0.05 if gated else 0.0
+  # The backbone's pretraining run follows the baseline scheme (the ResNet-20
+  # gater's follows He et al.'s: pretrain.gater_overrides, configs/base.py).
   c.pretrain.overrides = ml_collections.ConfigDict(dict(
       num_epochs=1800, optimizer=dict(learning_rate=0.2)))
   return c

@@ -38,22 +38,27 @@ def _arch(cfg: ml_collections.ConfigDict) -> dict:
   return d
 
 
-def stage_config(config: ml_collections.ConfigDict,
-                 arch: dict) -> ml_collections.ConfigDict:
-  """The ungated classifier run that pretrains a part of `config`'s model."""
+def stage_config(config: ml_collections.ConfigDict, arch: dict,
+                 gater_only: bool = False) -> ml_collections.ConfigDict:
+  """The ungated classifier run that pretrains a part of `config`'s model:
+  `config` with `arch` as its network and `pretrain.overrides` applied, then
+  `pretrain.gater_overrides` for a run that pretrains the gater alone."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.gated = False
+  c.model.gate_dropout = 0.0
   c.model.backbone = ml_collections.ConfigDict(arch)
   c.gate_l1_weight = 0.0
   c.pretrain.enabled = False
   c.init.official_checkpoint = ''
-  for key, value in config.pretrain.overrides.to_dict().items():
-    if key not in c:
-      raise ConfigError(f'pretrain.overrides.{key} is not a config field.')
-    if isinstance(value, dict):
-      c[key].update(value)
-    else:
-      c[key] = value
+  fields = ['overrides'] + (['gater_overrides'] if gater_only else [])
+  for field in fields:
+    for key, value in config.pretrain.get(field, {}).to_dict().items():
+      if key not in c:
+        raise ConfigError(f'pretrain.{field}.{key} is not a config field.')
+      if isinstance(value, dict):
+        c[key].update(value)
+      else:
+        c[key] = value
   return c
 
 
@@ -77,7 +82,7 @@ def pretraining_stages(config: ml_collections.ConfigDict,
       Stage('backbone', stage_config(config, backbone_arch),
             pre.backbone_workdir or default('backbone'), ('backbone',),
             train=not pre.backbone_workdir),
-      Stage('gater', stage_config(config, gater_arch),
+      Stage('gater', stage_config(config, gater_arch, gater_only=True),
             pre.gater_workdir or default('gater'), ('gater',),
             train=not pre.gater_workdir),
   ]

@@ -137,6 +137,25 @@ def test_learning_rate_schedules():
   fn = train_lib.create_learning_rate_fn(cfg, 10, 40)
   assert float(fn(0)) == pytest.approx(0.01, rel=1e-6)
   assert float(fn(15)) == pytest.approx(0.1, rel=1e-6)
+  # He et al.'s ResNet-164 warm-up holds 0.01, then the step schedule runs
+  # on its absolute epochs.
+  cfg.warmup_lr = 0.01
+  fn = train_lib.create_learning_rate_fn(cfg, 10, 40)
+  np.testing.assert_allclose([fn(0), fn(9), fn(10), fn(19), fn(20), fn(30)],
+                             [0.01, 0.01, 0.1, 0.1, 0.01, 0.001], rtol=1e-6)
+  # Cosine: the same linear ramp as the step schedule, then a cosine that
+  # starts after the warm-up and reaches 0 at the end.
+  cfg.warmup_lr = 0.0
+  cfg.schedule = 'cosine'
+  fn = train_lib.create_learning_rate_fn(cfg, 10, 40)
+  np.testing.assert_allclose([fn(0), fn(9), fn(10), fn(25), fn(40)],
+                             [0.01, 0.1, 0.1, 0.05, 0.0], rtol=1e-6,
+                             atol=1e-7)
+  from configs import cifar10_r164  # pylint: disable=g-import-not-at-top
+  r164 = cifar10_r164.get_config().optimizer
+  fn = train_lib.create_learning_rate_fn(r164, 390, 390 * 160)
+  np.testing.assert_allclose([fn(0), fn(389), fn(390), fn(390 * 80)],
+                             [0.01, 0.01, 0.1, 0.01], rtol=1e-6)
 
 
 def test_recipe_pretrains_then_initialises_both_parts(tmp_path):
@@ -164,6 +183,14 @@ def test_recipe_pretrains_then_initialises_both_parts(tmp_path):
   _assert_trees_close(state.params['gater']['features'], features, 0)
   _assert_trees_close(state.batch_stats['gater']['features'],
                       pre['batch_stats']['backbone'], 0)
+  # Resuming the joint run never retrains a stage, even one that is gone.
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(stages[0].workdir)
+  config.num_train_steps = 4
+  again = train_lib.train_and_evaluate(config, str(tmp_path / 'gated'),
+                                       dataset=ds)
+  assert set(again) == {'final'} and again['final']['step'] == 4
+  assert not os.path.exists(stages[0].workdir)
 
 
 def test_recipe_reads_a_named_pretraining_run_without_training_it(tmp_path):
@@ -245,17 +272,24 @@ def test_gate_dropout_schedule_and_effect():
   config.model.gate_dropout = 1.5
   with pytest.raises(train_lib.ConfigError):
     train_lib.create_gate_dropout_fn(config, 100)
-  # In the model: rate 1 closes every gate the backbone sees.
+  # In the model: rate 1 closes every gate the backbone sees; the returned
+  # gates are the gater's own G(x), which the L1 term and statistics use.
   model = create_model(helpers.tiny_config(gated=True).model, 3)
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   v = model.init({'params': jax.random.key(1), 'gates': jax.random.key(2)}, x)
   apply = jax.jit(lambda v, x, r: model.apply(
       v, x, train=True, gate_dropout=r, rngs={'gates': jax.random.key(3)},
       mutable=('batch_stats',))[0])
-  _, gates = apply(v, x, jnp.asarray(1.0))
-  assert all(float(g.max()) == 0.0 for g in gates.values())
-  _, gates = apply(v, x, jnp.asarray(0.0))
+  dropped_logits, dropped_gates = apply(v, x, jnp.asarray(1.0))
+  logits, gates = apply(v, x, jnp.asarray(0.0))
   assert any(float(g.max()) > 0.0 for g in gates.values())
+  _assert_trees_close(dropped_gates, gates, 0)
+  closed = {k: jnp.zeros_like(g) for k, g in gates.items()}
+  closed_logits = model.apply(
+      v, x, closed, method=lambda m, x, g: m.backbone(x, g, train=True),
+      mutable=('batch_stats',))[0]
+  np.testing.assert_allclose(dropped_logits, closed_logits, atol=1e-5)
+  assert not np.allclose(logits, dropped_logits, atol=1e-3)
 
 
 def test_bfloat16_step_matches_float32():
@@ -392,3 +426,57 @@ def test_a_baseline_workdir_serves_as_a_pretraining_stage(tmp_path):
   gated.model.gater.bottleneck = 16
   with pytest.raises(WorkdirError, match='different `model`'):
     train_lib._check_workdir_config(gated, wd)
+
+
+def test_each_pretraining_run_follows_its_own_networks_scheme():
+  """Section 4.2: backbone and gater are pretrained as their original papers
+  train them; the gater's run does not inherit the backbone's scheme."""
+  from configs import cifar10_densenet_bc100_k12, cifar10_r56  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_shakeshake26_2x96d, imagenet_inception_v4  # pylint: disable=g-import-not-at-top
+  from configs import imagenet_r101  # pylint: disable=g-import-not-at-top
+
+  def scheme(c):
+    o = c.optimizer
+    return (c.num_epochs, c.batch_size, o.name, o.learning_rate, o.schedule,
+            tuple(o.lr_boundaries), o.nesterov, c.weight_decay,
+            c.label_smoothing, c.aux_loss_weight)
+
+  resnet20 = (160, 128, 'sgd', 0.1, 'step', (80, 120), False, 1e-4, 0.0, 0.0)
+  resnet18 = (90, 256, 'sgd', 0.1, 'step', (30, 60), False, 1e-4, 0.0, 0.0)
+  for module, backbone_scheme, gater_scheme in (
+      (cifar10_densenet_bc100_k12,
+       (300, 64, 'sgd', 0.1, 'step', (150, 225), True, 1e-4, 0.0, 0.0),
+       resnet20),
+      (cifar10_shakeshake26_2x96d,
+       (1800, 128, 'sgd', 0.2, 'cosine', (80, 120), True, 1e-4, 0.0, 0.0),
+       resnet20),
+      (cifar10_r56, resnet20, resnet20),
+      (imagenet_r101, resnet18, resnet18)):
+    backbone, gater = recipe.pretraining_stages(module.get_config(), '/w')
+    assert scheme(backbone.config) == backbone_scheme, module.__name__
+    assert scheme(gater.config) == gater_scheme, module.__name__
+    assert gater.config.model.backbone.depth in (18, 20)
+  backbone, gater = recipe.pretraining_stages(imagenet_inception_v4.get_config(),
+                                              '/w')
+  assert backbone.config.optimizer.name == 'rmsprop'
+  assert backbone.config.aux_loss_weight == 0.4
+  assert scheme(gater.config) == resnet18
+  assert gater.config.data.image_size == 299  # the images the gater will see
+  # A typo in the overrides is one sentence.
+  config = cifar10_densenet_bc100_k12.get_config()
+  config.pretrain.gater_overrides.num_epoch = 5
+  with pytest.raises(train_lib.ConfigError, match='gater_overrides.num_epoch'):
+    recipe.pretraining_stages(config, '/w')
+
+
+@pytest.mark.parametrize('field,value', [
+    ('keep_checkpoints', 0), ('checkpoint_every_steps', 0),
+    ('log_every_steps', -1), ('steps_per_call', 0), ('eval_every_epochs', 0.0)])
+def test_loop_fields_that_would_hang_or_lose_checkpoints_are_refused(
+    tmp_path, field, value):
+  config = helpers.tiny_config(gated=False)
+  config[field] = value
+  with pytest.raises(train_lib.ConfigError, match=field):
+    train_lib.train(config, str(tmp_path / 'run'),
+                    dataset=helpers.synthetic_dataset())
+  assert not os.path.exists(tmp_path / 'run')

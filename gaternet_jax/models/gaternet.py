@@ -78,8 +78,10 @@ class GaterNet(nn.Module):
 
     In training the rng stream 'gates' drives SemHash's noise and mixing
     (or the Gumbel noise of local gates) and, when `gate_dropout` > 0 (the
-    scheduled dropout of Appendix B), the dropout of gates; the returned
-    gates are the ones the backbone used. Local gates also sow their relaxed
+    scheduled dropout of Appendix B), the dropout of gates. The returned
+    gates are the gater's G(x), before that dropout (what the L1 term and the
+    gate statistics are about); the backbone runs on the dropped ones. Local
+    gates also sow their relaxed
     values and on-probabilities as gate PyTrees, 'gate_values' and
     'gate_probs' in the 'intermediates' collection (for batch-shaping and L0).
     """
@@ -99,7 +101,8 @@ class GaterNet(nn.Module):
     flat = improved_semhash(gate_logits, rng=rng, train=train,
                             mix_prob=self.mix_prob, noise_std=self.noise_std)
     gates = spec.unflatten(flat)
+    used = gates
     if train and not (isinstance(gate_dropout, (int, float)) and
                       gate_dropout == 0):
-      gates = drop_gates(gates, spec, gate_dropout, self.make_rng('gates'))
-    return self.backbone(images, gates, train=train), gates
+      used = drop_gates(gates, spec, gate_dropout, self.make_rng('gates'))
+    return self.backbone(images, used, train=train), gates
