@@ -123,7 +123,12 @@ def create_writer(workdir: str, use_tensorboard: bool = True) -> MultiWriter:
 
 
 class ProgressLogger:
-  """Logs step, steps/s, images/s and ETA every `every_secs` seconds."""
+  """Logs step, steps/s, images/s and ETA every `every_secs` seconds.
+
+  Steps/s are those of the last interval; the ETA uses the mean rate since
+  the first report (so compilation is left out, and the evals and
+  checkpoints on the way are counted in).
+  """
 
   def __init__(self, num_train_steps: int, batch_size: int,
                writer: Optional[Any] = None, every_secs: float = 30.0,
@@ -134,6 +139,7 @@ class ProgressLogger:
     self._every = every_secs
     self._last_t = time.time()
     self._last_step = first_step
+    self._first = None  # (t, step) of the first report
 
   def __call__(self, step: int, t: Optional[float] = None) -> bool:
     t = time.time() if t is None else t
@@ -143,7 +149,13 @@ class ProgressLogger:
     if ds <= 0 or dt <= 0:
       return False
     rate = ds / dt
-    eta = (self._total - step) / rate
+    if self._first is None:
+      self._first = (t, step)
+      mean_rate = rate
+    else:
+      t0, step0 = self._first
+      mean_rate = (step - step0) / (t - t0)
+    eta = (self._total - step) / mean_rate
     logging.info('step %d/%d (%.1f%%): %.2f steps/s, %.0f images/s, ETA %s',
                  step, self._total, 100.0 * step / max(self._total, 1), rate,
                  rate * self._batch, format_seconds(eta))

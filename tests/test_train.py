@@ -480,3 +480,19 @@ def test_loop_fields_that_would_hang_or_lose_checkpoints_are_refused(
     train_lib.train(config, str(tmp_path / 'run'),
                     dataset=helpers.synthetic_dataset())
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_progress_eta_uses_the_mean_rate_after_the_first_report(caplog):
+  from gaternet_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  progress = metrics_lib.ProgressLogger(1000, 10, every_secs=10.0)
+  t0 = progress._last_t  # pylint: disable=protected-access
+  with caplog.at_level('INFO'):
+    assert not progress(5, t0 + 1.0)           # within the interval
+    assert progress(100, t0 + 100.0)           # compile + 100 steps: 1/s
+    assert progress(300, t0 + 110.0)           # a fast stretch: 20 steps/s
+    assert progress(310, t0 + 120.0)           # a slow one (an eval): 1/s
+  lines = [r.getMessage() for r in caplog.records if 'ETA' in r.getMessage()]
+  assert lines[0].endswith('1.00 steps/s, 10 images/s, ETA 15m00s')
+  assert lines[1].endswith('20.00 steps/s, 200 images/s, ETA 0m35s')
+  # Mean since the first report: 210 steps in 20 s -> 690 left take 66 s.
+  assert lines[2].endswith('1.00 steps/s, 10 images/s, ETA 1m06s')
