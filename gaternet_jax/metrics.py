@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from absl import logging
 import jax
@@ -127,7 +127,10 @@ class ProgressLogger:
 
   Steps/s are those of the last interval; the ETA uses the mean rate since
   the first report (so compilation is left out, and the evals and
-  checkpoints on the way are counted in).
+  checkpoints on the way are counted in). Steps are dispatched
+  asynchronously, so `sync` (waiting for the last dispatched step) is called
+  before each report: the rates are of finished steps, not of dispatched
+  ones.
   """
 
   def __init__(self, num_train_steps: int, batch_size: int,
@@ -141,10 +144,14 @@ class ProgressLogger:
     self._last_step = first_step
     self._first = None  # (t, step) of the first report
 
-  def __call__(self, step: int, t: Optional[float] = None) -> bool:
+  def __call__(self, step: int, t: Optional[float] = None,
+               sync: Optional[Callable[[], Any]] = None) -> bool:
     t = time.time() if t is None else t
     if t - self._last_t < self._every and step != self._total:
       return False
+    if sync is not None:
+      sync()
+      t = time.time()
     dt, ds = t - self._last_t, step - self._last_step
     if ds <= 0 or dt <= 0:
       return False
@@ -198,7 +205,7 @@ def create_progress(num_train_steps: int, batch_size: int, writer: Any,
                     every_secs: float, first_step: int = 0):
   """clu's ReportProgress (steps/s and ETA) when clu imports; else ours.
 
-  Both are called as `progress(step)` after each step.
+  Both are called as `progress(step, sync=...)` after each step.
   """
   if tensorboard_available():
     try:
@@ -212,9 +219,10 @@ def create_progress(num_train_steps: int, batch_size: int, writer: Any,
       ours = ProgressLogger(num_train_steps, batch_size, None, every_secs,
                             first_step)
 
-      def both(step, t=None):
+      def both(step, t=None, sync=None):
+        reported = ours(step, t, sync)  # first: it syncs before reporting
         report(step, t=t)
-        return ours(step, t)
+        return reported
       return both
   return ProgressLogger(num_train_steps, batch_size, writer, every_secs,
                         first_step)

@@ -564,7 +564,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         state, m = steps.train(state, batch, train_rng)
       buffer.append(m)
       step += n
-      progress(step)
+      progress(step, sync=lambda: jax.block_until_ready(m))
       if step % config.log_every_steps == 0 or step == total_steps:
         scalars = metrics_lib.average(buffer)
         scalars['learning_rate'] = float(lr_fn(step - 1))

@@ -496,3 +496,11 @@ def test_progress_eta_uses_the_mean_rate_after_the_first_report(caplog):
   assert lines[1].endswith('20.00 steps/s, 200 images/s, ETA 0m35s')
   # Mean since the first report: 210 steps in 20 s -> 690 left take 66 s.
   assert lines[2].endswith('1.00 steps/s, 10 images/s, ETA 1m06s')
+  # It waits for the dispatched steps only when it reports.
+  synced = []
+  progress = metrics_lib.ProgressLogger(1000, 10, every_secs=3600.0)
+  for step in range(1, 11):
+    progress(step, sync=lambda: synced.append(True))
+  assert not synced
+  progress(1000, sync=lambda: synced.append(True))
+  assert synced == [True]
