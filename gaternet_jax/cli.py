@@ -6,9 +6,11 @@ import json
 import time
 from typing import Any, Dict
 
+import jax
 import ml_collections
 
 from gaternet_jax import metrics as metrics_lib
+from gaternet_jax.errors import UserError
 from gaternet_jax.macs import format_macs
 
 MODES = ('train', 'eval', 'summary', 'benchmark', 'analyze')
@@ -52,7 +54,26 @@ def print_training_report(results: Dict[str, Dict[str, Any]], seconds: float):
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Runs `mode`; its last stdout line is one JSON object of the results."""
+  """Runs `mode`; its last stdout line is one JSON object of the results.
+
+  Raises:
+    UserError: for what the user can fix, an accelerator (or host) out of
+      memory for the config's batch size included.
+  """
+  try:
+    return _run(mode, config, workdir)
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e)
+    if 'RESOURCE_EXHAUSTED' not in message and 'Out of memory' not in message:
+      raise
+    first = message.strip().splitlines()[0][:200]
+    raise UserError(
+        f'{jax.devices()[0].device_kind} ran out of memory ({first}); use a '
+        f'smaller batch: --config.batch_size and --config.eval_batch_size, '
+        f'or --config.benchmark.batch_size for --mode=benchmark.') from e
+
+
+def _run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
   if mode == 'summary':
     from gaternet_jax import summary  # pylint: disable=g-import-not-at-top
     out = summary.model_summary(config)

@@ -92,3 +92,25 @@ def test_workdir_of_another_model_is_refused_and_kept(tmp_path):
   after = {f: os.path.getmtime(os.path.join(root, f))
            for root, _, files in os.walk(wd) for f in files}
   assert before == after
+
+
+def test_out_of_memory_is_one_sentence_about_the_batch(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from gaternet_jax import benchmark, cli  # pylint: disable=g-import-not-at-top
+  from gaternet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  def oom(config):
+    raise jax.errors.JaxRuntimeError(
+        'RESOURCE_EXHAUSTED: Out of memory allocating 51633771136 bytes.')
+
+  monkeypatch.setattr(benchmark, 'run_benchmark', oom)
+  with pytest.raises(UserError, match='ran out of memory.*benchmark.batch_size'):
+    cli.run('benchmark', default.get_config(), None)
+
+  def other(config):
+    raise jax.errors.JaxRuntimeError('INTERNAL: something else')
+
+  monkeypatch.setattr(benchmark, 'run_benchmark', other)
+  with pytest.raises(jax.errors.JaxRuntimeError):  # not the user's to fix
+    cli.run('benchmark', default.get_config(), None)
