@@ -81,9 +81,9 @@ class GaterNet(nn.Module):
     scheduled dropout of Appendix B), the dropout of gates. The returned
     gates are the gater's G(x), before that dropout (what the L1 term and the
     gate statistics are about); the backbone runs on the dropped ones. Local
-    gates also sow their relaxed
-    values and on-probabilities as gate PyTrees, 'gate_values' and
-    'gate_probs' in the 'intermediates' collection (for batch-shaping and L0).
+    gates also sow their relaxed values and on-probabilities as gate
+    PyTrees, 'gate_values' and 'gate_probs' in the 'intermediates' collection
+    (for batch-shaping and L0).
     """
     if self.gater is None and self.locally_gated:
       logits, samples = self.backbone(images, None, train=train)
