@@ -92,10 +92,13 @@ def _time_elements(iterator, warmup, count, rows=1):
 
 def main(argv):
   del argv
+  if not FLAGS.data_dir or not os.path.isdir(FLAGS.data_dir):
+    sys.exit(f'error: --data_dir={FLAGS.data_dir!r} is not a directory.')
   tf = input_pipeline._import_tf()  # pylint: disable=protected-access
   paths, labels = _file_list(FLAGS.data_dir, FLAGS.class_folders)
   if not paths:
-    raise app.UsageError(f'No images in {FLAGS.data_dir}.')
+    sys.exit(f'error: no .jpeg, .jpg or .png files in {FLAGS.data_dir} '
+             f'(for class subfolders add --class_folders).')
   total = FLAGS.warmup_images + FLAGS.num_images
   all_paths, all_labels = _repeat(paths, total), _repeat(labels, total)
   cfg = ConfigDict(dict(image_size=FLAGS.image_size,

@@ -404,3 +404,25 @@ def test_package_imports_without_tensorflow():
           'import gaternet_jax.input_pipeline')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, '-c', code], check=True, cwd=repo)
+
+
+def test_pipeline_benchmark_prints_every_stage(folder):
+  root, _ = folder
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = os.path.join(repo, 'launch', 'bench_input.py')
+  run = lambda *a: subprocess.run([sys.executable, script, *a], cwd=repo,
+                                  capture_output=True, text=True, timeout=300)
+  proc = run(f'--data_dir={os.path.join(root, "train")}', '--class_folders',
+             '--num_images=32', '--warmup_images=8', '--batch_size=8',
+             f'--image_size={SIZE}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rates = {}
+  for line in proc.stdout.splitlines():
+    if line.endswith('images/s'):
+      rates[line[:20].strip()] = float(line.split()[-2])
+  assert set(rates) == {'1 read', '2 train decode', '3 train batch8',
+                        '3 eval batch8'}, proc.stdout
+  assert all(r > 0 for r in rates.values())
+  proc = run(f'--data_dir={os.path.join(root, "nowhere")}')
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: ')
