@@ -31,11 +31,9 @@ import optax
 
 from gaternet_jax import augment
 from gaternet_jax import batching
-from gaternet_jax import checkpoints
 from gaternet_jax import data as data_lib
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import metrics as metrics_lib
-from gaternet_jax import recipe
 from gaternet_jax import sharding
 from gaternet_jax import train as train_lib
 from gaternet_jax.errors import ConfigError, WorkdirError
@@ -676,11 +674,7 @@ def run_analysis(config: ml_collections.ConfigDict,
     raise ConfigError('The config has no `analysis` fields; build it on '
                       'configs/base.py:base_config().')
   _check_analysis_config(cfg)
-  if (not checkpoints.has_checkpoint(workdir) and
-      not recipe.official_checkpoint(config)):
-    raise WorkdirError(f'{workdir} has no checkpoint to analyze; train it '
-                       f'first with --mode=train (or set '
-                       f'config.init.official_checkpoint).')
+  source = train_lib.eval_weights(config, workdir, purpose='analyze')
   ds = data_lib.load_dataset(config.data)
   model = create_model(config.model, ds.num_classes)
   spec = model.gate_spec()
@@ -689,7 +683,7 @@ def run_analysis(config: ml_collections.ConfigDict,
   sharding.check_batch_size(batch_size, 'analysis.batch_size')
   batches, split, num_examples = _split_batches(ds, cfg.split, batch_size)
   state = train_lib.restore_for_eval(config, workdir, model, ds.image_shape,
-                                     mesh, purpose='analyze')
+                                     mesh, source)
   step = int(state.step)
   mac_counter = train_lib.create_mac_counter(model, ds.image_shape)
   step_fn = jax.jit(

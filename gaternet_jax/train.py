@@ -17,7 +17,6 @@ import time
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from absl import logging
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ from gaternet_jax import metrics as metrics_lib
 from gaternet_jax import recipe
 from gaternet_jax import sharding
 from gaternet_jax.errors import ConfigError, WorkdirError
-from gaternet_jax.gates import GateSpec, gate_l1, gate_on_counts, gate_type_counts
+from gaternet_jax.gates import GateSpec, gate_on_counts, gate_type_counts
 from gaternet_jax.models import create_model
 
 
@@ -658,19 +657,31 @@ def train_and_evaluate(
   return out
 
 
+def eval_weights(config: ml_collections.ConfigDict, workdir: str,
+                 purpose: str = 'evaluate') -> str:
+  """Where the weights to evaluate come from: 'checkpoint' (the latest of
+  `workdir`) or 'official' (`config.init.official_checkpoint`); checked
+  before any data is loaded."""
+  if checkpoints.has_checkpoint(workdir):
+    return 'checkpoint'
+  if recipe.official_checkpoint(config):
+    return 'official'
+  raise WorkdirError(f'{workdir} has no checkpoint to {purpose}; train it '
+                     f'first with --mode=train (or set '
+                     f'config.init.official_checkpoint).')
+
+
 def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
-                     model: Any, image_shape, mesh, purpose: str = 'evaluate'
+                     model: Any, image_shape, mesh, source: str
                      ) -> TrainState:
-  """A replicated state holding the weights to evaluate: those of `workdir`'s
-  latest checkpoint or, when it has none, of
-  `config.init.official_checkpoint`.
+  """A replicated state holding the weights `eval_weights` named.
 
   Only the parameters, BatchNorm statistics and step are read, so the run
   may have been trained with another optimiser (a pretraining stage, say).
   """
   state = create_train_state(config, model, image_shape, lambda _: 0.0,
                              jax.random.key(config.seed), mesh)
-  if checkpoints.has_checkpoint(workdir):
+  if source == 'checkpoint':
     saved = checkpoints.load_variables(workdir)
     params = checkpoints.graft({'root': state.params}, ('root',),
                                saved['params'], f'model in {workdir}')
@@ -680,12 +691,8 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
     state = state.replace(step=jnp.asarray(saved['step'], jnp.int32),
                           params=params['root'],
                           batch_stats=stats['root'])
-  elif recipe.official_checkpoint(config):
-    state = recipe.official_init(config)(state)
   else:
-    raise WorkdirError(f'{workdir} has no checkpoint to {purpose}; train it '
-                       f'first with --mode=train (or set '
-                       f'config.init.official_checkpoint).')
+    state = recipe.official_init(config)(state)
   return jax.device_put(state, sharding.replicated(mesh))
 
 
@@ -694,12 +701,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
              ) -> Dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir` (or, when it has none,
   `config.init.official_checkpoint`) on the config's test split."""
+  source = eval_weights(config, workdir)
   ds = dataset if dataset is not None else data_lib.load_dataset(config.data)
   model = create_model(config.model, ds.num_classes)
   spec = model.gate_spec()
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  state = restore_for_eval(config, workdir, model, ds.image_shape, mesh)
+  state = restore_for_eval(config, workdir, model, ds.image_shape, mesh,
+                           source)
   steps = Steps(config, spec, mesh, ds.mean, ds.std,
                 mac_counter=create_mac_counter(model, ds.image_shape))
   results = steps.evaluate(

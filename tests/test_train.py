@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -184,7 +185,6 @@ def test_recipe_pretrains_then_initialises_both_parts(tmp_path):
   _assert_trees_close(state.batch_stats['gater']['features'],
                       pre['batch_stats']['backbone'], 0)
   # Resuming the joint run never retrains a stage, even one that is gone.
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(stages[0].workdir)
   config.num_train_steps = 4
   again = train_lib.train_and_evaluate(config, str(tmp_path / 'gated'),
