@@ -419,7 +419,8 @@ def test_pipeline_benchmark_prints_every_stage(folder):
   rates = {}
   for line in proc.stdout.splitlines():
     if line.endswith('images/s'):
-      rates[line[:20].strip()] = float(line.split()[-2])
+      stage, rate, _ = line.rsplit(None, 2)
+      rates[stage] = float(rate)
   assert set(rates) == {'1 read', '2 train decode', '3 train batch8',
                         '3 eval batch8'}, proc.stdout
   assert all(r > 0 for r in rates.values())
