@@ -32,16 +32,30 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=max(save_every_steps, 1),
         create=not read_only, read_only=read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, force: bool = False) -> bool:
-    """Saves `state` at `step` if the interval says so (or `force`)."""
+  def save(self, step: int, state: Any, force: bool = False,
+           train_seconds: Optional[float] = None) -> bool:
+    """Saves `state` at `step` if the interval says so (or `force`), with
+    the training time so far (`train_seconds`) in the step's metadata."""
+    metadata = None if train_seconds is None else {
+        'train_seconds': float(train_seconds)}
     return self._manager.save(
         int(step), args=ocp.args.StandardSave(flax.serialization.to_state_dict(
-            state)), force=force)
+            state)), force=force, custom_metadata=metadata)
+
+  def train_seconds(self, step: Optional[int] = None) -> float:
+    """Training time recorded with the checkpoint at `step` (0 if none)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return 0.0
+    custom = self._manager.metadata(step).custom_metadata or {}
+    return float(custom.get('train_seconds', 0.0))
 
   def restore(self, state: Any, step: Optional[int] = None) -> Any:
     """Restores into the structure, dtypes and shardings of `state`."""

@@ -25,7 +25,7 @@ from PIL import Image
 
 from gaternet_jax import batching
 from gaternet_jax import sharding
-from gaternet_jax.errors import DataError
+from gaternet_jax.errors import ConfigError, DataError
 
 __all__ = ['InMemoryDataset', 'dataset_info', 'load_dataset']
 
@@ -77,6 +77,10 @@ class InMemoryDataset:
   def num_test_examples(self) -> int:
     return len(self.test_images)
 
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Full global batches per epoch (the last partial one is dropped)."""
+    return _steps_per_epoch(self.num_train_examples, batch_size)
+
   def train_batches(self, batch_size: int, seed: int, start_step: int = 0):
     """This process's rows of global train batches from `start_step` on."""
     return batching.train_batches(self.train_images, self.train_labels,
@@ -86,6 +90,14 @@ class InMemoryDataset:
     """The test split in padded global batches with a 'mask'."""
     return batching.eval_batches(self.test_images, self.test_labels,
                                  batch_size)
+
+
+def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  steps = num_examples // batch_size if batch_size > 0 else 0
+  if steps < 1:
+    raise ConfigError(f'batch_size={batch_size} exceeds the {num_examples} '
+                      'training examples.')
+  return steps
 
 
 _IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3),
@@ -136,6 +148,9 @@ class FakeDataset:
     images = rng.integers(0, 256, (batch_size,) + self.image_shape, np.uint8)
     labels = rng.integers(0, self.num_classes, batch_size).astype(np.int32)
     return {'image': images[rows], 'label': labels[rows]}
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    return _steps_per_epoch(self.num_train_examples, batch_size)
 
   def train_batches(self, batch_size: int, seed: int, start_step: int = 0):
     step = start_step

@@ -23,10 +23,17 @@ def _scalar(v) -> float:
 
 
 class JsonlWriter:
-  """Appends `{"step": s, "kind": k, **values}` lines to a file."""
+  """Appends `{"step": s, "kind": k, **values}` lines to a file.
 
-  def __init__(self, path: str):
+  A run resumed at step k first drops the records of steps after k (written
+  after the checkpoint it resumes from, and about to be written again), so
+  the file reads as that of an uninterrupted run.
+  """
+
+  def __init__(self, path: str, resume_step: Optional[int] = None):
     self._path = path
+    if path and resume_step is not None and os.path.exists(path):
+      _drop_records_after(path, resume_step)
     self._file = open(path, 'a', encoding='utf-8') if path else None
 
   def _write(self, kind: str, step: int, values: Mapping[str, Any]):
@@ -51,6 +58,28 @@ class JsonlWriter:
     if self._file is not None:
       self._file.close()
       self._file = None
+
+
+def _drop_records_after(path: str, step: int):
+  """Rewrites `path` (atomically) without the records of steps > `step`."""
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:  # A line cut short by the crash.
+      continue
+    if int(rec.get('step', 0)) <= step:
+      kept.append(line if line.endswith('\n') else line + '\n')
+  if len(kept) == len(lines):
+    return
+  logging.info('Dropped %d records after step %d from %s.',
+               len(lines) - len(kept), step, path)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 class LoggingWriter:
@@ -104,15 +133,18 @@ def tensorboard_available() -> bool:
   return True
 
 
-def create_writer(workdir: str, use_tensorboard: bool = True) -> MultiWriter:
+def create_writer(workdir: str, use_tensorboard: bool = True,
+                  resume_step: Optional[int] = None) -> MultiWriter:
   """The run's writer: JSON lines always, TensorBoard when available.
 
-  Only process 0 writes files; every process logs.
+  Only process 0 writes files; every process logs. `resume_step`: the step a
+  resumed run restarts from (metrics.jsonl loses the records after it).
   """
   lead = jax.process_index() == 0
   writers: List[Any] = []
   if lead:
-    writers.append(JsonlWriter(os.path.join(workdir, 'metrics.jsonl')))
+    writers.append(JsonlWriter(os.path.join(workdir, 'metrics.jsonl'),
+                               resume_step))
   if use_tensorboard and tensorboard_available():
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     writers.append(metric_writers.create_default_writer(

@@ -363,12 +363,14 @@ class Steps:
     return summarize_eval(total, spec, per_sample, self.mac_counter)
 
 
-def num_steps(config, num_examples: int):
-  """(steps_per_epoch, num_train_steps) of a config on a dataset."""
-  steps_per_epoch = num_examples // config.batch_size
-  if steps_per_epoch < 1:
-    raise ConfigError(f'batch_size={config.batch_size} exceeds the '
-                      f'{num_examples} training examples.')
+def num_steps(config, ds):
+  """(steps_per_epoch, num_train_steps) of a config on a dataset.
+
+  Steps per epoch are the dataset's own (`ds.steps_per_epoch`): a streamed
+  dataset sharded over processes counts full batches of its smallest shard,
+  so the trainer's epoch boundaries (schedules, evals) are the pipeline's.
+  """
+  steps_per_epoch = ds.steps_per_epoch(config.batch_size)
   total = config.get('num_train_steps', -1)
   if total is None or total <= 0:
     total = int(round(config.num_epochs * steps_per_epoch))
@@ -493,7 +495,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
-  steps_per_epoch, total_steps = num_steps(config, ds.num_train_examples)
+  steps_per_epoch, total_steps = num_steps(config, ds)
   lr_fn = create_learning_rate_fn(config.optimizer, steps_per_epoch,
                                   total_steps)
   rng = jax.random.key(config.seed)
@@ -505,8 +507,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   ckpt = checkpoints.Checkpointer(
       workdir, max_to_keep=config.keep_checkpoints,
       save_every_steps=config.checkpoint_every_steps)
+  trained_before = 0.0  # Seconds of training before this call.
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
+    trained_before = ckpt.train_seconds()
     logging.info('Resumed %s at step %d.', workdir, int(state.step))
   else:
     if init_fn is not None:
@@ -518,7 +522,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   steps = Steps(config, spec, mesh, ds.mean, ds.std, total_steps,
                 steps_per_epoch, create_mac_counter(model, ds.image_shape))
-  writer = metrics_lib.create_writer(workdir, config.get('tensorboard', True))
+  writer = metrics_lib.create_writer(workdir, config.get('tensorboard', True),
+                                     resume_step=start if start else None)
   eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
   logging.info('%s: %d train / %d %s examples, %d steps (%d per epoch), '
                'batch %d on %d devices, %d gated filters.', workdir,
@@ -574,7 +579,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             state, ds.eval_batches(config.eval_batch_size), spec)
         writer.write_scalars(
             step, {f'{ds.test_split_name}/{k}': v for k, v in results.items()})
-      ckpt.save(step, state, force=(step == total_steps) or bool(preempted))
+      ckpt.save(step, state, force=(step == total_steps) or bool(preempted),
+                train_seconds=trained_before + time.time() - t0)
       if step_callback is not None:
         step_callback(step)
       if preempted:
@@ -594,12 +600,15 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     # one max_to_keep deletes) are finished before this function returns,
     # so a run started right after finds a settled checkpoints/ directory.
     ckpt.close()
-  if results is None:  # Nothing left to train: evaluate the restored state.
+  train_seconds = trained_before + time.time() - t0
+  finished_before = results is None
+  if finished_before:  # Nothing left to train: evaluate the restored state.
     results = steps.evaluate(
         state, ds.eval_batches(config.eval_batch_size), spec)
   results = dict(results, step=int(state.step), split=ds.test_split_name,
-                 train_seconds=time.time() - t0)
-  writer.write_texts(int(state.step), {'results': json.dumps(results)})
+                 train_seconds=train_seconds)
+  if not finished_before:  # (metrics.jsonl has a finished run's results.)
+    writer.write_texts(int(state.step), {'results': json.dumps(results)})
   writer.close()
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'results.json'), results)

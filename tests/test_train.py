@@ -63,6 +63,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
   ds = helpers.synthetic_dataset()
   config = helpers.tiny_config(gated=True)
   config.num_train_steps = 7
+  config.log_every_steps = 1  # So the killed run logs past its checkpoint.
   ref = train_lib.train(config, str(tmp_path / 'ref'), dataset=ds)
 
   class Killed(Exception):
@@ -92,11 +93,80 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
   # A finished run restarted only evaluates.
   again = train_lib.train(config, wd, dataset=ds)
   assert again['step'] == 7 and again['accuracy'] == ref['accuracy']
-  # metrics.jsonl has the train and eval scalars.
-  with open(os.path.join(wd, 'metrics.jsonl')) as f:
-    keys = set().union(*(json.loads(l).keys() for l in f))
+  # metrics.jsonl has the train and eval scalars, each step's once: the
+  # records the killed runs wrote after their last checkpoint were dropped,
+  # and the finished run's re-evaluation added no second results.
+  def records(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      recs = [json.loads(l) for l in f]
+    return [(r['step'], r['kind'], sorted(k for k in r if '/' in k or
+                                          k == 'results'))
+            for r in recs if r['kind'] == 'texts' or any(
+                k.startswith(('train/', 'test/')) for k in r)]
+  keys = set().union(*(k for _, _, k in records(wd)))
   assert {'train/loss', 'train/gate_l1', 'test/accuracy',
           'test/gates_always_on', 'test/gates_input_dependent'} <= keys
+  assert records(wd) == records(str(tmp_path / 'ref'))
+
+
+def test_train_seconds_add_up_over_resumes(tmp_path, monkeypatch):
+  """results.json's train_seconds count every run that trained the workdir
+  (kept in checkpoint metadata), and a re-evaluation adds nothing."""
+
+  class Clock:  # One second a reading, so the sums are exact.
+    now = 0.0
+
+    def time(self):
+      Clock.now += 1.0
+      return Clock.now
+
+  monkeypatch.setattr(train_lib, 'time', Clock())
+  ds = helpers.synthetic_dataset()
+  config = helpers.tiny_config(gated=True)
+  config.num_train_steps = 4
+  config.checkpoint_every_steps = 2
+  wd = str(tmp_path / 'run')
+
+  class Killed(Exception):
+    pass
+
+  def kill_at_3(s):
+    if s == 3:
+      raise Killed()
+  with pytest.raises(Killed):
+    train_lib.train(config, wd, dataset=ds, step_callback=kill_at_3)
+  ckpt = checkpoints.Checkpointer(wd, read_only=True)
+  first = ckpt.train_seconds(2)
+  ckpt.close()
+  assert first > 0
+  resumed = train_lib.train(config, wd, dataset=ds)
+  # This run read the clock at its start, at steps 3 and 4 and at its end.
+  assert resumed['train_seconds'] == first + 3
+  again = train_lib.train(config, wd, dataset=ds)
+  ckpt = checkpoints.Checkpointer(wd, read_only=True)
+  assert again['train_seconds'] == ckpt.train_seconds(4) + 1
+  ckpt.close()
+  with open(os.path.join(wd, 'results.json')) as f:
+    assert json.load(f)['train_seconds'] == again['train_seconds']
+
+
+def test_steps_per_epoch_are_the_datasets():
+  """The trainer's epoch is the dataset's (a streamed one sharded over
+  processes counts full batches of its smallest shard)."""
+
+  class Sharded:
+    num_train_examples = 1000
+
+    def steps_per_epoch(self, batch_size):
+      return 7 if batch_size == 100 else 0
+
+  config = helpers.tiny_config()
+  config.batch_size, config.num_epochs, config.num_train_steps = 100, 3, -1
+  assert train_lib.num_steps(config, Sharded()) == (7, 21)
+  ds = helpers.synthetic_dataset()
+  config.batch_size = ds.num_train_examples + 1
+  with pytest.raises(train_lib.ConfigError, match='exceeds'):
+    train_lib.num_steps(config, ds)
 
 
 def test_gate_l1_gradient_reaches_only_the_gater():
