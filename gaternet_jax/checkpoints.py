@@ -99,6 +99,15 @@ def has_checkpoint(workdir: str) -> bool:
     ckpt.close()
 
 
+def train_seconds(workdir: str) -> float:
+  """Training time recorded with `workdir`'s latest checkpoint (0 if none)."""
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    return ckpt.train_seconds()
+  finally:
+    ckpt.close()
+
+
 def load_variables(workdir: str) -> Mapping[str, Any]:
   """{'params', 'batch_stats', 'step'} of the latest checkpoint in `workdir`."""
   if not os.path.isdir(checkpoint_dir(workdir)):

@@ -554,6 +554,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     batches = ds.train_batches(config.batch_size, config.seed + 1, start)
   events = (config.log_every_steps, eval_every, config.checkpoint_every_steps)
   t0 = time.time()
+  trained = trained_before  # Seconds of training up to `step`.
   step = start
   try:
     while step < total_steps:
@@ -579,8 +580,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             state, ds.eval_batches(config.eval_batch_size), spec)
         writer.write_scalars(
             step, {f'{ds.test_split_name}/{k}': v for k, v in results.items()})
+      trained = trained_before + time.time() - t0
       ckpt.save(step, state, force=(step == total_steps) or bool(preempted),
-                train_seconds=trained_before + time.time() - t0)
+                train_seconds=trained)
       if step_callback is not None:
         step_callback(step)
       if preempted:
@@ -600,13 +602,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     # one max_to_keep deletes) are finished before this function returns,
     # so a run started right after finds a settled checkpoints/ directory.
     ckpt.close()
-  train_seconds = trained_before + time.time() - t0
   finished_before = results is None
   if finished_before:  # Nothing left to train: evaluate the restored state.
     results = steps.evaluate(
         state, ds.eval_batches(config.eval_batch_size), spec)
   results = dict(results, step=int(state.step), split=ds.test_split_name,
-                 train_seconds=train_seconds)
+                 train_seconds=trained)
   if not finished_before:  # (metrics.jsonl has a finished run's results.)
     writer.write_texts(int(state.step), {'results': json.dumps(results)})
   writer.close()
@@ -722,4 +723,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
                 mac_counter=create_mac_counter(model, ds.image_shape))
   results = steps.evaluate(
       state, ds.eval_batches(config.eval_batch_size), spec)
-  return dict(results, step=int(state.step), split=ds.test_split_name)
+  results = dict(results, step=int(state.step), split=ds.test_split_name)
+  if source == 'checkpoint':
+    results['train_seconds'] = checkpoints.train_seconds(workdir)
+  return results
