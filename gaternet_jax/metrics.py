@@ -137,8 +137,9 @@ def create_writer(workdir: str, use_tensorboard: bool = True,
                   resume_step: Optional[int] = None) -> MultiWriter:
   """The run's writer: JSON lines always, TensorBoard when available.
 
-  Only process 0 writes files; every process logs. `resume_step`: the step a
-  resumed run restarts from (metrics.jsonl loses the records after it).
+  Only process 0 writes files; every process logs. `resume_step`: the step
+  the run starts from (0 for a new one); metrics.jsonl loses the records
+  after it, which this run writes again.
   """
   lead = jax.process_index() == 0
   writers: List[Any] = []

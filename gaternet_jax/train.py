@@ -523,7 +523,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   steps = Steps(config, spec, mesh, ds.mean, ds.std, total_steps,
                 steps_per_epoch, create_mac_counter(model, ds.image_shape))
   writer = metrics_lib.create_writer(workdir, config.get('tensorboard', True),
-                                     resume_step=start if start else None)
+                                     resume_step=start)
   eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
   logging.info('%s: %d train / %d %s examples, %d steps (%d per epoch), '
                'batch %d on %d devices, %d gated filters.', workdir,
