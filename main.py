@@ -4,6 +4,11 @@
   python main.py --config=configs/default.py --workdir=/tmp/gaternet_demo \
       --mode=analyze
   python main.py --config=configs/cifar10_r20.py --mode=summary
+
+Several processes (a Cloud TPU VM pod slice, Slurm, ...) join one job by
+themselves; elsewhere give each process --coordinator_address,
+--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 """
 
 import logging as pylogging
@@ -15,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from gaternet_jax import cli
+from gaternet_jax import distributed
 from gaternet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -22,6 +28,17 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 flags.DEFINE_enum('mode', 'train', cli.MODES, 'What to do with the config.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for a multi-process job JAX '
+                    'does not detect itself (else $JAX_COORDINATOR_ADDRESS).')
+flags.DEFINE_integer('num_processes', None,
+                     'Processes in the job (else $JAX_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', None,
+                     'This process, 0 to num_processes - 1 (else '
+                     '$JAX_PROCESS_ID).')
+flags.DEFINE_integer('heartbeat_timeout_seconds', 100,
+                     'A process silent this long counts as dead, and the job '
+                     'stops (multi-process runs).')
 
 
 def main(argv):
@@ -39,6 +56,12 @@ def main(argv):
              '--config=configs/default.py).')
   if FLAGS.mode in ('train', 'eval', 'analyze') and not FLAGS.workdir:
     sys.exit(f'error: --workdir is required for --mode={FLAGS.mode}.')
+  try:
+    # Before any other JAX call: the runtime decides what devices exist.
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id, FLAGS.heartbeat_timeout_seconds)
+  except UserError as e:
+    sys.exit(f'error: {e}')
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save at INFO; keep the run's own progress readable.
   logging.get_absl_handler().addFilter(
@@ -47,8 +70,10 @@ def main(argv):
   try:
     cli.run(FLAGS.mode, config, FLAGS.workdir)
   except UserError as e:
-    logging.flush()
-    sys.exit(f'error: {e}')
+    distributed.fail(f'error: {e}')  # Every process of the job stops.
+  except Exception as e:  # A bug or a fault: stop the others, then raise.
+    distributed.announce(f'error: {type(e).__name__}: {e}')
+    raise
 
 
 if __name__ == '__main__':

@@ -16,9 +16,7 @@ checked on hand-built gate matrices.
 from __future__ import annotations
 
 import functools
-import glob
 import json
-import os
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -34,6 +32,7 @@ from gaternet_jax import batching
 from gaternet_jax import data as data_lib
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import metrics as metrics_lib
+from gaternet_jax import paths as paths_lib
 from gaternet_jax import sharding
 from gaternet_jax import train as train_lib
 from gaternet_jax.errors import ConfigError, WorkdirError
@@ -449,12 +448,11 @@ def _split_batches(ds, split: str, batch_size: int):
 
 def _clear_outputs(out_dir: str):
   """Removes what an earlier analysis wrote here (and nothing else)."""
+  out = paths_lib.resolve(out_dir)
   names = [JSON_NAME] + list(FIGURES.values())
-  paths = [os.path.join(out_dir, n) for n in names]
-  paths += glob.glob(os.path.join(out_dir, 'events.out.tfevents.*'))
-  for p in paths:
-    if os.path.isfile(p):
-      os.remove(p)
+  for p in [out / n for n in names] + list(out.glob('events.out.tfevents.*')):
+    if p.exists() and not p.is_dir():
+      p.unlink()
 
 
 def _finite(obj: Any) -> Any:
@@ -470,10 +468,8 @@ def _finite(obj: Any) -> Any:
 
 
 def _write_json(path: str, obj: Any):
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(_finite(obj), f, indent=2, sort_keys=True, allow_nan=False)
-  os.replace(tmp, path)
+  paths_lib.write_text(path, json.dumps(_finite(obj), indent=2,
+                                        sort_keys=True, allow_nan=False))
 
 
 def _gating(model) -> str:
@@ -582,7 +578,7 @@ def _draw(out_dir: str, result: Mapping[str, Any], arrays: Mapping[str, Any],
   paths = {}
 
   def save(key, fig):
-    paths[key] = plots.save(fig, os.path.join(out_dir, FIGURES[key]), dpi)
+    paths[key] = plots.save(fig, paths_lib.join(out_dir, FIGURES[key]), dpi)
 
   rows = result['gate_types_per_site']
   counts = {k: np.array([r[k] for r in rows]) for k in KINDS}
@@ -640,7 +636,7 @@ def _write_tensorboard(out_dir: str, step: int, paths: Mapping[str, str],
   writer = metric_writers.create_default_writer(out_dir, asynchronous=False)
   images = {}
   for key, path in paths.items():
-    with Image.open(path) as im:
+    with paths_lib.resolve(path).open('rb') as f, Image.open(f) as im:
       images[f'analysis/{key}'] = np.asarray(im.convert('RGB'))[None]
   writer.write_images(step, images)
   writer.write_scalars(step, {f'analysis/{k}': v for k, v in scalars.items()
@@ -668,7 +664,7 @@ def run_analysis(config: ml_collections.ConfigDict,
   """
   if not workdir:
     raise WorkdirError('--mode=analyze needs the --workdir of a trained run.')
-  workdir = os.path.abspath(workdir)
+  workdir = str(paths_lib.resolve(workdir))
   cfg = config.get('analysis')
   if cfg is None:
     raise ConfigError('The config has no `analysis` fields; build it on '
@@ -723,18 +719,19 @@ def run_analysis(config: ml_collections.ConfigDict,
                       'dense MACs.')
   result['seconds'] = time.time() - t0
 
-  out_dir = os.path.join(workdir, OUT_DIR)
+  out_dir = paths_lib.join(workdir, OUT_DIR)
   paths: Dict[str, str] = {}
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
+    paths_lib.resolve(out_dir).mkdir(parents=True, exist_ok=True)
     _clear_outputs(out_dir)
     if spec:
       tag = (f'{_GATING_NAMES[gating]}, {ds.name} {split} ({n} samples), '
              f'step {step}')
       paths = _draw(out_dir, result, arrays, spec, ds.num_classes, cfg.dpi,
                     tag)
-    result['figures'] = sorted(os.path.basename(p) for p in paths.values())
-    _write_json(os.path.join(out_dir, JSON_NAME), result)
+    result['figures'] = sorted(paths_lib.resolve(p).name
+                               for p in paths.values())
+    _write_json(paths_lib.join(out_dir, JSON_NAME), result)
     if config.get('tensorboard', True):
       _write_tensorboard(out_dir, step, paths, headline(result))
   result['out_dir'] = out_dir
@@ -811,6 +808,6 @@ def format_report(result: Mapping[str, Any]) -> str:
                  f'{_fmt(d["cost_vs_loss"]["pearson"])}, Spearman '
                  f'{_fmt(d["cost_vs_loss"]["spearman"])}')
   if result.get('out_dir'):
-    lines.append(f'wrote {os.path.join(result["out_dir"], JSON_NAME)} and '
+    lines.append(f'wrote {paths_lib.join(result["out_dir"], JSON_NAME)} and '
                  f'{len(result.get("figures", []))} figures')
   return '\n'.join(lines)

@@ -8,7 +8,6 @@ read from other workdirs' checkpoints and copied into a new state.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Optional
 
 import flax
@@ -16,11 +15,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gaternet_jax import paths
 from gaternet_jax.errors import WorkdirError
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  """`<workdir>/checkpoints` (absolute if local; a gs:// URI stays one)."""
+  return paths.join(workdir, 'checkpoints')
 
 
 class Checkpointer:
@@ -90,7 +91,7 @@ class Checkpointer:
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir` holds at least one finished checkpoint."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not paths.resolve(checkpoint_dir(workdir)).is_dir():
     return False
   ckpt = Checkpointer(workdir, read_only=True)
   try:
@@ -110,7 +111,7 @@ def train_seconds(workdir: str) -> float:
 
 def load_variables(workdir: str) -> Mapping[str, Any]:
   """{'params', 'batch_stats', 'step'} of the latest checkpoint in `workdir`."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not paths.resolve(checkpoint_dir(workdir)).is_dir():
     raise WorkdirError(f'No checkpoints in {workdir!r} (expected '
                        f'{checkpoint_dir(workdir)}); train that run first.')
   ckpt = Checkpointer(workdir, read_only=True)

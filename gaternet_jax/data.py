@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from gaternet_jax import batching
+from gaternet_jax import paths
 from gaternet_jax import sharding
 from gaternet_jax.errors import ConfigError, DataError
 
@@ -348,10 +349,28 @@ def _load_digits():
 def _existing_path(data_dir, source):
   if not data_dir:
     raise DataError(f"data.source='{source}' needs data.data_dir to be set.")
-  path = os.path.expanduser(os.fspath(data_dir))
-  if not os.path.exists(path):
+  path = os.fspath(data_dir)
+  path = path if paths.is_remote(path) else os.path.expanduser(path)
+  if not paths.resolve(path).exists():
     raise DataError(f'data.data_dir {path} does not exist; check the path.')
   return path
+
+
+def _isdir(path) -> bool:
+  return paths.resolve(path).is_dir()
+
+
+def _isfile(path) -> bool:
+  p = paths.resolve(path)
+  return p.exists() and not p.is_dir()
+
+
+def _open_tar(path):
+  """A streaming tarfile over `path` (local or gs://): one sequential pass,
+  no seeks back into the gzip stream."""
+  if not paths.is_remote(path):
+    return tarfile.open(path, 'r|*')
+  return tarfile.open(fileobj=paths.resolve(path).open('rb'), mode='r|*')
 
 
 def _is_image_name(name):
@@ -362,7 +381,7 @@ def _is_image_name(name):
 
 def _load_folder(name, num_classes, data_dir):
   path = _existing_path(data_dir, 'folder')
-  if os.path.isdir(path):
+  if _isdir(path):
     tree = _scan_directory(path)
   else:
     tree = _scan_tar(path)
@@ -404,21 +423,29 @@ def _scan_directory(root):
   """{split: {class: [(path, path), ...]}} with files in sorted order."""
   tree = {}
   for split in _SPLITS:
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
+    split_dir = paths.join(root, split)
+    if not _isdir(split_dir):
       raise DataError(
           f'{root} has no {split}/ subfolder; expected the layout '
           'train/<class>/*.png and test/<class>/*.png.')
     tree[split] = {}
-    with os.scandir(split_dir) as entries:
-      class_dirs = [e for e in entries
-                    if e.is_dir() and not e.name.startswith('.')]
-    for entry in class_dirs:
-      with os.scandir(entry.path) as files:
-        names = sorted(f.name for f in files
-                       if f.is_file() and _is_image_name(f.name))
-      paths = [os.path.join(entry.path, n) for n in names]
-      tree[split][entry.name] = [(p, p) for p in paths]
+    if paths.is_remote(root):
+      class_dirs = [(d.name, str(d)) for d in paths.resolve(split_dir).iterdir()
+                    if d.is_dir() and not d.name.startswith('.')]
+    else:  # os.scandir: no stat per file on a local disk.
+      with os.scandir(split_dir) as entries:
+        class_dirs = [(e.name, e.path) for e in entries
+                      if e.is_dir() and not e.name.startswith('.')]
+    for name, class_dir in class_dirs:
+      if paths.is_remote(root):
+        names = sorted(f.name for f in paths.resolve(class_dir).iterdir()
+                       if _is_image_name(f.name) and not f.is_dir())
+      else:
+        with os.scandir(class_dir) as files:
+          names = sorted(f.name for f in files
+                         if f.is_file() and _is_image_name(f.name))
+      files_ = [paths.join(class_dir, n) for n in names]
+      tree[split][name] = [(p, p) for p in files_]
   return tree
 
 
@@ -427,8 +454,7 @@ def _scan_tar(path):
   files = {}  # tuple of path parts -> bytes
   dirs = set()
   try:
-    # Stream mode: one sequential pass, no seeks back into the gzip stream.
-    with tarfile.open(path, 'r|*') as tar:
+    with _open_tar(path) as tar:
       for member in tar:
         parts = tuple(p for p in member.name.split('/') if p not in ('', '.'))
         if member.isdir():
@@ -479,6 +505,8 @@ def _scan_tar(path):
 
 def _decode_one(display, source):
   """(H, W, 3) uint8 from a file path or the file's bytes."""
+  if isinstance(source, str) and paths.is_remote(source):
+    source = paths.resolve(source).read_bytes()
   fp = io.BytesIO(source) if isinstance(source, bytes) else source
   try:
     with Image.open(fp, formats=('PNG', 'JPEG')) as image:
@@ -578,13 +606,13 @@ def _load_python_archive(name, num_classes, data_dir):
   layout = _CIFAR_PYTHON[name]
   path = _existing_path(data_dir, 'python_archive')
   needed = layout.train_files + layout.test_files
-  if os.path.isdir(path):
-    if any(os.path.isfile(os.path.join(path, f)) for f in needed):
+  if _isdir(path):
+    if any(_isfile(paths.join(path, f)) for f in needed):
       blobs = _read_pickle_folder(path, needed)
-    elif os.path.isdir(os.path.join(path, layout.folder)):
-      blobs = _read_pickle_folder(os.path.join(path, layout.folder), needed)
-    elif os.path.isfile(os.path.join(path, layout.archive)):
-      blobs = _read_pickle_archive(os.path.join(path, layout.archive), needed)
+    elif _isdir(paths.join(path, layout.folder)):
+      blobs = _read_pickle_folder(paths.join(path, layout.folder), needed)
+    elif _isfile(paths.join(path, layout.archive)):
+      blobs = _read_pickle_archive(paths.join(path, layout.archive), needed)
     else:
       raise DataError(
           f'{path} holds neither {layout.archive} nor {layout.folder}/; '
@@ -603,23 +631,20 @@ def _load_python_archive(name, num_classes, data_dir):
 
 
 def _read_pickle_folder(folder, needed):
-  missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
+  missing = [f for f in needed if not _isfile(paths.join(folder, f))]
   if missing:
     raise DataError(
         f'{folder} lacks {", ".join(missing)}; re-extract or re-download '
         'the official archive.')
-  blobs = {}
-  for f in needed:
-    with open(os.path.join(folder, f), 'rb') as fh:
-      blobs[f] = fh.read()
-  return blobs
+  return {f: paths.resolve(paths.join(folder, f)).read_bytes()
+          for f in needed}
 
 
 def _read_pickle_archive(path, needed):
   """{member basename: bytes} for the `needed` members, read in memory."""
   blobs = {}
   try:
-    with tarfile.open(path, 'r|*') as tar:
+    with _open_tar(path) as tar:
       for member in tar:
         base = member.name.rsplit('/', 1)[-1]
         if member.isfile() and base in needed and base not in blobs:

@@ -60,6 +60,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
+from gaternet_jax import paths
 from gaternet_jax.errors import ConfigError, DataError
 
 __all__ = [
@@ -738,7 +739,15 @@ def _is_image_name(name: str) -> bool:
 
 
 def scan_image_folder(split_dir: str) -> Dict[str, List[str]]:
-  """{class folder name: sorted image paths} of `split_dir/<class>/*`."""
+  """{class folder name: sorted image paths} of `split_dir/<class>/*`
+  (a local folder, or gs://, read through epath)."""
+  if paths.is_remote(split_dir):
+    root = paths.resolve(split_dir)
+    classes = sorted(d.name for d in root.iterdir()
+                     if d.is_dir() and not d.name.startswith('.'))
+    return {cls: sorted(str(f) for f in (root / cls).iterdir()
+                        if _is_image_name(f.name) and not f.is_dir())
+            for cls in classes}
   with os.scandir(split_dir) as entries:
     classes = sorted(e.name for e in entries
                      if e.is_dir() and not e.name.startswith('.'))
@@ -753,23 +762,23 @@ def scan_image_folder(split_dir: str) -> Dict[str, List[str]]:
 
 def _folder_split(root, split, classes=None):
   """(files, labels, classes) of root/split, labels from `classes` order."""
-  tree = scan_image_folder(os.path.join(root, split))
+  tree = scan_image_folder(paths.join(root, split))
   if not tree or not any(tree.values()):
     raise DataError(
-        f'{os.path.join(root, split)} holds no <class>/*.JPEG|jpg|png '
+        f'{paths.join(root, split)} holds no <class>/*.JPEG|jpg|png '
         'images; expected the layout <data_dir>/<split>/<class>/<image>.')
   if classes is None:
     classes = list(tree)
   unknown = sorted(set(tree) - set(classes))
   if unknown:
     raise DataError(
-        f'{os.path.join(root, split)} has class folders {unknown[:5]} that '
+        f'{paths.join(root, split)} has class folders {unknown[:5]} that '
         'the train split lacks; both splits need the same classes.')
   label_of = {c: i for i, c in enumerate(classes)}
   files, labels = [], []
-  for cls, paths in tree.items():
-    files.extend(paths)
-    labels.extend([label_of[cls]] * len(paths))
+  for cls, files_ in tree.items():
+    files.extend(files_)
+    labels.extend([label_of[cls]] * len(files_))
   return files, labels, classes
 
 
@@ -778,19 +787,21 @@ def _load_image_folder(data_cfg, index, count):
   if not data_dir:
     raise DataError("data.name='image_folder' needs data.data_dir, the "
                     'folder holding <split>/<class>/<image> files.')
-  root = os.path.expanduser(os.fspath(data_dir))
-  if not os.path.isdir(root):
+  root = os.fspath(data_dir)
+  root = root if paths.is_remote(root) else os.path.expanduser(root)
+  if not paths.resolve(root).is_dir():
     raise DataError(f'data.data_dir {root} is not a directory; check the '
                     'path.')
   train_split = data_cfg.get('train_split', None) or 'train'
-  if not os.path.isdir(os.path.join(root, train_split)):
+  if not paths.resolve(paths.join(root, train_split)).is_dir():
     raise DataError(f'{root} has no {train_split}/ subfolder; expected the '
                     'layout <data_dir>/train/<class>/<image>.')
   eval_split = data_cfg.get('eval_split', None)
   candidates = [eval_split] if eval_split else []
   if not eval_split or eval_split in _EVAL_SPLIT_FALLBACKS:
     candidates += [s for s in _EVAL_SPLIT_FALLBACKS if s not in candidates]
-  found = [s for s in candidates if os.path.isdir(os.path.join(root, s))]
+  found = [s for s in candidates
+           if paths.resolve(paths.join(root, s)).is_dir()]
   if not found:
     raise DataError(f'{root} has none of the eval subfolders '
                     f'{", ".join(candidates)}; add one laid out like train/.')

@@ -9,13 +9,14 @@ hosts that have no TensorFlow) a plain logger does the same.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from absl import logging
 import jax
 import numpy as np
+
+from gaternet_jax import paths
 
 
 def _scalar(v) -> float:
@@ -28,20 +29,47 @@ class JsonlWriter:
   A run resumed at step k first drops the records of steps after k (written
   after the checkpoint it resumes from, and about to be written again), so
   the file reads as that of an uninterrupted run.
+
+  Cloud Storage objects cannot be appended to: on a gs:// path the file's
+  lines are kept in memory and the whole object is rewritten at `flush()`
+  (the trainer flushes with every checkpoint, so a resumed run finds every
+  record up to its checkpoint) and at most every `remote_flush_secs`.
   """
 
-  def __init__(self, path: str, resume_step: Optional[int] = None):
+  def __init__(self, path: str, resume_step: Optional[int] = None,
+               remote_flush_secs: float = 60.0):
     self._path = path
-    if path and resume_step is not None and os.path.exists(path):
+    self._remote = bool(path) and paths.is_remote(path)
+    self._lines: List[str] = []
+    self._dirty = False
+    self._flushed_at = time.time()
+    self._every = remote_flush_secs
+    self._file = None
+    if not path:
+      return
+    exists = paths.resolve(path).exists()
+    if exists and resume_step is not None:
       _drop_records_after(path, resume_step)
-    self._file = open(path, 'a', encoding='utf-8') if path else None
+    if self._remote:
+      if exists:
+        self._lines = paths.resolve(path).read_text(
+            encoding='utf-8').splitlines(keepends=True)
+    else:
+      self._file = open(path, 'a', encoding='utf-8')
 
   def _write(self, kind: str, step: int, values: Mapping[str, Any]):
-    if self._file is None:
+    if not self._path:
       return
     rec = {'step': int(step), 'kind': kind, 'time': time.time()}
     rec.update(values)
-    self._file.write(json.dumps(rec) + '\n')
+    line = json.dumps(rec) + '\n'
+    if self._remote:
+      self._lines.append(line)
+      self._dirty = True
+      if time.time() - self._flushed_at >= self._every:
+        self.flush()
+      return
+    self._file.write(line)
     self._file.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -53,17 +81,23 @@ class JsonlWriter:
   def flush(self):
     if self._file is not None:
       self._file.flush()
+    if self._remote and self._dirty:
+      paths.write_text(self._path, ''.join(self._lines))
+      self._dirty = False
+      self._flushed_at = time.time()
 
   def close(self):
+    self.flush()
     if self._file is not None:
       self._file.close()
       self._file = None
+    self._path = None
 
 
 def _drop_records_after(path: str, step: int):
   """Rewrites `path` (atomically) without the records of steps > `step`."""
-  with open(path, encoding='utf-8') as f:
-    lines = f.readlines()
+  lines = paths.resolve(path).read_text(encoding='utf-8').splitlines(
+      keepends=True)
   kept = []
   for line in lines:
     try:
@@ -76,10 +110,7 @@ def _drop_records_after(path: str, step: int):
     return
   logging.info('Dropped %d records after step %d from %s.',
                len(lines) - len(kept), step, path)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  paths.write_text(path, ''.join(kept))
 
 
 class LoggingWriter:
@@ -144,7 +175,7 @@ def create_writer(workdir: str, use_tensorboard: bool = True,
   lead = jax.process_index() == 0
   writers: List[Any] = []
   if lead:
-    writers.append(JsonlWriter(os.path.join(workdir, 'metrics.jsonl'),
+    writers.append(JsonlWriter(paths.join(workdir, 'metrics.jsonl'),
                                resume_step))
   if use_tensorboard and tensorboard_available():
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
@@ -226,11 +257,10 @@ def average(metrics: List[Dict[str, Any]]) -> Dict[str, float]:
 def read_jsonl(path: str, kind: str = 'scalars') -> List[Dict[str, Any]]:
   """Reads back the records of one kind from a metrics.jsonl file."""
   out = []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      rec = json.loads(line)
-      if rec.get('kind') == kind:
-        out.append(rec)
+  for line in paths.resolve(path).read_text(encoding='utf-8').splitlines():
+    rec = json.loads(line)
+    if rec.get('kind') == kind:
+      out.append(rec)
   return out
 
 

@@ -9,7 +9,6 @@ deficiencies; heat maps use viridis.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import matplotlib
@@ -18,6 +17,8 @@ matplotlib.use('Agg')  # Files only: no display, no GUI toolkit.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
+
+from gaternet_jax import paths  # pylint: disable=g-import-not-at-top
 
 # Width and height in inches of every figure.
 FIGSIZE = (8.0, 4.5)
@@ -43,12 +44,12 @@ def _figure(ncols: int = 1):
 
 
 def save(fig, path: str, dpi: int) -> str:
-  """Writes `fig` as a PNG of `FIGSIZE * dpi` pixels (atomically), closes it."""
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=dpi, format='png')
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  """Writes `fig` as a PNG of `FIGSIZE * dpi` pixels (atomically, local or
+  gs://), closes it."""
+  try:
+    return paths.save_figure(fig, path, dpi)
+  finally:
+    plt.close(fig)
 
 
 def _site_ticks(ax, names: Sequence[str], max_labels: int = 24):

@@ -11,13 +11,13 @@ single command runs the whole chain.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable, List, Tuple
 
 import flax
 import ml_collections
 
 from gaternet_jax import checkpoints
+from gaternet_jax import paths
 from gaternet_jax.errors import ConfigError
 from gaternet_jax.models import GATER_FIELDS
 
@@ -72,8 +72,7 @@ def pretraining_stages(config: ml_collections.ConfigDict,
   pre = config.pretrain
   backbone_arch = _arch(config.model.backbone)
   gater_arch = _arch(config.model.gater)
-  default = lambda name: os.path.join(os.path.abspath(workdir), 'pretrain',
-                                      name)
+  default = lambda name: paths.join(workdir, 'pretrain', name)
   if backbone_arch == gater_arch and pre.backbone_workdir == pre.gater_workdir:
     wd = pre.backbone_workdir or default('baseline')
     return [Stage('baseline', stage_config(config, backbone_arch), wd,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import time
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
@@ -31,6 +30,7 @@ from gaternet_jax import device_data
 from gaternet_jax import losses
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import metrics as metrics_lib
+from gaternet_jax import paths
 from gaternet_jax import recipe
 from gaternet_jax import sharding
 from gaternet_jax.errors import ConfigError, WorkdirError
@@ -412,13 +412,6 @@ class _Preempted(Exception):
   pass
 
 
-def _write_json(path: str, obj: Any):
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _drop_unset(d: Any) -> Any:
   """`d` without entries that are 0, False, '' or empty (config defaults
   that build nothing, such as `se_reduction=0`)."""
@@ -445,11 +438,10 @@ def _network(model: Dict[str, Any]) -> Dict[str, Any]:
 
 def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str):
   """Refuses to resume a workdir that was written by a different model."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'config.json')
+  if not paths.resolve(path).exists():
     return
-  with open(path, encoding='utf-8') as f:
-    old = json.load(f)
+  old = paths.read_json(path)
   new = json.loads(config.to_json_best_effort())
   for key in ('model', 'data'):
     old_part, new_part = dict(old.get(key, {})), dict(new.get(key, {}))
@@ -485,8 +477,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     The final evaluation metrics (also written to `workdir/results.json`).
   """
   _check_loop_config(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = str(paths.resolve(workdir))
+  paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
   _check_workdir_config(config, workdir)
   ds = dataset if dataset is not None else data_lib.load_dataset(config.data)
   model = create_model(config.model, ds.num_classes)
@@ -516,8 +508,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if init_fn is not None:
       state = jax.device_put(init_fn(state), sharding.replicated(mesh))
     if jax.process_index() == 0:
-      _write_json(os.path.join(workdir, 'config.json'),
-                  json.loads(config.to_json_best_effort()))
+      paths.write_json(paths.join(workdir, 'config.json'),
+                       json.loads(config.to_json_best_effort()))
   start = int(state.step)
 
   steps = Steps(config, spec, mesh, ds.mean, ds.std, total_steps,
@@ -581,8 +573,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(
             step, {f'{ds.test_split_name}/{k}': v for k, v in results.items()})
       trained = trained_before + time.time() - t0
-      ckpt.save(step, state, force=(step == total_steps) or bool(preempted),
-                train_seconds=trained)
+      if ckpt.save(step, state, force=(step == total_steps) or
+                   bool(preempted), train_seconds=trained):
+        writer.flush()  # Metrics up to a checkpoint outlive a crash.
       if step_callback is not None:
         step_callback(step)
       if preempted:
@@ -612,7 +605,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     writer.write_texts(int(state.step), {'results': json.dumps(results)})
   writer.close()
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, 'results.json'), results)
+    paths.write_json(paths.join(workdir, 'results.json'), results)
   logging.info('%s: %s', workdir, results)
   return results
 
