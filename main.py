@@ -13,6 +13,7 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 
 import logging as pylogging
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -71,9 +72,13 @@ def main(argv):
     cli.run(FLAGS.mode, config, FLAGS.workdir)
   except UserError as e:
     distributed.fail(f'error: {e}')  # Every process of the job stops.
-  except Exception as e:  # A bug or a fault: stop the others, then raise.
-    distributed.announce(f'error: {type(e).__name__}: {e}')
-    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if not distributed.is_multiprocess():
+      raise
+    # A bug or a fault on one process: its traceback here, and the others
+    # stop with its one line instead of waiting in the next collective.
+    traceback.print_exc()
+    distributed.fail(f'error: {type(e).__name__}: {e}')
 
 
 if __name__ == '__main__':

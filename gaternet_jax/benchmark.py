@@ -42,7 +42,7 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int
   eval_batch = sharding.to_global(
       {'image': images, 'label': labels,
        'mask': np.ones(len(labels), np.float32)}, steps.data_sharding)
-  key = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
+  key = sharding.replicate(jax.random.key(1), mesh)
   out = {}
 
   t = time.perf_counter()

@@ -13,6 +13,7 @@ Sources (`data.name` / `data.source`):
 """
 
 import codecs
+import contextlib
 import dataclasses
 import io
 import os
@@ -365,12 +366,17 @@ def _isfile(path) -> bool:
   return p.exists() and not p.is_dir()
 
 
+@contextlib.contextmanager
 def _open_tar(path):
   """A streaming tarfile over `path` (local or gs://): one sequential pass,
   no seeks back into the gzip stream."""
   if not paths.is_remote(path):
-    return tarfile.open(path, 'r|*')
-  return tarfile.open(fileobj=paths.resolve(path).open('rb'), mode='r|*')
+    with tarfile.open(path, 'r|*') as tar:
+      yield tar
+    return
+  with paths.resolve(path).open('rb') as f:
+    with tarfile.open(fileobj=f, mode='r|*') as tar:
+      yield tar
 
 
 def _is_image_name(name):

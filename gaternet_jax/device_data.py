@@ -19,9 +19,8 @@ from gaternet_jax import sharding
 
 def put_on_devices(ds, mesh) -> Dict[str, jax.Array]:
   """The train split, replicated on every device of `mesh`."""
-  repl = sharding.replicated(mesh)
-  return {'image': jax.device_put(ds.train_images, repl),
-          'label': jax.device_put(ds.train_labels.astype('int32'), repl)}
+  return sharding.replicate({'image': ds.train_images,
+                             'label': ds.train_labels.astype('int32')}, mesh)
 
 
 def batch_at(arrays: Dict[str, jax.Array], step: jax.Array, *,

@@ -29,6 +29,7 @@ from gaternet_jax.errors import ConfigError
 
 ERROR_KEY = 'gaternet_jax/error'
 ACK_KEY = 'gaternet_jax/error_ack/'
+DONE_KEY = 'gaternet_jax/error_done'
 ENV_VARS = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
             'num_processes': 'JAX_NUM_PROCESSES',
             'process_id': 'JAX_PROCESS_ID'}
@@ -140,10 +141,15 @@ def _try_get(client, key: str) -> Optional[str]:
     return None  # NOT_FOUND, or the service is going away.
 
 
-def _exit(message: str, code: int):
+def _print(message: str):
   logging.flush()
   sys.stdout.flush()
   print(message, file=sys.stderr, flush=True)
+
+
+def _exit(message: Optional[str], code: int):
+  if message is not None:
+    _print(message)
   # Skip interpreter shutdown: JAX's shutdown barrier would wait for the
   # processes this error stops.
   os._exit(code)  # pylint: disable=protected-access
@@ -160,8 +166,19 @@ def _watch(client, stop: threading.Event):
       client.key_value_set(f'{ACK_KEY}{me}', '1')
     except Exception:  # pylint: disable=broad-except
       pass
-    _exit(f'{message} (raised on process {origin} of '
-          f'{jax.process_count()}; process {me} stopped too)', 1)
+    _print(f'{message} (raised on process {origin} of '
+           f'{jax.process_count()}; process {me} stopped too)')
+    if me == 0:
+      # Process 0 hosts the runtime's service: it leaves last, or the
+      # others' runtime clients abort the moment it is gone.
+      _wait_for(lambda: _try_get(client, DONE_KEY) is not None)
+    _exit(None, 1)
+
+
+def _wait_for(predicate, timeout: float = ACK_TIMEOUT_SECS):
+  deadline = time.time() + timeout
+  while not predicate() and time.time() < deadline:
+    time.sleep(POLL_SECS / 5)
 
 
 def watch_for_errors():
@@ -193,23 +210,19 @@ def fail(message: str, code: int = 1):
     client.key_value_set(ERROR_KEY, f'{me}\t{message}')
   except Exception:  # pylint: disable=broad-except
     pass  # Another process published first: its watcher may stop us.
-  deadline = time.time() + ACK_TIMEOUT_SECS
-  others = [p for p in range(count) if p != me]
-  while others and time.time() < deadline:
-    others = [p for p in others if _try_get(client, f'{ACK_KEY}{p}') is None]
-    time.sleep(POLL_SECS / 5)
-  _exit(message, code)
-
-
-def announce(message: str):
-  """Publishes `message` for the other processes without exiting (the
-  caller goes on to raise its traceback); a no-op with one process."""
-  client = _client()
-  if client is None:
-    return
-  if _state['stop'] is not None:
-    _state['stop'].set()
+  _print(message)
+  _wait_for(lambda: all(_try_get(client, f'{ACK_KEY}{p}') is not None
+                        for p in range(count) if p != me))
   try:
-    client.key_value_set(ERROR_KEY, f'{jax.process_index()}\t{message}')
+    client.key_value_set(DONE_KEY, '1')
   except Exception:  # pylint: disable=broad-except
     pass
+  if me == 0:
+    time.sleep(POLL_SECS)  # The others are on their way out.
+  _exit(None, code)
+
+
+
+def is_multiprocess() -> bool:
+  """Whether `initialize` joined this process to a multi-process job."""
+  return _state['initialized']

@@ -28,6 +28,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Every leaf of `tree` (numpy, or jax.Arrays on any devices) as a
+  jax.Array replicated over `mesh`.
+
+  `jax.device_put` cannot move an array that lives on this process's
+  devices onto a mesh spanning several processes; such leaves go through
+  the host (each process holds the same value). PRNG keys keep their type.
+  """
+  repl = replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array):
+      if x.sharding.is_equivalent_to(repl, x.ndim):
+        return x
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl),
+                       out_shardings=repl)(np.asarray(jax.random.key_data(x)))
+    return jax.device_put(np.asarray(x), repl)
+
+  return jax.tree_util.tree_map(put, tree)
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over the data axis."""
   return NamedSharding(mesh, P(DATA_AXIS))

@@ -436,6 +436,13 @@ def _network(model: Dict[str, Any]) -> Dict[str, Any]:
   return _drop_unset(model)
 
 
+def _check_workdir_path(workdir: str):
+  path = paths.resolve(workdir)
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(f'--workdir {workdir} is a file, not a directory; '
+                       f'choose another --workdir.')
+
+
 def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str):
   """Refuses to resume a workdir that was written by a different model."""
   path = paths.join(workdir, 'config.json')
@@ -478,6 +485,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   """
   _check_loop_config(config)
   workdir = str(paths.resolve(workdir))
+  _check_workdir_path(workdir)
   paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
   _check_workdir_config(config, workdir)
   ds = dataset if dataset is not None else data_lib.load_dataset(config.data)
@@ -494,7 +502,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   init_rng, train_rng = jax.random.split(rng)
   state = create_train_state(config, model, ds.image_shape, lr_fn,
                              init_rng, mesh)
-  train_rng = jax.device_put(train_rng, sharding.replicated(mesh))
+  train_rng = sharding.replicate(train_rng, mesh)
 
   ckpt = checkpoints.Checkpointer(
       workdir, max_to_keep=config.keep_checkpoints,
@@ -506,7 +514,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Resumed %s at step %d.', workdir, int(state.step))
   else:
     if init_fn is not None:
-      state = jax.device_put(init_fn(state), sharding.replicated(mesh))
+      state = sharding.replicate(init_fn(state), mesh)
     if jax.process_index() == 0:
       paths.write_json(paths.join(workdir, 'config.json'),
                        json.loads(config.to_json_best_effort()))
@@ -625,6 +633,7 @@ def train_and_evaluate(
     {'final': results of this run, '<stage>': results of each pretraining
     stage}.
   """
+  _check_workdir_path(workdir)
   out = {}
   init_fns = []
   if recipe.official_checkpoint(config):
@@ -696,7 +705,7 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
                           batch_stats=stats['root'])
   else:
     state = recipe.official_init(config)(state)
-  return jax.device_put(state, sharding.replicated(mesh))
+  return sharding.replicate(state, mesh)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
