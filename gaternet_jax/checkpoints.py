@@ -77,9 +77,19 @@ class Checkpointer:
     return flax.serialization.from_state_dict(state, restored)
 
   def restore_raw(self, step: Optional[int] = None) -> Mapping[str, Any]:
-    """The latest checkpoint as nested dicts of numpy arrays."""
+    """The checkpoint at `step` (default: the latest) as nested dicts of
+    numpy arrays, whatever devices wrote it (a pod slice's checkpoint
+    loads on one CPU): every array is read onto this process's first
+    device."""
     step = self.latest_step() if step is None else step
-    return self._manager.restore(step, args=ocp.args.StandardRestore())
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = self._manager.item_metadata(step)
+    abstract = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        getattr(metadata, "tree", metadata))
+    restored = self._manager.restore(
+        step, args=ocp.args.StandardRestore(abstract))
+    return jax.tree_util.tree_map(np.asarray, restored)
 
   def wait(self):
     self._manager.wait_until_finished()

@@ -412,6 +412,44 @@ class _Preempted(Exception):
   pass
 
 
+class _PreemptionCheck:
+  """`check(step)`: whether to checkpoint and stop after `step`.
+
+  One process: SIGTERM sets a flag (the handler is ours while training).
+  Several: each may be told at a different step, and a checkpoint is a
+  collective, so JAX's preemption sync manager (it catches SIGTERM itself)
+  picks one step that every process then stops after; Orbax's save asks
+  it about the same step ids. (Scanned on-device steps may jump over that
+  step: such a run then goes on until it is killed.)
+  """
+
+  def __init__(self):
+    self._flag = []
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if self._multi:
+      return
+    try:
+      self._previous = signal.signal(
+          signal.SIGTERM, lambda *_: self._flag.append(True))
+    except ValueError:  # Not the main thread: no preemption handling.
+      pass
+
+  def __call__(self, step: int) -> bool:
+    if not self._multi:
+      return bool(self._flag)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # The runtime's preemption service is off.
+      return False
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
 def _drop_unset(d: Any) -> Any:
   """`d` without entries that are 0, False, '' or empty (config defaults
   that build nothing, such as `se_reduction=0`)."""
@@ -534,13 +572,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       total_steps, config.batch_size, writer, config.progress_every_secs,
       first_step=start)
 
-  preempted = []
-  previous_handler = None
-  try:
-    previous_handler = signal.signal(
-        signal.SIGTERM, lambda *_: preempted.append(True))
-  except ValueError:  # Not the main thread: no preemption handling.
-    pass
+  preempted = _PreemptionCheck()
 
   results = None
   buffer = []
@@ -569,6 +601,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         state, m = steps.train(state, batch, train_rng)
       buffer.append(m)
       step += n
+      stop = preempted(step)
       progress(step, sync=lambda: jax.block_until_ready(m))
       if step % config.log_every_steps == 0 or step == total_steps:
         scalars = metrics_lib.average(buffer)
@@ -581,12 +614,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(
             step, {f'{ds.test_split_name}/{k}': v for k, v in results.items()})
       trained = trained_before + time.time() - t0
-      if ckpt.save(step, state, force=(step == total_steps) or
-                   bool(preempted), train_seconds=trained):
+      if ckpt.save(step, state, force=(step == total_steps) or stop,
+                   train_seconds=trained):
         writer.flush()  # Metrics up to a checkpoint outlive a crash.
       if step_callback is not None:
         step_callback(step)
-      if preempted:
+      if stop:
         raise _Preempted()
   except _Preempted:
     logging.warning('SIGTERM: saved a checkpoint at step %d and stopped.',
@@ -597,8 +630,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
     raise
   finally:
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+    preempted.close()
     # Whatever ended the loop, the checkpoint being written (and the old
     # one max_to_keep deletes) are finished before this function returns,
     # so a run started right after finds a settled checkpoints/ directory.

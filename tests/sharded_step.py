@@ -1,11 +1,7 @@
 """Runs two train steps and one eval on however many devices XLA_FLAGS gives
 and writes the resulting state (flattened) to the .npz named by argv[1].
 argv[2] 'local' uses batch-shaping's self-gated model with its losses.
-With JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set it
-joins a multi-process job first (each process feeds its rows of every
-batch) and process 0 writes the file.
-Used by test_train.py, test_batch_shaping.py and test_multiprocess.py to
-compare 1 device, 8 devices and 2 processes of 4 devices."""
+Used by test_train.py and test_batch_shaping.py to compare 1 and 8 devices."""
 
 import os
 import sys
@@ -15,13 +11,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from gaternet_jax import distributed, sharding, train as train_lib  # pylint: disable=g-import-not-at-top
+from gaternet_jax import sharding, train as train_lib  # pylint: disable=g-import-not-at-top
 from gaternet_jax.models import create_model
 from tests import helpers
 
 
 def main(out_path, variant='gaternet'):
-  distributed.initialize()
   config = (helpers.tiny_local_config() if variant == 'local' else
             helpers.tiny_config(gated=True))
   ds = helpers.synthetic_dataset()
@@ -35,7 +30,7 @@ def main(out_path, variant='gaternet'):
                           steps_per_epoch=2,
                           mac_counter=train_lib.create_mac_counter(
                               model, (16, 16, 3)))
-  rng = sharding.replicate(jax.random.key(1), mesh)
+  rng = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
   it = ds.train_batches(config.batch_size, seed=0)
   for _ in range(2):
     state, m = steps.train(state, sharding.to_global(next(it),
@@ -50,9 +45,8 @@ def main(out_path, variant='gaternet'):
   for k in ('accuracy', 'loss', 'gate_l1', 'gates_on_fraction', 'macs_mean',
             'macs_p90'):
     flat['eval_' + k] = np.asarray(ev[k])
-  if jax.process_index() == 0:
-    np.savez(out_path, **flat)
-  print(f'devices={jax.device_count()} processes={jax.process_count()}')
+  np.savez(out_path, **flat)
+  print(f'devices={jax.device_count()}')
 
 
 if __name__ == '__main__':
