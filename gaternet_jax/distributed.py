@@ -33,10 +33,9 @@ DONE_KEY = 'gaternet_jax/error_done'
 ENV_VARS = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
             'num_processes': 'JAX_NUM_PROCESSES',
             'process_id': 'JAX_PROCESS_ID'}
-# How long one wait of the watcher lasts, how often the failing process
-# looks for the others' acknowledgements, and how long it waits for them.
+# How often the other processes look for a published error, and how long
+# the failing one waits for them to have read it before it exits.
 POLL_SECS = 0.5
-WATCH_TIMEOUT_MS = 10_000
 ACK_TIMEOUT_SECS = 10.0
 
 _state = {'initialized': False, 'watcher': None, 'stop': None}
@@ -158,26 +157,22 @@ def _exit(message: Optional[str], code: int):
 
 def _watch(client, stop: threading.Event):
   me = jax.process_index()
-  while not stop.is_set():
-    try:
-      # One long-lived request at a time (it releases the GIL while it
-      # waits), rather than polling the service.
-      raw = client.blocking_key_value_get(ERROR_KEY, WATCH_TIMEOUT_MS)
-    except Exception:  # pylint: disable=broad-except
-      continue  # Timed out (nothing published), or the service is going away.
-    if stop.is_set():
-      return  # This process is the one reporting.
+  while not stop.wait(POLL_SECS):
+    raw = _try_get(client, ERROR_KEY)
+    if raw is None:
+      continue
     origin, _, message = raw.partition('\t')
     try:
       client.key_value_set(f'{ACK_KEY}{me}', '1')
     except Exception:  # pylint: disable=broad-except
       pass
+    _print(f'{message} (raised on process {origin} of '
+           f'{jax.process_count()}; process {me} stopped too)')
     if me == 0:
       # Process 0 hosts the runtime's service: it leaves last, or the
       # others' runtime clients abort the moment it is gone.
       _wait_for(lambda: _try_get(client, DONE_KEY) is not None)
-    _exit(f'{message} (raised on process {origin} of '
-          f'{jax.process_count()}; process {me} stopped too)', 1)
+    _exit(None, 1)
 
 
 def _wait_for(predicate, timeout: float = ACK_TIMEOUT_SECS):
