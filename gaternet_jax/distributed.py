@@ -166,13 +166,12 @@ def _watch(client, stop: threading.Event):
       client.key_value_set(f'{ACK_KEY}{me}', '1')
     except Exception:  # pylint: disable=broad-except
       pass
-    _print(f'{message} (raised on process {origin} of '
-           f'{jax.process_count()}; process {me} stopped too)')
     if me == 0:
       # Process 0 hosts the runtime's service: it leaves last, or the
       # others' runtime clients abort the moment it is gone.
       _wait_for(lambda: _try_get(client, DONE_KEY) is not None)
-    _exit(None, 1)
+    _exit(f'{message} (raised on process {origin} of '
+          f'{jax.process_count()}; process {me} stopped too)', 1)
 
 
 def _wait_for(predicate, timeout: float = ACK_TIMEOUT_SECS):
