@@ -29,7 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.on_device = False
 
   c.model = ml_collections.ConfigDict()
-  c.model.gated = True
+  # The gating method (gaternet_jax/gating.py): 'gater' (GaterNet: the gater
+  # below gates the whole backbone), 'local' (batch-shaping: each residual
+  # unit gates itself, as `local_gating` says) or 'none' (the baseline).
+  c.model.gating = 'gater'
   c.model.dtype = 'float32'
   c.model.backbone = ml_collections.ConfigDict(
       dict(name='cifar_resnet', depth=20, widths=(16, 32, 64),
@@ -39,8 +42,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.gater = ml_collections.ConfigDict(
       dict(name='cifar_resnet', depth=20, widths=(16, 32, 64), bottleneck=8,
            batchnorm=True))
+  # Improved SemHash's training noise and mixing, and how its gates are
+  # binarised: 'paper' is 1(logit > 0); 'official' is the official code's
+  # saturating_sigmoid(logit) > 0.49999 (logit > about -3.3e-5), which
+  # imported official checkpoints need to reproduce their gates exactly.
   c.model.semhash = ml_collections.ConfigDict(dict(mix_prob=0.5,
-                                                   noise_std=1.0))
+                                                   noise_std=1.0,
+                                                   binarize='paper'))
+  # Batch-shaping's gating modules, read when gating is 'local': the conv
+  # whose outputs they gate ('conv1'; bottlenecks also 'conv2'), the hidden
+  # units, the Gumbel-sigmoid temperature and the gate logits' initial bias
+  # (models/layers.py LocalGating).
+  c.model.local_gating = ml_collections.ConfigDict(
+      dict(position='conv1', hidden=16, temperature=2.0 / 3.0,
+           bias_init=0.0))
   # Final rate of the scheduled dropout on the gates (Appendix B: 0.05 for
   # DenseNet, Shake-Shake and Inception-v4), rising linearly from 0.
   c.model.gate_dropout = 0.0

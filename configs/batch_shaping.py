@@ -26,13 +26,11 @@ from configs import imagenet
 CIFAR_DEPTHS = (20, 32, 56)
 IMAGENET_DEPTHS = (18, 34, 50)
 
-LOCAL_GATING = dict(enabled=True, position='conv1', hidden=16,
-                    temperature=2.0 / 3.0, bias_init=0.0)
-
 
 def set_gate_losses(c: ml_collections.ConfigDict, l0: bool, epochs: float):
-  """Turns `c` into a self-gated run with batch-shaping (and L0) losses."""
-  c.model.gated = False  # no GaterNet gater: the units gate themselves
+  """Turns `c` into a self-gated run with batch-shaping (and L0) losses,
+  with the base config's gating modules (`model.local_gating`)."""
+  c.model.gating = 'local'  # no GaterNet gater: the units gate themselves
   c.gate_l1_weight = 0.0
   c.pretrain.enabled = False
   c.batch_shaping.update(dict(weight=0.75, a=0.6, b=0.4, final_weight=0.0,
@@ -48,8 +46,7 @@ def cifar_config(depth: int, l0: bool = False) -> ml_collections.ConfigDict:
   c = base.base_config()
   c.data.name = 'cifar10'
   c.model.backbone = ml_collections.ConfigDict(dict(
-      name='cifar_resnet', depth=depth, widths=(16, 32, 64), se_reduction=0,
-      local_gating=LOCAL_GATING))
+      name='cifar_resnet', depth=depth, widths=(16, 32, 64), se_reduction=0))
   c.batch_size = 256
   c.num_epochs = 500
   c.optimizer.update(dict(learning_rate=0.1, nesterov=True,
@@ -64,10 +61,9 @@ def imagenet_config(depth: int, l0: bool = False
   """ImageNet ResNet-`depth` (18, 34, 50), batch-shaped, optionally L0.
 
   Bottlenecks (ResNet-50) gate the channels between the 1x1 and the 3x3
-  conv (`local_gating.position='conv1'`; 'conv2' gates after the 3x3).
+  conv (`model.local_gating.position='conv1'`; 'conv2' gates after the 3x3).
   """
   assert depth in IMAGENET_DEPTHS, depth
   c = imagenet.resnet_config(depth, 'baseline')
-  c.model.backbone.local_gating = ml_collections.ConfigDict(LOCAL_GATING)
   set_gate_losses(c, l0, c.num_epochs)
   return c

@@ -39,7 +39,7 @@ def cifar_config(dataset: str, arch: str,
   if variant == 'se':
     backbone['se_reduction'] = SE_REDUCTION[arch]
   c.model.backbone = ml_collections.ConfigDict(backbone)
-  c.model.gated = variant == 'gated'
+  c.model.gating = 'gater' if variant == 'gated' else 'none'
   if arch == 'r164':
     # He et al. (identity mappings) train ResNet-164 at lr 0.01 for its
     # first ~400 iterations (one epoch at batch 128), then at 0.1.

@@ -18,7 +18,7 @@ def densenet_config(size: str, gated: bool = True) -> ml_collections.ConfigDict:
   c = base.base_config()
   c.model.backbone = ml_collections.ConfigDict(
       dict(name='densenet_bc', depth=depth, growth_rate=k))
-  c.model.gated = gated
+  c.model.gating = 'gater' if gated else 'none'
   c.batch_size = 64
   c.optimizer.nesterov = True
   epochs, lr = (320, 0.05) if gated else (300, 0.1)

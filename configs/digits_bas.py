@@ -18,8 +18,6 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     raise ValueError(f"configs/digits_bas.py takes '' or ':l0'; got "
                      f'{variant!r}.')
   c = default.get_config()
-  c.model.backbone.local_gating = ml_collections.ConfigDict(
-      batch_shaping.LOCAL_GATING)
   batch_shaping.set_gate_losses(c, l0=variant == 'l0',
                                 epochs=c.num_epochs)
   return c

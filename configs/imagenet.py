@@ -67,7 +67,7 @@ def resnet_config(depth: int, variant: str = 'gated',
   if variant == 'se':
     backbone['se_reduction'] = SE_REDUCTION
   c.model.backbone = ml_collections.ConfigDict(backbone)
-  c.model.gated = variant == 'gated'
+  c.model.gating = 'gater' if variant == 'gated' else 'none'
   return c
 
 
@@ -78,7 +78,7 @@ def inception_config(gated: bool = True) -> ml_collections.ConfigDict:
   c.model.backbone = ml_collections.ConfigDict(dict(
       name='inception_v4', aux_logits=True, dropout_rate=0.2))
   c.aux_loss_weight = 0.4
-  c.model.gated = gated
+  c.model.gating = 'gater' if gated else 'none'
   c.model.gate_dropout = 0.05 if gated else 0.0  # Appendix B
   c.num_epochs = 100
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -18,7 +18,7 @@ def shakeshake_config(size: str, gated: bool = True
   c = base.base_config()
   c.model.backbone = ml_collections.ConfigDict(
       dict(name='shake_shake', depth=26, width=WIDTHS[size]))
-  c.model.gated = gated
+  c.model.gating = 'gater' if gated else 'none'
   c.batch_size = 128
   c.optimizer.nesterov = True
   c.optimizer.schedule = 'cosine'

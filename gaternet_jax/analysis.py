@@ -36,7 +36,7 @@ from gaternet_jax import paths as paths_lib
 from gaternet_jax import sharding
 from gaternet_jax import train as train_lib
 from gaternet_jax.errors import ConfigError, WorkdirError
-from gaternet_jax.gates import GateSpec, gate_type_counts
+from gaternet_jax.gates import GateSpec, gate_type_counts, is_on
 from gaternet_jax.models import create_model
 
 OUT_DIR = 'analysis'
@@ -60,7 +60,7 @@ KINDS = ('always_on', 'always_off', 'input_dependent')
 
 def pack_gates(gates: np.ndarray) -> np.ndarray:
   """`(n, total)` 0/1 gates -> `(n, ceil(total / 8))` uint8 bits."""
-  return np.packbits(np.asarray(gates) > 0.5, axis=-1)
+  return np.packbits(is_on(np.asarray(gates)), axis=-1)
 
 
 def unpack_gates(bits: np.ndarray, total: int) -> np.ndarray:
@@ -324,7 +324,7 @@ class GateCollector:
     labels = np.asarray(labels, np.int64)
     b = len(labels)
     if gates is not None and self.total:
-      g = np.asarray(gates) > 0.5
+      g = is_on(np.asarray(gates))
       assert g.shape == (b, self.total), (g.shape, self.total)
       stop = self.num_samples + b
       if stop > len(self._bits):
@@ -370,7 +370,7 @@ def analysis_step(state: train_lib.TrainState, batch: Mapping[str, jax.Array],
          'correct': jnp.argmax(logits, -1) == batch['label'],
          'label': batch['label'], 'mask': batch['mask'] > 0}
   if spec:
-    out['gates'] = spec.flatten(gates) > 0.5
+    out['gates'] = is_on(spec.flatten(gates))
   if mac_counter is not None:
     out['macs_saved'] = jnp.broadcast_to(mac_counter.saved_per_sample(gates),
                                          batch['label'].shape)
@@ -470,12 +470,6 @@ def _finite(obj: Any) -> Any:
 def _write_json(path: str, obj: Any):
   paths_lib.write_text(path, json.dumps(_finite(obj), indent=2,
                                         sort_keys=True, allow_nan=False))
-
-
-def _gating(model) -> str:
-  if model.gater is not None:
-    return 'gater'
-  return 'local' if model.locally_gated else 'none'
 
 
 _GATING_NAMES = {'gater': 'GaterNet', 'local': 'batch-shaping (local gates)',
@@ -694,7 +688,7 @@ def run_analysis(config: ml_collections.ConfigDict,
                       mac_counter)
   seconds = time.time() - t0
   n = collector.num_samples
-  gating = _gating(model)
+  gating = model.gating
   correct = collector.column('correct').astype(np.float64)
   result: Dict[str, Any] = {
       'workdir': workdir, 'step': step, 'split': split, 'num_examples': n,

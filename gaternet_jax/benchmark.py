@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from gaternet_jax import data as data_lib
+from gaternet_jax import gating
 from gaternet_jax import sharding
 from gaternet_jax import train as train_lib
 from gaternet_jax.models import create_model
@@ -75,10 +76,14 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int
   return out
 
 
-def ungated(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.model.gated = False
-  return c
+def variants(config: ml_collections.ConfigDict
+             ) -> Dict[str, ml_collections.ConfigDict]:
+  """The configs to measure: {'gated': config, 'baseline': its ungated
+  backbone} for a gated config (a gater or local gates), {'baseline':
+  config} for an ungated one."""
+  if not gating.is_gated(config):
+    return {'baseline': config}
+  return {'gated': config, 'baseline': gating.ungated(config)}
 
 
 def run_benchmark(config: ml_collections.ConfigDict) -> Dict[str, Any]:
@@ -89,13 +94,13 @@ def run_benchmark(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """
   batch_size = config.benchmark.batch_size or config.batch_size
   result = {'device': jax.devices()[0].device_kind,
-            'num_devices': jax.device_count(), 'batch_size': batch_size}
-  names = ('gated', 'baseline') if config.model.gated else ('baseline',)
-  cfgs = {'gated': config, 'baseline': ungated(config)}
-  for name in names:
+            'num_devices': jax.device_count(), 'batch_size': batch_size,
+            'gating': gating.method(config)}
+  cfgs = variants(config)
+  for name, cfg in cfgs.items():
     logging.info('Benchmarking the %s model.', name)
-    result[name] = _measure(cfgs[name], batch_size)
-  if config.model.gated:
+    result[name] = _measure(cfg, batch_size)
+  if 'gated' in cfgs:
     for kind in ('train', 'eval'):
       result[f'{kind}_ratio'] = (result['baseline'][f'{kind}_images_per_s'] /
                                  result['gated'][f'{kind}_images_per_s'])

@@ -91,9 +91,6 @@ class Checkpointer:
         step, args=ocp.args.StandardRestore(abstract))
     return jax.tree_util.tree_map(np.asarray, restored)
 
-  def wait(self):
-    self._manager.wait_until_finished()
-
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()

@@ -83,12 +83,14 @@ def official_model_config(backbone_depth: int = 20
     backbone_depth: 20 or 56 for the published checkpoints (any 6n+2 works).
 
   Returns:
-    A ConfigDict with fields gated, dtype, backbone, gater, semhash; pass it
-    with `num_classes=OFFICIAL_NUM_CLASSES` to `create_model`.
+    A ConfigDict with fields gating, dtype, backbone, gater, semhash; pass
+    it with `num_classes=OFFICIAL_NUM_CLASSES` to `create_model`. Its gates
+    are binarised the official code's way (`semhash.binarize='official'`),
+    so the official checkpoints' gates come out exactly.
   """
   backbone_depth = _check_depth(backbone_depth, 'backbone_depth')
   return ml_collections.ConfigDict({
-      'gated': True,
+      'gating': 'gater',
       'dtype': 'float32',
       'backbone': {
           'name': 'cifar_resnet',
@@ -109,6 +111,8 @@ def official_model_config(backbone_depth: int = 20
       'semhash': {
           'mix_prob': 0.5,
           'noise_std': 1.0,
+          # saturating_sigmoid(logit) > 0.49999, as gater_resnet.py does.
+          'binarize': 'official',
       },
   })
 
@@ -326,9 +330,9 @@ def load_official_checkpoint(
     `(model, variables)`: `model.apply(variables, images, train=False)` maps
     `(batch, 32, 32, 3)` float32 images, normalised with OFFICIAL_MEAN /
     OFFICIAL_STD, to `((batch, 10) logits, gate PyTree)`. The gates are
-    1(logit > 0); the official code thresholds saturating_sigmoid(logit) at
-    0.49999, i.e. logit > -3.3e-5, so the two can differ only for logits in
-    (-3.3e-5, 0].
+    the official code's: saturating_sigmoid(logit) > 0.49999, i.e. logit >
+    about -3.3e-5 (the paper's 1(logit > 0) differs for logits in
+    (-3.3e-5, 0]).
 
   Raises:
     UserError: a missing or unreadable file, missing torch, or a checkpoint

@@ -12,6 +12,7 @@ rather than assuming a model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import jax
@@ -77,26 +78,54 @@ class GateSpec:
     """All-open gates: the backbone then computes its dense function."""
     return {name: jnp.ones((batch, n), dtype) for name, n in self.sites}
 
-  def to_json(self):
-    return [[name, n] for name, n in self.sites]
-
-
 def saturating_sigmoid(x: jax.Array) -> jax.Array:
   """sigma'(x) = max(0, min(1, 1.2 * sigmoid(x) - 0.1))."""
   return jnp.clip(1.2 * jax.nn.sigmoid(x) - 0.1, 0.0, 1.0)
 
 
-@jax.custom_vjp
-def hard_gate(x: jax.Array) -> jax.Array:
-  """g_beta = 1(x > 0), whose gradient is taken to be that of g_alpha."""
-  return (x > 0).astype(x.dtype)
+# How Improved SemHash's binary gates g_beta are cut from the logits:
+# 'paper' is the paper's 1(x > 0); 'official' the official code's
+# saturating_sigmoid(x) > 0.49999 (x > about -3.3e-5), which an imported
+# official checkpoint needs to reproduce its gates exactly.
+BINARIZE_RULES = ('paper', 'official')
+OFFICIAL_THRESHOLD = 0.49999
 
 
-def _hard_gate_fwd(x):
-  return hard_gate(x), x
+def is_on(gates):
+  """Which entries of a gate array are on: g > 0.5.
+
+  The one threshold on gate values, for binary gates and for SemHash's or
+  the Gumbel-sigmoid's continuous training-time values alike; works on
+  numpy and jax arrays.
+  """
+  return gates > 0.5
 
 
-def _hard_gate_bwd(x, g):
+def binarize(x: jax.Array, rule: str = 'paper') -> jax.Array:
+  """g_beta of logits `x` under `rule` (BINARIZE_RULES), as `x`'s dtype."""
+  if rule == 'official':
+    on = saturating_sigmoid(x) > OFFICIAL_THRESHOLD
+  elif rule == 'paper':
+    on = x > 0
+  else:
+    raise ValueError(f'binarize rule must be one of {BINARIZE_RULES}; got '
+                     f'{rule!r}.')
+  return on.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def hard_gate(x: jax.Array, rule: str = 'paper') -> jax.Array:
+  """g_beta = binarize(x, rule), whose gradient is taken to be that of
+  g_alpha."""
+  return binarize(x, rule)
+
+
+def _hard_gate_fwd(x, rule):
+  return hard_gate(x, rule), x
+
+
+def _hard_gate_bwd(rule, x, g):
+  del rule
   # Straight-through: d g_beta / dx := d saturating_sigmoid(x) / dx.
   _, vjp = jax.vjp(saturating_sigmoid, x)
   return vjp(g)
@@ -112,6 +141,7 @@ def improved_semhash(
     train: bool,
     mix_prob: float = 0.5,
     noise_std: float = 1.0,
+    rule: str = 'paper',
 ) -> jax.Array:
   """Improved SemHash gates (GaterNet section 3.2.2).
 
@@ -124,19 +154,20 @@ def improved_semhash(
       always g_beta.
     mix_prob: probability that a sample uses the binary gates in training.
     noise_std: standard deviation of the training noise.
+    rule: how g_beta is cut from the logits (`binarize`).
 
   Returns:
     Gates of `logits`' shape and dtype, in [0, 1].
   """
   if not train:
-    return hard_gate(logits)
+    return hard_gate(logits, rule)
   if rng is None:
     raise ValueError('improved_semhash needs an rng in training mode.')
   noise_rng, mix_rng = jax.random.split(rng)
   noisy = logits + noise_std * jax.random.normal(
       noise_rng, logits.shape, logits.dtype)
   g_alpha = saturating_sigmoid(noisy)
-  g_beta = hard_gate(noisy)
+  g_beta = hard_gate(noisy, rule)
   # One Bernoulli draw per sample, broadcast over that sample's gates.
   mix_shape = (logits.shape[0],) + (1,) * (logits.ndim - 1)
   use_beta = jax.random.bernoulli(mix_rng, mix_prob, mix_shape)
@@ -146,7 +177,7 @@ def improved_semhash(
 @jax.custom_vjp
 def straight_through_step(x: jax.Array) -> jax.Array:
   """1(x > 0.5) forward; the identity's gradient backward."""
-  return (x > 0.5).astype(x.dtype)
+  return is_on(x).astype(x.dtype)
 
 
 def _st_step_fwd(x):
@@ -211,7 +242,7 @@ def gate_l1(gates: Mapping[str, jax.Array], spec: GateSpec) -> jax.Array:
 def gate_on_counts(gates: Mapping[str, jax.Array], spec: GateSpec,
                    mask: Optional[jax.Array] = None) -> jax.Array:
   """Per gate, how many (unmasked) samples have it on: `(total,)` int32."""
-  flat = spec.flatten(gates) > 0.5
+  flat = is_on(spec.flatten(gates))
   if mask is not None:
     flat = flat & (mask[:, None] > 0)
   return jnp.sum(flat, axis=0, dtype=jnp.int32)

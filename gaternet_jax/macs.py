@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gaternet_jax.gates import GateSpec
+from gaternet_jax.gates import GateSpec, is_on
 
 # Name of batch-shaping's gating module inside a unit (models/layers.py).
 LOCAL_GATE_MODULE = 'gate'
@@ -134,7 +134,7 @@ class MacCounter:
       key = (s.site, s.start, s.stop)
       if key not in closed:
         g = gates[s.site][:, s.start:s.stop].astype(jnp.float32)
-        closed[key] = jnp.sum(1.0 - (g > 0.5), axis=-1)
+        closed[key] = jnp.sum(1.0 - is_on(g), axis=-1)
       return closed[key]
 
     batch = gates[self.spec.names[0]].shape[0]

@@ -254,16 +254,6 @@ def average(metrics: List[Dict[str, Any]]) -> Dict[str, float]:
       [np.atleast_1d(m[k]) for m in fetched]))) for k in fetched[0]}
 
 
-def read_jsonl(path: str, kind: str = 'scalars') -> List[Dict[str, Any]]:
-  """Reads back the records of one kind from a metrics.jsonl file."""
-  out = []
-  for line in paths.resolve(path).read_text(encoding='utf-8').splitlines():
-    rec = json.loads(line)
-    if rec.get('kind') == kind:
-      out.append(rec)
-  return out
-
-
 def create_progress(num_train_steps: int, batch_size: int, writer: Any,
                     every_secs: float, first_step: int = 0):
   """clu's ReportProgress (steps/s and ETA) when clu imports; else ours.

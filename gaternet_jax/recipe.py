@@ -17,6 +17,7 @@ import flax
 import ml_collections
 
 from gaternet_jax import checkpoints
+from gaternet_jax import gating
 from gaternet_jax import paths
 from gaternet_jax.errors import ConfigError
 from gaternet_jax.models import GATER_FIELDS
@@ -43,13 +44,8 @@ def stage_config(config: ml_collections.ConfigDict, arch: dict,
   """The ungated classifier run that pretrains a part of `config`'s model:
   `config` with `arch` as its network and `pretrain.overrides` applied, then
   `pretrain.gater_overrides` for a run that pretrains the gater alone."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.model.gated = False
-  c.model.gate_dropout = 0.0
+  c = gating.ungated(config)
   c.model.backbone = ml_collections.ConfigDict(arch)
-  c.gate_l1_weight = 0.0
-  c.pretrain.enabled = False
-  c.init.official_checkpoint = ''
   fields = ['overrides'] + (['gater_overrides'] if gater_only else [])
   for field in fields:
     for key, value in config.pretrain.get(field, {}).to_dict().items():
@@ -65,7 +61,7 @@ def stage_config(config: ml_collections.ConfigDict, arch: dict,
 def pretraining_stages(config: ml_collections.ConfigDict,
                        workdir: str) -> List[Stage]:
   """The stages a gated config needs before joint training (may be none)."""
-  if not config.model.gated or not config.pretrain.enabled:
+  if gating.method(config) != gating.GATER or not config.pretrain.enabled:
     return []
   if official_checkpoint(config):
     return []  # The imported checkpoint is already trained.

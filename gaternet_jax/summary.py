@@ -41,8 +41,6 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   flat = traverse_util.flatten_dict(params.get('backbone', {}))
   gating_modules = sum(v.size for k, v in flat.items()
                        if macs_lib.LOCAL_GATE_MODULE in k[:-1])
-  gating = ('gater' if model.gater is not None else
-            'local' if model.locally_gated else 'none')
   return {
       'params_total': count(params),
       'params_backbone': count(params.get('backbone', {})),
@@ -50,7 +48,7 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
       'params_gating_modules': int(gating_modules),
       'gated_filters': spec.total,
       'gated_sites': len(spec),
-      'gating': gating,
+      'gating': model.gating,
       'macs_backbone': counter.dense_backbone,
       'macs_gater': counter.dense_gater,
       'num_classes': num_classes,

@@ -27,6 +27,7 @@ from gaternet_jax import augment
 from gaternet_jax import checkpoints
 from gaternet_jax import data as data_lib
 from gaternet_jax import device_data
+from gaternet_jax import gating
 from gaternet_jax import losses
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import metrics as metrics_lib
@@ -34,7 +35,8 @@ from gaternet_jax import paths
 from gaternet_jax import recipe
 from gaternet_jax import sharding
 from gaternet_jax.errors import ConfigError, WorkdirError
-from gaternet_jax.gates import GateSpec, gate_on_counts, gate_type_counts
+from gaternet_jax.gates import (GateSpec, gate_on_counts, gate_type_counts,
+                                is_on)
 from gaternet_jax.models import create_model
 
 
@@ -114,17 +116,10 @@ def create_gate_dropout_fn(config: ml_collections.ConfigDict,
       step.astype(jnp.float32) / max(num_train_steps, 1), 1.0)
 
 
-def gate_losses_enabled(config: ml_collections.ConfigDict) -> bool:
-  """Whether the config trains with batch-shaping and/or L0."""
-  return (config.get('batch_shaping', {}).get('weight', 0.0) > 0 or
-          config.get('batch_shaping', {}).get('final_weight', 0.0) > 0 or
-          config.get('l0', {}).get('weight', 0.0) > 0)
-
-
 def create_gate_loss_weights_fn(config: ml_collections.ConfigDict,
                                 steps_per_epoch: int) -> Optional[Callable]:
   """step -> {'batch_shaping', 'l0'} weights, or None when both are off."""
-  if not gate_losses_enabled(config):
+  if not gating.gate_losses_enabled(config):
     return None
   bs = config.batch_shaping
   if not (bs.a > 0 and bs.b > 0):
@@ -218,7 +213,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   out = dict(terms,
              accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']))
   if spec:
-    out['gates_on'] = jnp.mean(spec.flatten(gates) > 0.5)
+    out['gates_on'] = jnp.mean(is_on(spec.flatten(gates)))
   return new_state, out
 
 
@@ -401,11 +396,11 @@ def _check_loop_config(config: ml_collections.ConfigDict):
 
 
 def _check_gate_losses(config: ml_collections.ConfigDict, model: Any):
-  if gate_losses_enabled(config) and not getattr(model, 'locally_gated',
-                                                  False):
-    raise ConfigError('batch_shaping and l0 weights need a model whose units '
-                      'gate themselves (model.backbone.local_gating); set '
-                      'them to 0 or enable local gating.')
+  if gating.gate_losses_enabled(config) and model.gating != gating.LOCAL:
+    raise ConfigError(f"batch_shaping and l0 weights need model.gating="
+                      f"'local' (units that gate themselves); this model's "
+                      f"is {model.gating!r}. Set them to 0 or use local "
+                      f"gating (model.local_gating).")
 
 
 class _Preempted(Exception):
@@ -460,17 +455,16 @@ def _drop_unset(d: Any) -> Any:
 
 
 def _network(model: Dict[str, Any]) -> Dict[str, Any]:
-  """What of a `model` config shapes the trained network: an ungated model
-  has no gater, SemHash or gate dropout, and unset options build nothing."""
-  model = dict(model)
-  if not model.get('gated'):
+  """What of a `model` config shapes the trained network: only a GaterNet
+  has a gater, SemHash and gate dropout, only local gating has gating
+  modules, and unset options build nothing. (A config.json of an older
+  version is read in today's terms.)"""
+  model = gating.upgrade_model_dict(model)
+  if model.get('gating') != gating.GATER:
     for k in ('gater', 'semhash', 'gate_dropout'):
       model.pop(k, None)
-  backbone = dict(model.get('backbone', {}))
-  gating = dict(backbone.get('local_gating') or {})
-  if not gating.get('enabled', True):  # as models.parse_local_gating reads it
-    backbone.pop('local_gating', None)
-  model['backbone'] = backbone
+  if model.get('gating') != gating.LOCAL:
+    model.pop('local_gating', None)
   return _drop_unset(model)
 
 

@@ -16,7 +16,7 @@ def tiny_config(gated: bool = True) -> ml_collections.ConfigDict:
   c.model.backbone = ml_collections.ConfigDict(dict(arch, se_reduction=0))
   c.model.gater = ml_collections.ConfigDict(
       dict(arch, bottleneck=4, batchnorm=True))
-  c.model.gated = gated
+  c.model.gating = 'gater' if gated else 'none'
   c.batch_size = 16
   c.eval_batch_size = 24
   c.num_epochs = 1
@@ -34,9 +34,9 @@ def tiny_config(gated: bool = True) -> ml_collections.ConfigDict:
 def tiny_local_config(l0: bool = True) -> ml_collections.ConfigDict:
   """`tiny_config`'s ResNet-8 with batch-shaping's self-gating units."""
   c = tiny_config(gated=False)
-  c.model.backbone.local_gating = ml_collections.ConfigDict(dict(
-      enabled=True, position='conv1', hidden=4, temperature=2.0 / 3.0,
-      bias_init=1.0))
+  c.model.gating = 'local'
+  c.model.local_gating = ml_collections.ConfigDict(dict(
+      position='conv1', hidden=4, temperature=2.0 / 3.0, bias_init=1.0))
   c.gate_l1_weight = 0.0
   c.batch_shaping.update(dict(weight=1.0, final_weight=0.5,
                               decay_start_epoch=1.0, decay_end_epoch=2.0))

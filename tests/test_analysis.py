@@ -276,7 +276,7 @@ def test_analyze_gaternet_workdir(tmp_path, capsys):
 
 def test_analyze_batch_shaping_workdir_through_main(tmp_path, capsys):
   config = _tiny(digits_bas.get_config())
-  config.model.backbone.local_gating.hidden = 4
+  config.model.local_gating.hidden = 4
   config.tensorboard = True
   wd = str(tmp_path / 'bas')
   results = train_lib.train(config, wd)
@@ -284,7 +284,7 @@ def test_analyze_batch_shaping_workdir_through_main(tmp_path, capsys):
   flags = ['--config=configs/digits_bas.py', f'--workdir={wd}',
            '--mode=analyze', '--config.model.backbone.widths=(4,8,16)',
            '--config.model.gater.widths=(4,8,16)',
-           '--config.model.backbone.local_gating.hidden=4',
+           '--config.model.local_gating.hidden=4',
            '--config.pretrain.enabled=False', '--config.num_train_steps=4',
            '--config.eval_batch_size=200',
            '--config.analysis.tsne_samples=300', '--config.analysis.dpi=50']
@@ -315,7 +315,7 @@ def test_analyze_batch_shaping_workdir_through_main(tmp_path, capsys):
 
 def test_analyze_baseline_workdir(tmp_path, capsys):
   config = _tiny(default.get_config())
-  config.model.gated = False
+  config.model.gating = 'none'
   wd = str(tmp_path / 'baseline')
   results = train_lib.train(config, wd)
   out = cli.run('analyze', config, wd)

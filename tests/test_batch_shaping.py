@@ -155,8 +155,8 @@ def test_train_step_on_8_devices_matches_1_device(tmp_path):
 def test_local_gating_models(backbone, position, sizes):
   c = helpers.tiny_local_config()
   c.model.backbone = ml_collections.ConfigDict(dict(backbone))
-  c.model.backbone.local_gating = ml_collections.ConfigDict(dict(
-      enabled=True, position=position, hidden=4))
+  c.model.local_gating = ml_collections.ConfigDict(dict(
+      position=position, hidden=4))
   model = create_model(c.model, 5)
   spec = model.gate_spec()
   assert spec.sizes == sizes
@@ -192,12 +192,22 @@ def test_local_gating_models(backbone, position, sizes):
 
 
 def test_config_errors():
+  # One field says the method: there is no way to ask for both, and a
+  # config in the old terms gets a sentence that names the new ones.
   c = helpers.tiny_local_config()
-  c.model.gated = True
-  with pytest.raises(ConfigError, match='exclude'):
+  c.model.gating = 'both'
+  with pytest.raises(ConfigError, match="model.gating must be one of"):
     create_model(c.model, 3)
   c = helpers.tiny_local_config()
-  c.model.backbone.local_gating.position = 'conv9'
+  c.model.gated = True
+  with pytest.raises(ConfigError, match='model.gating'):
+    create_model(c.model, 3)
+  c = helpers.tiny_config()
+  c.model.backbone.local_gating = ml_collections.ConfigDict(dict(hidden=4))
+  with pytest.raises(ConfigError, match="model.gating='local'"):
+    create_model(c.model, 3)
+  c = helpers.tiny_local_config()
+  c.model.local_gating.position = 'conv9'
   with pytest.raises(ConfigError, match='position'):
     create_model(c.model, 3)
   c = helpers.tiny_config(gated=True)

@@ -233,13 +233,46 @@ def test_matches_reference(depth, ref20, ref56):
   spec = model.gate_spec()
   assert spec.total == num_gates(depth)
   flat = np.asarray(spec.flatten(gates))
-  # Ours is 1(logit > 0), the official 1(sat_sigmoid(logit) > 0.49999):
-  # they can disagree only for logits within ~3e-5 of 0.
+  # The official binarisation, 1(sat_sigmoid(logit) > 0.49999): every
+  # gate as the official code has it (gate logits near 0: the test below).
   decided = np.abs(ref_gate_logits) >= 1e-4
   np.testing.assert_array_equal(flat[decided], ref_gates[decided])
+  np.testing.assert_array_equal(flat, ref_gates)
   diff = np.abs(np.asarray(logits) - ref_logits).max()
   print(f'depth {depth}: max |logit diff| = {diff:.3g}')
   assert diff < 1e-4, diff
+
+
+def test_official_gates_come_out_exactly_at_the_threshold(ref20):
+  """Logits in (-3.3e-5, 0] are on in the official model (sat_sigmoid >
+  0.49999) and off under the paper's 1(logit > 0): an imported checkpoint
+  binarises the official way and reproduces every gate."""
+  import copy  # pylint: disable=g-import-not-at-top
+  backbone, gater, _ = ref20
+  gater = copy.deepcopy(gater)
+  nchw, nhwc = random_images(seed=11)
+  _, gate_logits, _ = reference_forward(backbone, gater, nchw)
+  moved = np.arange(0, num_gates(20), 7)  # every 7th gate, on image 0
+  with torch.no_grad():
+    bias = gater.fnn.fc[0].bias
+    bias[moved] -= torch.as_tensor(gate_logits[0, moved] + 1.5e-5)
+  ref_logits, gate_logits, ref_gates = reference_forward(backbone, gater,
+                                                         nchw)
+  assert np.all((gate_logits[0, moved] > -3e-5) &
+                (gate_logits[0, moved] <= 0)), gate_logits[0, moved]
+  assert np.all(ref_gates[0, moved] == 1.0)
+  model, variables = convert.load_official_checkpoint(
+      {'backbone_state_dict': backbone.state_dict(),
+       'gater_state_dict': gater.state_dict()})
+  assert model.binarize == 'official'
+  logits, gates = apply_eval(model, variables, nhwc)
+  flat = np.asarray(model.gate_spec().flatten(gates))
+  np.testing.assert_array_equal(flat, ref_gates)
+  assert np.abs(np.asarray(logits) - ref_logits).max() < 1e-4
+  # The paper's rule closes those gates.
+  _, paper_gates = apply_eval(model.clone(binarize='paper'), variables, nhwc)
+  paper = np.asarray(model.gate_spec().flatten(paper_gates))
+  assert np.all(paper[0, moved] == 0.0)
 
 
 def test_gates_matter(ref20):

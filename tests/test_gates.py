@@ -29,6 +29,23 @@ def test_eval_is_binary_threshold_at_zero():
   assert g.shape == logits.shape and g.dtype == logits.dtype
 
 
+def test_binarize_rules():
+  x = jnp.array([-1.0, -1e-4, -1e-5, 0.0, 1e-6, 1.0])
+  np.testing.assert_array_equal(gates_lib.binarize(x, 'paper'),
+                                [0, 0, 0, 0, 1, 1])
+  # The official code: saturating_sigmoid(x) > 0.49999, x > about -3.3e-5.
+  np.testing.assert_array_equal(gates_lib.binarize(x, 'official'),
+                                [0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(
+      gates_lib.improved_semhash(x, rng=None, train=False, rule='official'),
+      [0, 0, 1, 1, 1, 1])
+  # The straight-through gradient does not depend on the rule.
+  grad = lambda rule: jax.grad(lambda v: gates_lib.hard_gate(v, rule).sum())(x)
+  np.testing.assert_allclose(grad('official'), grad('paper'))
+  with pytest.raises(ValueError, match='rule'):
+    gates_lib.binarize(x, 'median')
+
+
 def test_train_mixes_per_sample_not_per_gate():
   logits = jax.random.normal(jax.random.key(1), (400, 64)) * 2
   g = np.asarray(improved_semhash(logits, rng=jax.random.key(2), train=True,

@@ -15,10 +15,10 @@ from tests import helpers
 
 def _model(backbone, gated=False, num_classes=1000, local=None):
   c = base.base_config()
-  c.model.gated = gated
+  c.model.gating = 'gater' if gated else 'local' if local else 'none'
   c.model.backbone = ml_collections.ConfigDict(dict(backbone))
   if local:
-    c.model.backbone.local_gating = ml_collections.ConfigDict(local)
+    c.model.local_gating.update(local)
   if gated and backbone['name'] == 'imagenet_resnet':
     c.model.gater = ml_collections.ConfigDict(dict(
         name='imagenet_resnet', depth=18, bottleneck=256, batchnorm=True))
@@ -57,7 +57,7 @@ def _closed(spec, site=None, batch=2):
 def test_all_open_gates_give_the_dense_count(kind):
   bb = dict(name='cifar_resnet', depth=20)
   model = (_model(bb, gated=True, num_classes=10) if kind == 'gaternet' else
-           _model(bb, num_classes=10, local=dict(enabled=True)))
+           _model(bb, num_classes=10, local=dict(hidden=16)))
   counter = macs.count(model, (32, 32, 3))
   spec = model.gate_spec()
   per = np.asarray(counter.per_sample(spec.ones(3)))
@@ -77,7 +77,7 @@ def test_closed_site_saves_the_analytic_amount():
   g = macs.count(g_model, (32, 32, 3))
   per = np.asarray(g.per_sample(_closed(g_model.gate_spec(), site)))
   assert per[0] - per[1] == conv
-  l_model = _model(bb, num_classes=10, local=dict(enabled=True))
+  l_model = _model(bb, num_classes=10, local=dict(hidden=16))
   l = macs.count(l_model, (32, 32, 3))
   per = np.asarray(l.per_sample(_closed(l_model.gate_spec(), site)))
   assert per[0] - per[1] == 2 * conv
@@ -94,7 +94,7 @@ def test_bottleneck_local_gating_positions():
   hw = 16 * 16  # a 64x64 input: stem /2, pool /2
   for position, saved in (('conv1', hw * (8 * 8 + 9 * 8 * 8)),
                           ('conv2', hw * (9 * 8 * 8 + 8 * 32))):
-    model = _model(bb, local=dict(enabled=True, position=position))
+    model = _model(bb, local=dict(position=position))
     counter = macs.count(model, (64, 64, 3))
     per = np.asarray(counter.per_sample(_closed(model.gate_spec(), site)))
     assert per[0] - per[1] == saved, position
@@ -130,7 +130,7 @@ def test_large_network_savings_stay_exact():
   # integer range: the savings are summed alone, so open gates save exactly
   # 0 and one closed site saves exactly its analytic amount.
   model = _model(dict(name='imagenet_resnet', depth=50),
-                 local=dict(enabled=True))
+                 local=dict(hidden=16))
   counter = macs.count(model, (224, 224, 3))
   assert counter.dense_total > 2 ** 31
   spec = model.gate_spec()

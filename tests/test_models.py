@@ -53,11 +53,11 @@ def _tiny_cfg(gated=True, block='cifar_resnet'):
   widths = (4, 8, 16) if block == 'cifar_resnet' else ((2, 4), (4, 8), (4, 8))
   depth = 8 if block == 'cifar_resnet' else 11
   return ml_collections.ConfigDict(dict(
-      gated=gated, dtype='float32',
+      gating='gater' if gated else 'none', dtype='float32',
       backbone=dict(name=block, depth=depth, widths=widths, se_reduction=0),
       gater=dict(name='cifar_resnet', depth=8, widths=(4, 8, 8),
                  bottleneck=4, batchnorm=True),
-      semhash=dict(mix_prob=0.5, noise_std=1.0)))
+      semhash=dict(mix_prob=0.5, noise_std=1.0, binarize='paper')))
 
 
 @pytest.mark.parametrize('block', ['cifar_resnet', 'cifar_preact_resnet'])

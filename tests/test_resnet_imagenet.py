@@ -15,8 +15,6 @@ import pytest
 from configs.imagenet import SE_REDUCTION, WIDER
 from gaternet_jax.models.gaternet import Gater, GaterNet
 from gaternet_jax.models.resnet_imagenet import (STANDARD_WIDTHS, ImageNetResNet,
-                                                 ResNet18, ResNet34, ResNet50,
-                                                 ResNet101, ResNet152,
                                                  imagenet_resnet)
 
 TINY_WIDTHS = (8, 8, 16, 16)
@@ -105,13 +103,10 @@ def test_gate_spec(depth):
   assert spec.total == sum(n * f for n, f in zip(stage_sizes, filters))
 
 
-def test_presets_and_bad_depth():
-  for preset, depth in [(ResNet18, 18), (ResNet34, 34), (ResNet50, 50),
-                        (ResNet101, 101), (ResNet152, 152)]:
-    model = preset(num_classes=10)
-    assert isinstance(model, ImageNetResNet) and model.num_classes == 10
-    assert model.gate_spec() == imagenet_resnet(depth=depth).gate_spec()
-  assert ResNet18().widths == STANDARD_WIDTHS
+def test_factory_and_bad_depth():
+  model = imagenet_resnet(depth=18, num_classes=10)
+  assert isinstance(model, ImageNetResNet) and model.num_classes == 10
+  assert model.widths == STANDARD_WIDTHS
   with pytest.raises(ValueError, match='depth must be one of'):
     imagenet_resnet(depth=20)
   with pytest.raises(ValueError, match='4 stage widths'):

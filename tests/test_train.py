@@ -303,7 +303,7 @@ def test_recipe_uses_two_stages_when_gater_differs(tmp_path):
   stages = recipe.pretraining_stages(config, str(tmp_path))
   assert [s.name for s in stages] == ['backbone', 'gater']
   assert stages[1].config.model.backbone.widths == (4, 4, 8)
-  assert not stages[1].config.model.gated
+  assert stages[1].config.model.gating == 'none'
   # A named workdir is loaded, not trained.
   config.pretrain.backbone_workdir = str(tmp_path / 'given')
   stages = recipe.pretraining_stages(config, str(tmp_path))

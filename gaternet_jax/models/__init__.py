@@ -7,10 +7,13 @@ from typing import Any, Callable, Dict
 import jax.numpy as jnp
 import ml_collections
 
+from gaternet_jax import gating
 from gaternet_jax.errors import ConfigError
+from gaternet_jax.gates import BINARIZE_RULES
 from gaternet_jax.models.densenet import densenet_bc
 from gaternet_jax.models.gaternet import Gater, GaterNet
 from gaternet_jax.models import inception_v4 as _inception_v4_lib
+from gaternet_jax.models.layers import LocalGating
 from gaternet_jax.models.resnet_cifar import (CifarResNet, cifar_preact_resnet,
                                               cifar_resnet)
 from gaternet_jax.models.resnet_imagenet import imagenet_resnet
@@ -36,8 +39,8 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 GATER_FIELDS = ('bottleneck', 'batchnorm')
 
 
-def _build(cfg: ml_collections.ConfigDict, num_classes, dtype):
-  kwargs = dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg)
+def _build(cfg: ml_collections.ConfigDict, num_classes, dtype, **extra):
+  kwargs = dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg, **extra)
   name = kwargs.pop('name')
   if name not in BACKBONES:
     raise ValueError(f'Unknown backbone {name!r}; known: {sorted(BACKBONES)}.')
@@ -48,35 +51,46 @@ def _build(cfg: ml_collections.ConfigDict, num_classes, dtype):
 
 def create_model(model_cfg: ml_collections.ConfigDict,
                  num_classes: int) -> GaterNet:
-  """Builds the GaterNet (or the baseline when `model_cfg.gated` is False).
+  """Builds `model_cfg`'s model for its gating method (`model_cfg.gating`).
 
   `model_cfg.backbone` and `model_cfg.gater` each hold a registry `name` and
   that factory's keyword arguments; the gater's output size comes from the
-  backbone's gate spec.
+  backbone's gate spec. 'none' builds the backbone alone, 'gater' adds the
+  gater, 'local' builds the backbone with `model_cfg.local_gating`'s gating
+  modules in its units.
   """
-  dtype = _DTYPES[model_cfg.get('dtype', 'float32')]
-  local = model_cfg.backbone.get('local_gating')
-  if local and model_cfg.backbone.name not in LOCALLY_GATED:
-    raise ConfigError(f'model.backbone.local_gating (batch-shaping) works with '
-                      f'{", ".join(LOCALLY_GATED)}; not with '
-                      f'{model_cfg.backbone.name!r}.')
-  if local and model_cfg.gated:
-    raise ConfigError('model.gated (a GaterNet gater) and '
-                      'model.backbone.local_gating (batch-shaping) exclude '
-                      'each other; set one.')
+  method = gating.method(model_cfg)
+  dtype = _DTYPES[model_cfg.dtype]
+  if model_cfg.semhash.binarize not in BINARIZE_RULES:
+    raise ConfigError(f'model.semhash.binarize must be one of '
+                      f'{", ".join(map(repr, BINARIZE_RULES))}; got '
+                      f'{model_cfg.semhash.binarize!r}.')
+  local = None
+  if method == gating.LOCAL:
+    if model_cfg.backbone.name not in LOCALLY_GATED:
+      raise ConfigError(f"model.gating='local' (batch-shaping) works with "
+                        f'{", ".join(LOCALLY_GATED)}; not with '
+                        f'{model_cfg.backbone.name!r}.')
+    try:
+      local = LocalGating(**model_cfg.local_gating.to_dict())
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f'model.{e}' if str(e).startswith('local_gating')
+                        else f'model.local_gating: {e}') from None
   try:
-    backbone = _build(model_cfg.backbone, num_classes, dtype)
+    backbone = _build(model_cfg.backbone, num_classes, dtype,
+                      **({'local_gating': local} if local else {}))
   except (TypeError, ValueError) as e:
     raise ConfigError(f'model.backbone: {e}') from None
   gater = None
-  if model_cfg.gated:
+  if method == gating.GATER:
     features = _build(model_cfg.gater, None, dtype)
     gater = Gater(features=features, num_gates=backbone.gate_spec().total,
                   bottleneck=model_cfg.gater.bottleneck,
                   batchnorm=model_cfg.gater.batchnorm, dtype=dtype)
   return GaterNet(backbone=backbone, gater=gater,
                   mix_prob=model_cfg.semhash.mix_prob,
-                  noise_std=model_cfg.semhash.noise_std)
+                  noise_std=model_cfg.semhash.noise_std,
+                  binarize=model_cfg.semhash.binarize)
 
 
 __all__ = ['BACKBONES', 'GATER_FIELDS', 'CifarResNet', 'Gater', 'GaterNet', 'create_model',

@@ -16,7 +16,6 @@ counts pin this reading down: 3 * (n - 1) * k = 540 / 2,880 / 3,600.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -168,8 +167,3 @@ def densenet_bc(depth: int = 100, growth_rate: int = 12,
   return DenseNetBC(layers_per_block=(depth - 4) // 6,
                     growth_rate=int(growth_rate),
                     compression=float(compression), **kwargs)
-
-
-DenseNetBC100 = functools.partial(densenet_bc, depth=100, growth_rate=12)
-DenseNetBC250 = functools.partial(densenet_bc, depth=250, growth_rate=24)
-DenseNetBC190 = functools.partial(densenet_bc, depth=190, growth_rate=40)

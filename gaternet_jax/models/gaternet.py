@@ -5,8 +5,8 @@ Improved SemHash -> gate PyTree -> backbone -> logits. The backbone with no
 gater is the plain baseline, so baseline and gated models share parameter
 names under 'backbone' and a trained baseline initialises a gated model.
 
-The same wrapper runs batch-shaping's channel-gated networks (a backbone with
-`local_gating`): there the backbone's units make their own gates, and the
+The same wrapper runs batch-shaping's channel-gated networks (gating
+'local': a backbone with `local_gating`): there the backbone's units make their own gates, and the
 wrapper returns them as the same gate PyTree, so losses, statistics, MAC
 accounting and analysis treat both methods alike.
 """
@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gaternet_jax import gating as gating_lib
 from gaternet_jax.gates import GateSpec, Gates, drop_gates, improved_semhash
 from gaternet_jax.models.layers import batch_norm
 
@@ -53,23 +54,32 @@ class GaterNet(nn.Module):
   Attributes:
     backbone: a module with `gate_spec()` and `__call__(x, gates, train=)`.
     gater: a `Gater` emitting `backbone.gate_spec().total` logits, or None
-      for the ungated baseline (whose gate PyTree is then empty).
+      (for the ungated baseline and for a backbone with local gates).
     mix_prob, noise_std: Improved SemHash's training-time settings.
+    binarize: how SemHash's binary gates are cut from the gater's logits
+      (`gates.BINARIZE_RULES`: 'paper', or 'official' for imported official
+      checkpoints).
   """
   backbone: nn.Module
   gater: Optional[nn.Module] = None
   mix_prob: float = 0.5
   noise_std: float = 1.0
+  binarize: str = 'paper'
 
   @property
-  def locally_gated(self) -> bool:
-    """True for batch-shaping's self-gating backbones."""
-    return getattr(self.backbone, 'local_gating', None) is not None
+  def gating(self) -> str:
+    """The model's gating method (`gaternet_jax.gating`): 'gater' with a
+    gater, 'local' for batch-shaping's self-gating backbones, else 'none'."""
+    if self.gater is not None:
+      return gating_lib.GATER
+    if getattr(self.backbone, 'local_gating', None) is not None:
+      return gating_lib.LOCAL
+    return gating_lib.NONE
 
   def gate_spec(self) -> GateSpec:
-    if self.gater is not None or self.locally_gated:
-      return self.backbone.gate_spec()
-    return GateSpec()
+    if self.gating == gating_lib.NONE:
+      return GateSpec()
+    return self.backbone.gate_spec()
 
   def __call__(self, images: jax.Array, *, train: bool = False,
                gate_dropout: jax.Array | float = 0.0
@@ -85,21 +95,22 @@ class GaterNet(nn.Module):
     PyTrees, 'gate_values' and 'gate_probs' in the 'intermediates' collection
     (for batch-shaping and L0).
     """
-    if self.gater is None and self.locally_gated:
+    if self.gating == gating_lib.LOCAL:
       logits, samples = self.backbone(images, None, train=train)
       self.sow('intermediates', 'gate_values',
                {k: v['value'] for k, v in samples.items()})
       self.sow('intermediates', 'gate_probs',
                {k: v['prob'] for k, v in samples.items()})
       return logits, {k: v['gate'] for k, v in samples.items()}
-    if self.gater is None:
+    if self.gating == gating_lib.NONE:
       return self.backbone(images, None, train=train), {}
     spec = self.backbone.gate_spec()
     gate_logits = self.gater(images, train=train)
     assert gate_logits.shape[-1] == spec.total, (gate_logits.shape, spec.total)
     rng = self.make_rng('gates') if train else None
     flat = improved_semhash(gate_logits, rng=rng, train=train,
-                            mix_prob=self.mix_prob, noise_std=self.noise_std)
+                            mix_prob=self.mix_prob, noise_std=self.noise_std,
+                            rule=self.binarize)
     gates = spec.unflatten(flat)
     used = gates
     if train and not (isinstance(gate_dropout, (int, float)) and

@@ -17,7 +17,6 @@ features and serves as a gater's feature extractor.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -223,8 +222,3 @@ def cifar_preact_resnet(
   kwargs['local_gating'] = parse_local_gating(kwargs.get('local_gating'))
   return CifarResNet(stage_sizes=(n, n, n), widths=widths,
                      block='preact_bottleneck', stem_width=stem_width, **kwargs)
-
-
-ResNet20 = functools.partial(cifar_resnet, depth=20)
-ResNet56 = functools.partial(cifar_resnet, depth=56)
-ResNet164 = functools.partial(cifar_preact_resnet, depth=164)

@@ -25,7 +25,6 @@ that match Table 3's parameter counts. ResNet-SE uses Hu et al.'s reduction
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -278,10 +277,3 @@ def imagenet_resnet(depth: int = 50,
                         stem_width=stem_width, num_classes=num_classes,
                         se_reduction=se_reduction, dtype=dtype,
                         local_gating=parse_local_gating(local_gating))
-
-
-ResNet18 = functools.partial(imagenet_resnet, depth=18)
-ResNet34 = functools.partial(imagenet_resnet, depth=34)
-ResNet50 = functools.partial(imagenet_resnet, depth=50)
-ResNet101 = functools.partial(imagenet_resnet, depth=101)
-ResNet152 = functools.partial(imagenet_resnet, depth=152)

@@ -34,7 +34,6 @@ BN and before the shake mix; 2 * 4 * 7 * `width` gated filters (3,584 for
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -238,7 +237,3 @@ def shake_shake(depth: int = 26, width: int = 64, stem_width: int = 16,
                      f'concatenates two halves); got {width}.')
   return ShakeShake(blocks_per_stage=(depth - 2) // 6, width=int(width),
                     stem_width=int(stem_width), **kwargs)
-
-
-ShakeShake26_2x64d = functools.partial(shake_shake, depth=26, width=64)
-ShakeShake26_2x96d = functools.partial(shake_shake, depth=26, width=96)
