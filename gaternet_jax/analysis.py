@@ -29,15 +29,15 @@ import optax
 
 from gaternet_jax import augment
 from gaternet_jax import batching
-from gaternet_jax import data as data_lib
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import metrics as metrics_lib
 from gaternet_jax import paths as paths_lib
 from gaternet_jax import sharding
-from gaternet_jax import train as train_lib
+from gaternet_jax import evaluation
+from gaternet_jax import experiment
+from gaternet_jax import steps as steps_lib
 from gaternet_jax.errors import ConfigError, WorkdirError
 from gaternet_jax.gates import GateSpec, gate_type_counts, is_on
-from gaternet_jax.models import create_model
 
 OUT_DIR = 'analysis'
 JSON_NAME = 'analysis.json'
@@ -352,7 +352,7 @@ class GateCollector:
 # Streaming a split through a trained model.
 
 
-def analysis_step(state: train_lib.TrainState, batch: Mapping[str, jax.Array],
+def analysis_step(state: steps_lib.TrainState, batch: Mapping[str, jax.Array],
                   *, spec: GateSpec, mean, std,
                   mac_counter: Optional[macs_lib.MacCounter]
                   ) -> Dict[str, jax.Array]:
@@ -664,18 +664,16 @@ def run_analysis(config: ml_collections.ConfigDict,
     raise ConfigError('The config has no `analysis` fields; build it on '
                       'configs/base.py:base_config().')
   _check_analysis_config(cfg)
-  source = train_lib.eval_weights(config, workdir, purpose='analyze')
-  ds = data_lib.load_dataset(config.data)
-  model = create_model(config.model, ds.num_classes)
-  spec = model.gate_spec()
-  mesh = sharding.create_mesh()
+  source = evaluation.eval_weights(config, workdir, purpose='analyze')
+  exp = experiment.setup(config)
+  ds, model, spec, mesh = exp.ds, exp.model, exp.spec, exp.mesh
   batch_size = cfg.batch_size or config.eval_batch_size
   sharding.check_batch_size(batch_size, 'analysis.batch_size')
   batches, split, num_examples = _split_batches(ds, cfg.split, batch_size)
-  state = train_lib.restore_for_eval(config, workdir, model, ds.image_shape,
-                                     mesh, source)
+  state = evaluation.restore_for_eval(config, workdir, model,
+                                      exp.image_shape, mesh, source)
   step = int(state.step)
-  mac_counter = train_lib.create_mac_counter(model, ds.image_shape)
+  mac_counter = exp.mac_counter
   step_fn = jax.jit(
       functools.partial(analysis_step, spec=spec, mean=tuple(ds.mean),
                         std=tuple(ds.std), mac_counter=mac_counter),
@@ -699,8 +697,8 @@ def run_analysis(config: ml_collections.ConfigDict,
       'eval_seconds': seconds,
   }
   if mac_counter is not None:
-    result['macs'] = train_lib.summarize_macs(collector.column('macs'),
-                                              mac_counter)
+    result['macs'] = evaluation.summarize_macs(collector.column('macs'),
+                                               mac_counter)
   arrays: Dict[str, Any] = {}
   if spec:
     sections, arrays = gate_statistics(collector, spec, cfg, mac_counter)

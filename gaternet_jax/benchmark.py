@@ -14,26 +14,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from gaternet_jax import data as data_lib
+from gaternet_jax import experiment
 from gaternet_jax import gating
+from gaternet_jax import optim
 from gaternet_jax import sharding
-from gaternet_jax import train as train_lib
-from gaternet_jax.models import create_model
 
 
 def _measure(config: ml_collections.ConfigDict, batch_size: int
              ) -> Dict[str, float]:
-  image_shape, num_classes = data_lib.dataset_info(config.data)
-  model = create_model(config.model, num_classes)
-  spec = model.gate_spec()
-  mesh = sharding.create_mesh()
+  exp = experiment.setup(config, load_data=False, count_macs=False)
+  image_shape, num_classes, mesh = exp.image_shape, exp.num_classes, exp.mesh
   sharding.check_batch_size(batch_size, 'benchmark batch size')
-  lr_fn = train_lib.create_learning_rate_fn(config.optimizer, 100, 10_000)
-  state = train_lib.create_train_state(config, model, image_shape, lr_fn,
-                                       jax.random.key(0), mesh)
-  c = image_shape[-1]
-  steps = train_lib.Steps(config, spec, mesh, (0.5,) * c, (0.25,) * c,
-                          num_train_steps=10_000)
+  lr_fn = optim.create_learning_rate_fn(config.optimizer, 100, 10_000)
+  state = exp.new_state(lr_fn, jax.random.key(0))
+  steps = exp.steps(num_train_steps=10_000)
   rng = np.random.default_rng(0)
   local = sharding.process_slice(batch_size)
   images = rng.integers(0, 256, (batch_size,) + image_shape, np.uint8)[local]

@@ -91,8 +91,8 @@ def _run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
       print(f'baseline/gated images/s: train {out["train_ratio"]:.2f}x, '
             f'eval {out["eval_ratio"]:.2f}x')
   elif mode == 'eval':
-    from gaternet_jax import train  # pylint: disable=g-import-not-at-top
-    out = train.evaluate(config, workdir)
+    from gaternet_jax import evaluation  # pylint: disable=g-import-not-at-top
+    out = evaluation.evaluate(config, workdir)
   elif mode == 'train':
     from gaternet_jax import train  # pylint: disable=g-import-not-at-top
     t = time.time()

@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from gaternet_jax import sharding, train as train_lib  # pylint: disable=g-import-not-at-top
+from gaternet_jax import evaluation, experiment, optim, sharding  # pylint: disable=g-import-not-at-top
+from gaternet_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
 from gaternet_jax.models import create_model
 from tests import helpers
 
@@ -23,19 +24,19 @@ def main(out_path, variant='gaternet'):
   model = create_model(config.model, ds.num_classes)
   spec = model.gate_spec()
   mesh = sharding.create_mesh()
-  lr_fn = train_lib.create_learning_rate_fn(config.optimizer, 4, 8)
-  state = train_lib.create_train_state(config, model, (16, 16, 3), lr_fn,
+  lr_fn = optim.create_learning_rate_fn(config.optimizer, 4, 8)
+  state = steps_lib.create_train_state(config, model, (16, 16, 3), lr_fn,
                                        jax.random.key(0), mesh)
-  steps = train_lib.Steps(config, spec, mesh, ds.mean, ds.std,
+  steps = steps_lib.Steps(config, spec, mesh, ds.mean, ds.std,
                           steps_per_epoch=2,
-                          mac_counter=train_lib.create_mac_counter(
+                          mac_counter=experiment.create_mac_counter(
                               model, (16, 16, 3)))
   rng = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
   it = ds.train_batches(config.batch_size, seed=0)
   for _ in range(2):
     state, m = steps.train(state, sharding.to_global(next(it),
                                                      steps.data_sharding), rng)
-  ev = steps.evaluate(state, ds.eval_batches(config.eval_batch_size), spec)
+  ev = evaluation.run(steps, state, ds.eval_batches(config.eval_batch_size))
   flat = {}
   for prefix, tree in (('params', state.params),
                        ('batch_stats', state.batch_stats),

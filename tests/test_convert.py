@@ -453,7 +453,7 @@ def test_official_checkpoint_initialises_training_from_config(ref20):
   converted weights into a train state of configs/cifar10_r20.py."""
   from configs import cifar  # pylint: disable=g-import-not-at-top
   from gaternet_jax import recipe, sharding  # pylint: disable=g-import-not-at-top
-  from gaternet_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from gaternet_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from gaternet_jax.models import create_model  # pylint: disable=g-import-not-at-top
   _, _, path = ref20
   config = cifar.cifar_config('cifar10', 'r20', 'gated')
@@ -461,7 +461,7 @@ def test_official_checkpoint_initialises_training_from_config(ref20):
   config.init.official_checkpoint = str(path)
   assert recipe.pretraining_stages(config, '/unused') == []
   model = create_model(config.model, 10)
-  state = train_lib.create_train_state(config, model, (32, 32, 3),
+  state = steps_lib.create_train_state(config, model, (32, 32, 3),
                                        lambda s: 0.1, jax.random.key(0),
                                        sharding.create_mesh())
   state = recipe.official_init(config)(state)
@@ -476,7 +476,7 @@ def test_official_checkpoint_initialises_training_from_config(ref20):
   # With the paper's gater BatchNorm the layers differ: a clear error.
   config.model.gater.batchnorm = True
   model = create_model(config.model, 10)
-  state = train_lib.create_train_state(config, model, (32, 32, 3),
+  state = steps_lib.create_train_state(config, model, (32, 32, 3),
                                        lambda s: 0.1, jax.random.key(0),
                                        sharding.create_mesh())
   with pytest.raises(UserError):

@@ -142,8 +142,8 @@ def test_large_network_savings_stay_exact():
   saved = counter.saved_per_sample(_closed(spec, 'stage1_block1'))
   assert float(saved[1]) == hw * (64 * 64 + 9 * 64 * 64)
   # The eval summary subtracts in float64 on the host.
-  from gaternet_jax import train
-  s = train.summarize_macs(counter.dense_total - np.asarray(saved, np.float64),
+  from gaternet_jax import evaluation
+  s = evaluation.summarize_macs(counter.dense_total - np.asarray(saved, np.float64),
                            counter)
   assert s['macs_max'] == counter.dense_total
   assert s['macs_overhead'] == counter.dense_gater

@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 
 from gaternet_jax import checkpoints
+from gaternet_jax import evaluation
+from gaternet_jax import experiment
 from gaternet_jax import losses
+from gaternet_jax import optim
 from gaternet_jax import recipe
 from gaternet_jax import sharding
+from gaternet_jax import steps as steps_lib
 from gaternet_jax import train as train_lib
 from gaternet_jax.gates import GateSpec
 from gaternet_jax.models import GaterNet, create_model
@@ -147,7 +151,7 @@ def test_train_seconds_add_up_over_resumes(tmp_path, monkeypatch):
   assert again['train_seconds'] == resumed['train_seconds']
   with open(os.path.join(wd, 'results.json')) as f:
     assert json.load(f)['train_seconds'] == resumed['train_seconds']
-  assert train_lib.evaluate(config, wd, dataset=ds)['train_seconds'] == (
+  assert evaluation.evaluate(config, wd, dataset=ds)['train_seconds'] == (
       resumed['train_seconds'])
 
 
@@ -163,11 +167,11 @@ def test_steps_per_epoch_are_the_datasets():
 
   config = helpers.tiny_config()
   config.batch_size, config.num_epochs, config.num_train_steps = 100, 3, -1
-  assert train_lib.num_steps(config, Sharded()) == (7, 21)
+  assert experiment.num_steps(config, Sharded()) == (7, 21)
   ds = helpers.synthetic_dataset()
   config.batch_size = ds.num_train_examples + 1
   with pytest.raises(train_lib.ConfigError, match='exceeds'):
-    train_lib.num_steps(config, ds)
+    experiment.num_steps(config, ds)
 
 
 def test_gate_l1_gradient_reaches_only_the_gater():
@@ -201,31 +205,31 @@ def test_weight_decay_only_on_kernels():
 def test_learning_rate_schedules():
   cfg = helpers.tiny_config().optimizer
   cfg.lr_boundaries = (2, 3)
-  fn = train_lib.create_learning_rate_fn(cfg, steps_per_epoch=10,
+  fn = optim.create_learning_rate_fn(cfg, steps_per_epoch=10,
                                          num_train_steps=40)
   np.testing.assert_allclose([fn(0), fn(19), fn(20), fn(30)],
                              [0.1, 0.1, 0.01, 0.001], rtol=1e-6)
   cfg.warmup_epochs = 1.0
-  fn = train_lib.create_learning_rate_fn(cfg, 10, 40)
+  fn = optim.create_learning_rate_fn(cfg, 10, 40)
   assert float(fn(0)) == pytest.approx(0.01, rel=1e-6)
   assert float(fn(15)) == pytest.approx(0.1, rel=1e-6)
   # He et al.'s ResNet-164 warm-up holds 0.01, then the step schedule runs
   # on its absolute epochs.
   cfg.warmup_lr = 0.01
-  fn = train_lib.create_learning_rate_fn(cfg, 10, 40)
+  fn = optim.create_learning_rate_fn(cfg, 10, 40)
   np.testing.assert_allclose([fn(0), fn(9), fn(10), fn(19), fn(20), fn(30)],
                              [0.01, 0.01, 0.1, 0.1, 0.01, 0.001], rtol=1e-6)
   # Cosine: the same linear ramp as the step schedule, then a cosine that
   # starts after the warm-up and reaches 0 at the end.
   cfg.warmup_lr = 0.0
   cfg.schedule = 'cosine'
-  fn = train_lib.create_learning_rate_fn(cfg, 10, 40)
+  fn = optim.create_learning_rate_fn(cfg, 10, 40)
   np.testing.assert_allclose([fn(0), fn(9), fn(10), fn(25), fn(40)],
                              [0.01, 0.1, 0.1, 0.05, 0.0], rtol=1e-6,
                              atol=1e-7)
   from configs import cifar10_r164  # pylint: disable=g-import-not-at-top
   r164 = cifar10_r164.get_config().optimizer
-  fn = train_lib.create_learning_rate_fn(r164, 390, 390 * 160)
+  fn = optim.create_learning_rate_fn(r164, 390, 390 * 160)
   np.testing.assert_allclose([fn(0), fn(389), fn(390), fn(390 * 80)],
                              [0.01, 0.01, 0.1, 0.01], rtol=1e-6)
 
@@ -246,7 +250,7 @@ def test_recipe_pretrains_then_initialises_both_parts(tmp_path):
   assert pre['step'] == 4
   # Initialise a fresh gated state from the stage; compare with its weights.
   model = create_model(config.model, ds.num_classes)
-  state = train_lib.create_train_state(
+  state = steps_lib.create_train_state(
       config, model, (16, 16, 3), lambda s: 0.1, jax.random.key(0),
       sharding.create_mesh())
   state = recipe.stage_init(stages[0])(state)
@@ -281,13 +285,13 @@ def test_recipe_reads_a_named_pretraining_run_without_training_it(tmp_path):
                                      dataset=ds)
   assert out['baseline']['step'] == 4 and out['final']['step'] == 8
   assert sorted(os.listdir(os.path.join(given, 'checkpoints'))) == before
-  assert out['baseline']['accuracy'] == train_lib.evaluate(
+  assert out['baseline']['accuracy'] == evaluation.evaluate(
       base, given, dataset=ds)['accuracy']
   # --mode=eval of a run with the config of another network: one sentence.
   wider = helpers.tiny_config(gated=False)
   wider.model.backbone.widths = (4, 8, 32)
   with pytest.raises(train_lib.WorkdirError, match='check that its config'):
-    train_lib.evaluate(wider, given, dataset=ds)
+    evaluation.evaluate(wider, given, dataset=ds)
   # A named run without checkpoints is refused in one sentence.
   config.pretrain.backbone_workdir = config.pretrain.gater_workdir = str(
       tmp_path / 'missing')
@@ -334,15 +338,15 @@ def test_short_digits_run_learns(tmp_path):
 
 def test_gate_dropout_schedule_and_effect():
   config = helpers.tiny_config(gated=True)
-  assert train_lib.create_gate_dropout_fn(config, 100)(jnp.asarray(50)) == 0.0
+  assert optim.create_gate_dropout_fn(config, 100)(jnp.asarray(50)) == 0.0
   config.model.gate_dropout = 0.05
-  fn = train_lib.create_gate_dropout_fn(config, 100)
+  fn = optim.create_gate_dropout_fn(config, 100)
   np.testing.assert_allclose(
       [fn(jnp.asarray(s)) for s in (0, 50, 100, 200)], [0, 0.025, 0.05, 0.05],
       rtol=1e-6)
   config.model.gate_dropout = 1.5
   with pytest.raises(train_lib.ConfigError):
-    train_lib.create_gate_dropout_fn(config, 100)
+    optim.create_gate_dropout_fn(config, 100)
   # In the model: rate 1 closes every gate the backbone sees; the returned
   # gates are the gater's own G(x), which the L1 term and statistics use.
   model = create_model(helpers.tiny_config(gated=True).model, 3)
@@ -372,10 +376,10 @@ def test_bfloat16_step_matches_float32():
     config.model.dtype = dtype
     model = create_model(config.model, ds.num_classes)
     mesh = sharding.create_mesh()
-    state = train_lib.create_train_state(config, model, (16, 16, 3),
+    state = steps_lib.create_train_state(config, model, (16, 16, 3),
                                          lambda s: 0.1, jax.random.key(0),
                                          mesh)
-    steps = train_lib.Steps(config, model.gate_spec(), mesh, ds.mean, ds.std)
+    steps = steps_lib.Steps(config, model.gate_spec(), mesh, ds.mean, ds.std)
     batch = next(ds.train_batches(config.batch_size, seed=0))
     new_state, m = steps.train(state, batch, jax.random.key(1))
     results[dtype] = (jax.device_get(m), new_state)
@@ -458,10 +462,10 @@ def test_auxiliary_classifier_loss(weight):
   config.weight_decay = 0.0
   model = GaterNet(backbone=_AuxNet())
   mesh = sharding.create_mesh()
-  state = train_lib.create_train_state(config, model, (16, 16, 3),
+  state = steps_lib.create_train_state(config, model, (16, 16, 3),
                                        lambda s: 0.1, jax.random.key(0), mesh)
   before = jax.device_get(state.params)
-  steps = train_lib.Steps(config, model.gate_spec(), mesh, ds.mean, ds.std)
+  steps = steps_lib.Steps(config, model.gate_spec(), mesh, ds.mean, ds.std)
   new, m = steps.train(state, next(ds.train_batches(16, seed=0)),
                        jax.random.key(1))
   m = jax.device_get(m)
