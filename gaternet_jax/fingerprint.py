@@ -8,11 +8,12 @@ sites and the shapes and dtypes of its variables (`jax.eval_shape` of
 `model.init`: traced, never computed, so cheap even for ResNet-152). The
 dataset is its name, image shape and number of classes
 (`data.dataset_info`, which loads nothing). A field that builds nothing (an
-unused gater, `se_reduction=0`) or changes no shape (augmentation, batch
-sizes, where the data lives) leaves the fingerprint as it is.
+unused gater, `se_reduction=0`) or changes no shape (the compute dtype,
+SemHash's noise, gate dropout, augmentation, batch sizes, where the data
+lives) leaves the fingerprint as it is: a checkpoint restores either way.
 
     fingerprint(config)  ->  {'model': {...}, 'data': {...}}  (JSON-able)
-    difference(config, stored)  ->  (part, why) or None
+    difference(config, stored_config_json)  ->  (part, why) or None
 """
 
 from __future__ import annotations
