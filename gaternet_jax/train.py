@@ -22,6 +22,7 @@ from gaternet_jax import data as data_lib
 from gaternet_jax import device_data
 from gaternet_jax import evaluation
 from gaternet_jax import experiment
+from gaternet_jax import fingerprint
 from gaternet_jax import gating
 from gaternet_jax import metrics as metrics_lib
 from gaternet_jax import optim
@@ -94,29 +95,6 @@ class _PreemptionCheck:
       self._previous = None
 
 
-def _drop_unset(d: Any) -> Any:
-  """`d` without entries that are 0, False, '' or empty (config defaults
-  that build nothing, such as `se_reduction=0`)."""
-  if not isinstance(d, dict):
-    return d
-  return {k: _drop_unset(v) for k, v in d.items()
-          if v not in (0, False, '', None, {}, [])}
-
-
-def _network(model: Dict[str, Any]) -> Dict[str, Any]:
-  """What of a `model` config shapes the trained network: only a GaterNet
-  has a gater, SemHash and gate dropout, only local gating has gating
-  modules, and unset options build nothing. (A config.json of an older
-  version is read in today's terms.)"""
-  model = gating.upgrade_model_dict(model)
-  if model.get('gating') != gating.GATER:
-    for k in ('gater', 'semhash', 'gate_dropout'):
-      model.pop(k, None)
-  if model.get('gating') != gating.LOCAL:
-    model.pop('local_gating', None)
-  return _drop_unset(model)
-
-
 def _check_workdir_path(workdir: str):
   path = paths.resolve(workdir)
   if path.exists() and not path.is_dir():
@@ -124,25 +102,20 @@ def _check_workdir_path(workdir: str):
                        f'choose another --workdir.')
 
 
-def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str):
-  """Refuses to resume a workdir that was written by a different model."""
+def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
+                          dataset: Optional[data_lib.InMemoryDataset] = None):
+  """Refuses to resume a workdir whose run built another network or read
+  another dataset (`config`'s, or `dataset` if given): their fingerprints
+  differ (fingerprint.py)."""
   path = paths.join(workdir, 'config.json')
   if not paths.resolve(path).exists():
     return
-  old = paths.read_json(path)
-  new = json.loads(config.to_json_best_effort())
-  for key in ('model', 'data'):
-    old_part, new_part = dict(old.get(key, {})), dict(new.get(key, {}))
-    if key == 'model':
-      old_part, new_part = _network(old_part), _network(new_part)
-    if key == 'data':  # Where the data lives may change between machines.
-      for k in ('data_dir',):
-        old_part.pop(k, None)
-        new_part.pop(k, None)
-    if old_part != new_part:
-      raise WorkdirError(
-          f'{workdir} holds a run with a different `{key}` config; resume it '
-          f'with its own config ({path}) or choose a new --workdir.')
+  differs = fingerprint.difference(config, paths.read_json(path), dataset)
+  if differs:
+    key, why = differs
+    raise WorkdirError(
+        f'{workdir} holds a run with a different `{key}` config ({why}); '
+        f'resume it with its own config ({path}) or choose a new --workdir.')
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -168,7 +141,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   workdir = str(paths.resolve(workdir))
   _check_workdir_path(workdir)
   paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
-  _check_workdir_config(config, workdir)
+  _check_workdir_config(config, workdir, dataset)
   exp = experiment.setup(config, dataset)
   ds, spec, mesh = exp.ds, exp.spec, exp.mesh
   _check_gate_losses(config, exp.model)
