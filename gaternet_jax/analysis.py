@@ -22,12 +22,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from gaternet_jax import augment
 from gaternet_jax import batching
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import metrics as metrics_lib
@@ -357,24 +354,14 @@ def analysis_step(state: steps_lib.TrainState, batch: Mapping[str, jax.Array],
                   mac_counter: Optional[macs_lib.MacCounter]
                   ) -> Dict[str, jax.Array]:
   """Per-sample loss, confidence, correctness, binary gates `(b, total)` and
-  the MACs the closed gates save, for one padded eval batch (with its labels
-  and mask, so every process reads the global batch's rows)."""
-  images = augment.preprocess(batch['image'], mean=mean, std=std)
-  logits, gates = state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats}, images,
-      train=False)
-  logits = logits.astype(jnp.float32)
-  out = {'loss': optax.softmax_cross_entropy_with_integer_labels(
-             logits, batch['label']),
-         'confidence': jnp.max(jax.nn.softmax(logits), axis=-1),
-         'correct': jnp.argmax(logits, -1) == batch['label'],
-         'label': batch['label'], 'mask': batch['mask'] > 0}
-  if spec:
-    out['gates'] = is_on(spec.flatten(gates))
-  if mac_counter is not None:
-    out['macs_saved'] = jnp.broadcast_to(mac_counter.saved_per_sample(gates),
-                                         batch['label'].shape)
-  return out
+  the MACs the closed gates save (`steps.example_metrics`, as eval), for one
+  padded eval batch (with its labels and mask, so every process reads the
+  global batch's rows)."""
+  logits, out = steps_lib.predict(state, batch['image'], mean, std)
+  m = steps_lib.example_metrics(logits, out, batch['label'], spec,
+                                mac_counter)
+  m.pop('gate_l1', None)
+  return dict(m, label=batch['label'], mask=batch['mask'] > 0)
 
 
 def collect(step_fn, state, batches: Iterable[Mapping[str, np.ndarray]],

@@ -8,9 +8,9 @@ ResNet-56-Gated checkpoints: a `torch.save` file holding a dict with
 `OFFICIAL_STD`,
 
   model, variables = load_official_checkpoint('resnet20_gated.pth')
-  logits, gates = model.apply(variables, images_nhwc, train=False)
+  logits, out = model.apply(variables, images_nhwc, train=False)
 
-gives the official model's logits.
+gives the official model's logits (and its gates in `out['gates']`).
 
 Layout of the official networks, as mapped here:
 - backbone: `conv`, `bn`, `stage{s}.block{i}.{conv1,bn1,conv2,bn2}` plus
@@ -329,7 +329,8 @@ def load_official_checkpoint(
   Returns:
     `(model, variables)`: `model.apply(variables, images, train=False)` maps
     `(batch, 32, 32, 3)` float32 images, normalised with OFFICIAL_MEAN /
-    OFFICIAL_STD, to `((batch, 10) logits, gate PyTree)`. The gates are
+    OFFICIAL_STD, to `((batch, 10) logits, out)`, `out['gates']` the gate
+    PyTree. The gates are
     the official code's: saturating_sigmoid(logit) > 0.49999, i.e. logit >
     about -3.3e-5 (the paper's 1(logit > 0) differs for logits in
     (-3.3e-5, 0]).

@@ -1,4 +1,5 @@
-"""Training losses: cross-entropy, weight decay and the gate losses.
+"""Training losses: cross-entropy, weight decay and the gate losses, and
+`objective(config)`, the one place they are composed into a run's loss.
 
 GaterNet: L = CE + weight_decay / 2 * ||W||^2 + lambda * ||G(x)||_1 / c
 (Eq. 5 plus weight decay). The gates are a function of the gater alone, so
@@ -13,13 +14,15 @@ schedules of `gate_loss_weights`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from gaternet_jax import gating
+from gaternet_jax.errors import ConfigError
 from gaternet_jax.gates import GateSpec, gate_l1
 
 
@@ -52,16 +55,64 @@ def weight_l2(params: Any) -> jax.Array:
   return 0.5 * sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
 
 
-def total_loss(logits: jax.Array, labels: jax.Array,
-               gates: Mapping[str, jax.Array], spec: GateSpec, params: Any, *,
-               weight_decay: float, gate_l1_weight: float,
-               label_smoothing: float = 0.0):
-  """Returns (loss, terms) with terms a dict of the loss's parts."""
-  ce = cross_entropy(logits, labels, label_smoothing=label_smoothing)
-  l2 = weight_l2(params)
-  l1 = gate_l1(gates, spec)
-  loss = ce + weight_decay * l2 + gate_l1_weight * l1
-  return loss, {'cross_entropy': ce, 'weight_l2': l2, 'gate_l1': l1}
+def objective(config: ml_collections.ConfigDict, spec: GateSpec,
+              steps_per_epoch: int = 1) -> Callable[..., Tuple[jax.Array,
+                                                               Dict[str, Any]]]:
+  """The training loss of `config`: the one place it is composed.
+
+  L = CE (label-smoothed by `label_smoothing`)
+      + weight_decay * weight_l2(params)
+      + gate_l1_weight * gate_l1(G(x))                       (GaterNet, Eq. 5)
+      + aux_loss_weight * CE(auxiliary logits)              (if the model has
+                                                             them)
+      + gamma(t) * batch_shaping + lambda(t) * L0           (local gates, when
+                                                             either weight is
+                                                             set; `gate_loss_
+                                                             weights`)
+
+  Args:
+    config: the experiment config.
+    spec: the model's gate spec.
+    steps_per_epoch: to turn the gate losses' epoch schedules into steps.
+
+  Returns:
+    `loss_fn(params, logits, out, labels, step) -> (loss, terms)`, where
+    `out` is the model's second output (`GaterNet.__call__`) and `terms`
+    holds each part, the weights that vary in time, and 'loss'.
+  """
+  smoothing = config.label_smoothing
+  weight_decay, l1_weight = config.weight_decay, config.gate_l1_weight
+  aux_weight = config.aux_loss_weight
+  shaping = gating.gate_losses_enabled(config)
+  if shaping and not (config.batch_shaping.a > 0 and
+                      config.batch_shaping.b > 0):
+    raise ConfigError(f'batch_shaping.a and .b must be > 0; got '
+                      f'{config.batch_shaping.a}, {config.batch_shaping.b}.')
+
+  def loss_fn(params: Any, logits: jax.Array, out: Mapping[str, Any],
+              labels: jax.Array, step: jax.Array):
+    ce = cross_entropy(logits, labels, label_smoothing=smoothing)
+    l2 = weight_l2(params)
+    l1 = gate_l1(out['gates'], spec)
+    loss = ce + weight_decay * l2 + l1_weight * l1
+    terms = {'cross_entropy': ce, 'weight_l2': l2, 'gate_l1': l1}
+    if 'aux_logits' in out:
+      terms['aux_cross_entropy'] = cross_entropy(
+          out['aux_logits'], labels, label_smoothing=smoothing)
+      loss = loss + aux_weight * terms['aux_cross_entropy']
+    if shaping:
+      weights = gate_loss_weights(config, step, steps_per_epoch)
+      terms['batch_shaping'] = batch_shaping_loss(
+          spec.flatten(out['gate_values']), config.batch_shaping.a,
+          config.batch_shaping.b)
+      terms['l0'] = l0_loss(spec.flatten(out['gate_probs']))
+      terms['batch_shaping_weight'] = weights['batch_shaping']
+      terms['l0_weight'] = weights['l0']
+      loss = (loss + weights['batch_shaping'] * terms['batch_shaping'] +
+              weights['l0'] * terms['l0'])
+    return loss, dict(terms, loss=loss)
+
+  return loss_fn
 
 
 # ---------------------------------------------------------------------------

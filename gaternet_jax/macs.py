@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gaternet_jax.gates import GateSpec, is_on
+from gaternet_jax.models.backbone import Wiring
 
 # Name of batch-shaping's gating module inside a unit (models/layers.py).
 LOCAL_GATE_MODULE = 'gate'
@@ -163,24 +164,24 @@ class MacCounter:
              'gated': bool(l.gated_in or l.gated_out)} for l in self.layers]
 
 
-def _wire(layers: List[Layer], wiring: Mapping[str, Sequence[tuple]],
-          spec: GateSpec, prefix: Tuple[str, ...]):
+def _wire(layers: List[Layer], wiring: Wiring, spec: GateSpec,
+          prefix: Tuple[str, ...]):
   by_path = {}
   for l in layers:
     by_path.setdefault(l.path, []).append(l)
   sizes = dict(spec.sites)
-  for site, entries in wiring.items():
+  for site, wires in wiring.items():
     assert site in sizes, f'wiring names unknown site {site!r}'
-    for entry in entries:
-      path, side, offset = entry[:3]
-      start, stop = entry[3:5] if len(entry) > 3 else (0, sizes[site])
-      full = prefix + tuple(path)
+    for wire in wires:
+      stop = sizes[site] if wire.stop is None else wire.stop
+      full = prefix + wire.path
       assert full in by_path, f'wiring names unknown layer {full}'
       for l in by_path[full]:
-        limit = l.cin if side == 'in' else l.cout
-        assert offset + stop - start <= limit, (full, side, offset, limit)
-        (l.gated_in if side == 'in' else l.gated_out).append(
-            GateSlice(site, start, stop, offset))
+        limit = l.cin if wire.side == 'in' else l.cout
+        assert wire.offset + stop - wire.start <= limit, (
+            full, wire.side, wire.offset, limit)
+        (l.gated_in if wire.side == 'in' else l.gated_out).append(
+            GateSlice(site, wire.start, stop, wire.offset))
 
 
 def count(model: nn.Module, image_shape: Sequence[int],
@@ -194,18 +195,14 @@ def count(model: nn.Module, image_shape: Sequence[int],
       closed gates save; False gives the dense counts of any model.
 
   Raises:
-    NotImplementedError: `conditional`, the model is gated and its backbone
-      does not declare `gate_wiring()`.
+    NotImplementedError: `conditional`, the model is gated and its backbone's
+      `gate_wiring()` raises it (conditional MACs are then unknown).
   """
   layers = [_layer(*c) for c in _record_layers(model, image_shape)]
   spec = model.gate_spec()
   if spec and not conditional:
     return MacCounter(layers, GateSpec())
   if spec:
-    if not hasattr(model.backbone, 'gate_wiring'):
-      raise NotImplementedError(
-          f'{type(model.backbone).__name__} does not declare gate_wiring(); '
-          f'conditional MACs are unknown.')
     _wire(layers, model.backbone.gate_wiring(), spec, ('backbone',))
   return MacCounter(layers, spec)
 

@@ -1,16 +1,15 @@
-"""The optimiser and the schedules of a run: learning rate, gate dropout,
-and the weights of batch-shaping's and L0's losses over training."""
+"""The optimiser and the schedules of a run: learning rate and gate dropout
+(the gate losses' weights over training are part of the objective,
+losses.py)."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from gaternet_jax import gating
-from gaternet_jax import losses
 from gaternet_jax.errors import ConfigError
 
 
@@ -85,14 +84,3 @@ def create_gate_dropout_fn(config: ml_collections.ConfigDict,
   return lambda step: final * jnp.minimum(
       step.astype(jnp.float32) / max(num_train_steps, 1), 1.0)
 
-
-def create_gate_loss_weights_fn(config: ml_collections.ConfigDict,
-                                steps_per_epoch: int) -> Optional[Callable]:
-  """step -> {'batch_shaping', 'l0'} weights, or None when both are off."""
-  if not gating.gate_losses_enabled(config):
-    return None
-  bs = config.batch_shaping
-  if not (bs.a > 0 and bs.b > 0):
-    raise ConfigError(f'batch_shaping.a and .b must be > 0; got {bs.a}, '
-                      f'{bs.b}.')
-  return lambda step: losses.gate_loss_weights(config, step, steps_per_epoch)

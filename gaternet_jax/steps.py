@@ -48,18 +48,17 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any,
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array],
-               rng: jax.Array, *, spec: GateSpec,
-               config: ml_collections.ConfigDict, mean, std,
-               gate_dropout_fn: Callable = lambda step: 0.0,
-               gate_weights_fn: Optional[Callable] = None):
+               rng: jax.Array, *, loss_fn: Callable,
+               config: ml_collections.ConfigDict, mean, std, spec: GateSpec,
+               gate_dropout_fn: Callable = lambda step: 0.0):
   """One SGD step on a global batch of uint8 images.
 
   Args:
     state: the replicated train state (donated).
     batch: {'image': (batch, h, w, c) uint8, 'label': (batch,) int32}.
     rng: the run's base key; this step's key is `fold_in(rng, state.step)`.
-    gate_weights_fn: step -> batch-shaping and L0 weights (models with
-      local gates), or None.
+    loss_fn: the run's objective (`losses.objective`).
+    gate_dropout_fn: step -> the gates' dropout rate.
 
   Returns:
     (new state, dict of scalar metrics).
@@ -70,45 +69,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
       batch['image'], mean=mean, std=std, train=True, rng=aug_rng,
       crop_padding=config.data.crop_padding, flip=config.data.flip)
 
-  def loss_fn(params):
-    (logits, gates), new_model_state = state.apply_fn(
+  def loss(params):
+    (logits, out), new_model_state = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, gate_dropout=gate_dropout_fn(state.step),
         rngs={'gates': gates_rng, 'dropout': dropout_rng},
-        mutable=['batch_stats', 'intermediates'])
-    loss, terms = losses.total_loss(
-        logits, batch['label'], gates, spec, params,
-        weight_decay=config.weight_decay,
-        gate_l1_weight=config.gate_l1_weight,
-        label_smoothing=config.get('label_smoothing', 0.0))
-    # Auxiliary classifiers (Inception-v4's) sow logits named 'aux_logits'.
-    aux = [x for path, x in jax.tree_util.tree_leaves_with_path(
-        new_model_state.get('intermediates', {}))
-           if 'aux_logits' in jax.tree_util.keystr(path)]
-    if aux:
-      terms['aux_cross_entropy'] = sum(
-          losses.cross_entropy(a, batch['label'],
-                               label_smoothing=config.get(
-                                   'label_smoothing', 0.0)) for a in aux)
-      loss = loss + config.get('aux_loss_weight', 0.0) * terms[
-          'aux_cross_entropy']
-    if gate_weights_fn is not None:
-      # Local gates sow their relaxed values and on-probabilities.
-      inter = new_model_state['intermediates']
-      values = spec.flatten(inter['gate_values'][0])
-      probs = spec.flatten(inter['gate_probs'][0])
-      weights = gate_weights_fn(state.step)
-      terms['batch_shaping'] = losses.batch_shaping_loss(
-          values, config.batch_shaping.a, config.batch_shaping.b)
-      terms['l0'] = losses.l0_loss(probs)
-      terms['batch_shaping_weight'] = weights['batch_shaping']
-      terms['l0_weight'] = weights['l0']
-      loss = (loss + weights['batch_shaping'] * terms['batch_shaping'] +
-              weights['l0'] * terms['l0'])
-    return loss, (logits, gates, new_model_state, dict(terms, loss=loss))
+        mutable=['batch_stats'])
+    value, terms = loss_fn(params, logits, out, batch['label'], state.step)
+    return value, (logits, out['gates'], new_model_state, terms)
 
   grads, (logits, gates, new_model_state, terms) = jax.grad(
-      loss_fn, has_aux=True)(state.params)
+      loss, has_aux=True)(state.params)
   new_state = state.apply_gradients(
       grads=grads, batch_stats=new_model_state['batch_stats'])
   out = dict(terms,
@@ -118,35 +89,60 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   return new_state, out
 
 
+def example_metrics(logits: jax.Array, out: Mapping[str, Any],
+                    labels: jax.Array, spec: GateSpec,
+                    mac_counter: Optional[macs_lib.MacCounter] = None
+                    ) -> Dict[str, jax.Array]:
+  """Per-example metrics of a model's outputs, what eval sums and analysis
+  keeps: 'loss' (cross-entropy), 'correct' and 'confidence' `(batch,)`;
+  for gated models 'gates' `(batch, total)` bool (on or off) and 'gate_l1'
+  `(batch,)` (the mean gate); with a `mac_counter`, 'macs_saved'
+  `(batch,)`, the MACs each example's closed gates save."""
+  logits = logits.astype(jnp.float32)
+  m = {'loss': optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                                 labels),
+       'correct': jnp.argmax(logits, -1) == labels,
+       'confidence': jnp.max(jax.nn.softmax(logits), axis=-1)}
+  if spec:
+    flat = spec.flatten(out['gates'])
+    m['gates'] = is_on(flat)
+    m['gate_l1'] = jnp.mean(flat, axis=-1)
+  if mac_counter is not None:
+    m['macs_saved'] = jnp.broadcast_to(
+        mac_counter.saved_per_sample(out['gates']), labels.shape)
+  return m
+
+
+def predict(state: TrainState, images: jax.Array, mean, std):
+  """Evaluation-mode `(logits, out)` of uint8 images."""
+  return state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      augment.preprocess(images, mean=mean, std=std), train=False)
+
+
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
               spec: GateSpec, mean, std,
               mac_counter: Optional[macs_lib.MacCounter] = None
               ) -> Dict[str, jax.Array]:
-  """Sums over the unmasked examples of a padded eval batch.
+  """Sums of `example_metrics` over the unmasked examples of a padded eval
+  batch.
 
   Returns {'count', 'correct', 'loss_sum'} and, for gated models,
   'gate_l1_sum' and 'gate_on_counts' `(c,)` (per gate, samples with it on);
   with a `mac_counter`, 'macs_saved' `(batch,)`: the MACs each example's
   closed gates save, -1 where the batch is padded.
   """
-  images = augment.preprocess(batch['image'], mean=mean, std=std)
-  logits, gates = state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats}, images,
-      train=False)
+  logits, model_out = predict(state, batch['image'], mean, std)
+  m = example_metrics(logits, model_out, batch['label'], spec, mac_counter)
   mask = batch['mask']
-  losses_ = optax.softmax_cross_entropy_with_integer_labels(
-      logits, batch['label'])
   out = {'count': jnp.sum(mask),
-         'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
-         'loss_sum': jnp.sum(losses_ * mask)}
+         'correct': jnp.sum(m['correct'] * mask),
+         'loss_sum': jnp.sum(m['loss'] * mask)}
   if spec:
-    per_sample = jnp.mean(spec.flatten(gates), axis=-1)
-    out['gate_l1_sum'] = jnp.sum(per_sample * mask)
-    out['gate_on_counts'] = gate_on_counts(gates, spec, mask)
+    out['gate_l1_sum'] = jnp.sum(m['gate_l1'] * mask)
+    out['gate_on_counts'] = gate_on_counts(model_out['gates'], spec, mask)
   if mac_counter is not None:
-    saved = jnp.broadcast_to(mac_counter.saved_per_sample(gates),
-                             mask.shape)
-    out['macs_saved'] = jnp.where(mask > 0, saved, -1.0)
+    out['macs_saved'] = jnp.where(mask > 0, m['macs_saved'], -1.0)
   return out
 
 
@@ -165,8 +161,8 @@ class Steps:
     mean, std = tuple(mean), tuple(std)
     step_fn = functools.partial(
         train_step, spec=spec, config=config, mean=mean, std=std,
-        gate_dropout_fn=optim.create_gate_dropout_fn(config, num_train_steps),
-        gate_weights_fn=optim.create_gate_loss_weights_fn(config, steps_per_epoch))
+        loss_fn=losses.objective(config, spec, steps_per_epoch),
+        gate_dropout_fn=optim.create_gate_dropout_fn(config, num_train_steps))
     self.train = jax.jit(
         step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
         donate_argnums=(0,))

@@ -163,16 +163,16 @@ def test_local_gating_models(backbone, position, sizes):
   x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
   variables = model.init({'params': jax.random.key(1),
                           'gates': jax.random.key(2)}, x, train=False)
-  (logits, g), state = model.apply(
+  (logits, out), state = model.apply(
       variables, x, train=True, rngs={'gates': jax.random.key(3)},
-      mutable=['batch_stats', 'intermediates'])
+      mutable=['batch_stats'])
+  g = out['gates']
   assert logits.shape == (3, 5)
   assert set(g) == set(spec.names)
   for name, n in spec:
     assert g[name].shape == (3, n)
     assert set(np.unique(np.asarray(g[name]))) <= {0.0, 1.0}
-  values = state['intermediates']['gate_values'][0]
-  probs = state['intermediates']['gate_probs'][0]
+  values, probs = out['gate_values'], out['gate_probs']
   assert set(values) == set(probs) == set(spec.names)
   # Opening and closing every gate (through the gate logits' bias) changes
   # the output: the gates are really applied.
@@ -184,8 +184,10 @@ def test_local_gating_models(backbone, position, sizes):
     return dict(variables, params=jax.tree_util.tree_map_with_path(
         f, variables['params']))
 
-  logits_open, g_open = model.apply(with_gate_bias(1e4), x, train=False)
-  logits_closed, g_closed = model.apply(with_gate_bias(-1e4), x, train=False)
+  logits_open, out_open = model.apply(with_gate_bias(1e4), x, train=False)
+  logits_closed, out_closed = model.apply(with_gate_bias(-1e4), x,
+                                          train=False)
+  g_open, g_closed = out_open['gates'], out_closed['gates']
   assert np.all(np.asarray(spec.flatten(g_open)) == 1.0)
   assert np.all(np.asarray(spec.flatten(g_closed)) == 0.0)
   assert not np.allclose(logits_open, logits_closed)
@@ -254,10 +256,10 @@ def _shaping_run(weight: float, steps: int = 60):
   opt = tx.init(params)
 
   def loss_fn(params, bstats, rng):
-    (logits, _), st = model.apply(
+    (logits, out), st = model.apply(
         {'params': params, 'batch_stats': bstats}, x, train=True,
-        rngs={'gates': rng}, mutable=['batch_stats', 'intermediates'])
-    values = spec.flatten(st['intermediates']['gate_values'][0])
+        rngs={'gates': rng}, mutable=['batch_stats'])
+    values = spec.flatten(out['gate_values'])
     bs = losses.batch_shaping_loss(values)
     loss = losses.cross_entropy(logits, y) + weight * bs
     return loss, (values, st['batch_stats'])

@@ -185,9 +185,10 @@ def _checkpoint_gates(workdir, image):
   model = create_model(config.model, 10)
   saved = checkpoints.load_variables(workdir)
   x = augment.preprocess(image, mean=config.data.mean, std=config.data.std)
-  logits, gates = model.apply(
+  logits, out = model.apply(
       {'params': saved['params'], 'batch_stats': saved['batch_stats']}, x,
       train=False)
+  gates = out['gates']
   return {'step': saved['step'], 'predicted': int(np.argmax(logits[0])),
           'gates_on': {name: np.flatnonzero(np.asarray(g[0]) > 0.5).tolist()
                        for name, g in gates.items()}}

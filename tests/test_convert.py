@@ -206,9 +206,13 @@ def ref56(tmp_path_factory):
   return backbone, gater, path
 
 
+def _logits_and_gates(model, v, x):
+  logits, out = model.apply(v, x, train=False)
+  return logits, out['gates']
+
+
 # One compilation per (equal, hashable) model, shared by the tests.
-apply_eval = jax.jit(lambda model, v, x: model.apply(v, x, train=False),
-                     static_argnums=0)
+apply_eval = jax.jit(_logits_and_gates, static_argnums=0)
 
 
 # ---------------------------------------------------------------------------
@@ -283,8 +287,8 @@ def test_gates_matter(ref20):
   # The backbone alone with every gate open, in both frameworks.
   spec = model.gate_spec()
   backbone_vars = {c: variables[c]['backbone'] for c in variables}
-  dense = model.backbone.apply(backbone_vars, nhwc, spec.ones(BATCH),
-                               train=False)
+  dense, _ = model.backbone.apply(backbone_vars, nhwc, spec.ones(BATCH),
+                                  train=False)
   with torch.no_grad():
     ref_dense = backbone(nchw, torch.ones(BATCH, spec.total)).numpy()
   assert np.abs(np.asarray(dense) - ref_dense).max() < 1e-4

@@ -125,8 +125,9 @@ def _capture(model, variables, keep):
   """Jitted `(x, gates) -> (logits, intermediates)`, evaluation mode."""
   @jax.jit
   def run(x, gates):
-    logits, state = model.apply(variables, x, gates, capture_intermediates=keep,
-                                mutable=('intermediates',))
+    (logits, _), state = model.apply(variables, x, gates,
+                                     capture_intermediates=keep,
+                                     mutable=('intermediates',))
     return logits, state['intermediates']
   return run
 
@@ -148,11 +149,11 @@ def test_densenet_forward_shapes(tiny_dense):
   assert np.all(np.isfinite(logits))
   assert len(maps) == 6  # 3 blocks x 2 layers, gated or not.
   feats = densenet_bc(num_classes=None, **TINY_DENSE)
-  out = jax.eval_shape(feats.apply, variables, x)
+  out, _ = jax.eval_shape(feats.apply, variables, x)
   # 2k stem + 2k new maps = 16 -> transition 8 -> 16 -> 8 -> 16 channels.
   assert out.shape == (2, 16) and out.dtype == jnp.float32
   bf16 = densenet_bc(num_classes=5, dtype=jnp.bfloat16, **TINY_DENSE)
-  assert jax.eval_shape(bf16.apply, variables, x).dtype == jnp.float32
+  assert jax.eval_shape(bf16.apply, variables, x)[0].dtype == jnp.float32
 
 
 def test_densenet_gates_mask_new_maps_before_concat(tiny_dense):
@@ -247,7 +248,7 @@ def tiny_shake():
 
   @jax.jit
   def run_train(x, rng):
-    logits, state = model.apply(
+    (logits, _), state = model.apply(
         variables, x, None, train=True, rngs={'dropout': rng},
         capture_intermediates=_keep_block_parts,
         mutable=('batch_stats', 'intermediates'))
@@ -264,10 +265,10 @@ def test_shake_shake_forward_shapes(tiny_shake):
   assert sorted(_block_parts(parts)) == [
       'stage1_block1', 'stage2_block1', 'stage3_block1']
   feats = shake_shake(num_classes=None, **TINY_SHAKE)
-  out = jax.eval_shape(feats.apply, variables, x)
+  out, _ = jax.eval_shape(feats.apply, variables, x)
   assert out.shape == (4, 16) and out.dtype == jnp.float32
   bf16 = shake_shake(num_classes=5, dtype=jnp.bfloat16, **TINY_SHAKE)
-  assert jax.eval_shape(bf16.apply, variables, x).dtype == jnp.float32
+  assert jax.eval_shape(bf16.apply, variables, x)[0].dtype == jnp.float32
   # Training draws from the 'dropout' stream and updates the BN statistics.
   logits_t, _, stats = run_train(x, jax.random.key(2))
   assert logits_t.shape == (4, 5)

@@ -96,12 +96,12 @@ def test_shapes_at_299_and_gate_sites_match_the_network(traced):
   assert set(variables) == {'params', 'batch_stats'}
   assert set(spec.names) <= set(variables['params'])
   # Passing gates runs apply_site's check of every site's channel count.
-  logits = jax.eval_shape(model.apply, variables, _x(), spec.ones(2))
+  logits, _ = jax.eval_shape(model.apply, variables, _x(), spec.ones(2))
   assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
   # Features: the same network without its fc (unused params are ignored),
   # at 75x75, the smallest input whose final grid is not empty.
-  features = jax.eval_shape(iv.inception_v4(num_classes=None).apply,
-                            variables, _x(75))
+  features, _ = jax.eval_shape(iv.inception_v4(num_classes=None).apply,
+                               variables, _x(75))
   assert features.shape == (2, 1536) and features.dtype == jnp.float32
 
 
@@ -139,7 +139,7 @@ def test_table3_arithmetic_documented_in_the_module():
     assert abs(n - PAPER_PARAMS) > 1e6
 
 
-def test_train_mode_needs_dropout_rng_and_sows_aux_logits(traced):
+def test_train_mode_needs_dropout_rng_and_returns_aux_logits(traced):
   model = iv.inception_v4(num_classes=1000, aux_logits=True)
   variables = traced[True]
 
@@ -147,19 +147,21 @@ def test_train_mode_needs_dropout_rng_and_sows_aux_logits(traced):
     return model.apply(v, x, train=True, rngs=rngs,
                        mutable=['batch_stats', 'intermediates'])
 
-  logits, state = jax.eval_shape(
+  (logits, extras), state = jax.eval_shape(
       lambda v, x: train(v, x, {'dropout': jax.random.key(1)}),
       variables, _x())
   assert logits.shape == (2, 1000)
-  (aux,) = state['intermediates']['aux_logits']
+  aux = extras['aux_logits']
   assert aux.shape == (2, 1000) and aux.dtype == jnp.float32
+  # Nothing travels through 'intermediates' any more.
+  assert 'intermediates' not in state
   with pytest.raises(Exception, match='dropout'):
     jax.eval_shape(lambda v, x: train(v, x, {}), variables, _x())
   # Evaluation needs no rng and sows nothing.
-  logits, state = jax.eval_shape(
+  (logits, extras), state = jax.eval_shape(
       lambda v, x: model.apply(v, x, mutable=['intermediates']),
       variables, _x())
-  assert logits.shape == (2, 1000) and not state
+  assert logits.shape == (2, 1000) and not state and not extras
 
 
 WIDTH = 0.125
@@ -258,7 +260,7 @@ def test_small_network_end_to_end():
       lambda x: model.init(jax.random.key(0), x), x))
   gates = spec.ones(2)
   gates['Mixed_7d'] = gates['Mixed_7d'].at[0].set(0.0)
-  logits = jax.jit(model.apply)(variables, x, gates)
+  logits, _ = jax.jit(model.apply)(variables, x, gates)
   assert logits.shape == (2, 4) and np.all(np.isfinite(logits))
   bias = variables['params']['Logits']['Logits']['bias']
   np.testing.assert_allclose(logits[0], bias, rtol=0, atol=1e-6)

@@ -229,7 +229,7 @@ def _brute_force_fn(backbone, variables, side, batch):
       return out
 
     with nn.intercept_methods(probe):
-      logits = backbone.apply(variables, x, gates)
+      logits, _ = backbone.apply(variables, x, gates)
     return jnp.sum(logits * r), (inputs, logits)
 
   @jax.jit

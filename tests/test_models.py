@@ -10,7 +10,8 @@ import pytest
 
 from gaternet_jax import paper
 from gaternet_jax import summary
-from gaternet_jax.models import create_model, cifar_preact_resnet, cifar_resnet
+from gaternet_jax.models import (BACKBONES, Backbone, GateWire, create_model,
+                                 cifar_preact_resnet, cifar_resnet)
 
 ROWS = sorted(name for table in paper.TABLES.values() for name in table)
 
@@ -68,17 +69,18 @@ def test_gaternet_apply_returns_logits_and_gate_pytree(block):
       {'params': jax.random.key(1), 'gates': jax.random.key(2)}, x))(x)
   spec = model.gate_spec()
   apply = jax.jit(model.apply, static_argnames=('train', 'mutable'))
-  logits, gates = apply(variables, x, train=False)
+  logits, out = apply(variables, x, train=False)
+  gates = out['gates']
   assert logits.shape == (3, 7)
   assert set(gates) == set(spec.names)
   for name, n in spec:
     assert gates[name].shape == (3, n)
     assert set(np.unique(gates[name])) <= {0.0, 1.0}
-  (logits_t, gates_t), new_state = apply(
+  (logits_t, out_t), new_state = apply(
       variables, x, train=True, rngs={'gates': jax.random.key(3)},
       mutable=('batch_stats',))
   assert logits_t.shape == (3, 7) and 'batch_stats' in new_state
-  assert set(gates_t) == set(spec.names)
+  assert set(out_t['gates']) == set(spec.names)
   # The gater's output size comes from the backbone's spec.
   assert variables['params']['gater']['fc2']['kernel'].shape[-1] == spec.total
 
@@ -90,7 +92,7 @@ def test_gates_mask_backbone_channels(block):
   spec = backbone.gate_spec()
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   variables = jax.jit(lambda x: backbone.init(jax.random.key(1), x, None))(x)
-  apply = jax.jit(backbone.apply)
+  apply = jax.jit(lambda *args: backbone.apply(*args)[0])
   plain = apply(variables, x, None)
   # All-open gates compute the dense (ungated) function.
   np.testing.assert_allclose(apply(variables, x, spec.ones(2)), plain,
@@ -116,8 +118,8 @@ def test_baseline_returns_empty_gates_and_shares_backbone_names():
   assert set(vg['params']) == {'backbone', 'gater'}
   assert (jax.tree_util.tree_structure(vb['params']['backbone']) ==
           jax.tree_util.tree_structure(vg['params']['backbone']))
-  _, gates = jax.jit(base.apply)(vb_real := base.init(jax.random.key(0), x), x)
-  assert gates == {} and 'backbone' in vb_real['params']
+  _, out = jax.jit(base.apply)(vb_real := base.init(jax.random.key(0), x), x)
+  assert out == {'gates': {}} and 'backbone' in vb_real['params']
 
 
 def test_se_block_rescales_site():
@@ -136,3 +138,18 @@ def test_unknown_backbone_is_a_clear_error():
   cfg.backbone.name = 'vgg'
   with pytest.raises(ValueError, match='Unknown backbone'):
     create_model(cfg, 10)
+
+
+@pytest.mark.parametrize('name', sorted(BACKBONES))
+def test_every_backbone_implements_the_contract(name):
+  """models/backbone.py: the spec, the wiring as GateWire entries for every
+  site, and whether units can gate themselves."""
+  backbone = BACKBONES[name](num_classes=10)
+  assert isinstance(backbone, Backbone)
+  spec = backbone.gate_spec()
+  wiring = backbone.gate_wiring()
+  assert set(wiring) == set(spec.names) and spec.total > 0
+  assert all(isinstance(w, GateWire) and w.side in ('in', 'out')
+             for wires in wiring.values() for w in wires)
+  assert backbone.local_gating is None
+  assert backbone.supports_local_gating == name.endswith('resnet')

@@ -157,7 +157,8 @@ def _tiny(depth):
   """
   x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
   model = imagenet_resnet(depth=depth, widths=TINY_WIDTHS, num_classes=10)
-  return model, _variables(model, x, seed=depth), x, jax.jit(model.apply)
+  return model, _variables(model, x, seed=depth), x, jax.jit(
+      lambda *args: model.apply(*args)[0])
 
 
 @pytest.mark.parametrize('depth', [18, 50])
@@ -168,7 +169,7 @@ def test_forward_shapes(depth):
   assert np.all(np.isfinite(logits))
   # Features mode: the same trunk, pooled, no classifier.
   features = model.clone(num_classes=None)
-  pooled = jax.jit(features.apply)(
+  pooled, _ = jax.jit(features.apply)(
       {'params': {k: v for k, v in variables['params'].items() if k != 'fc'},
        'batch_stats': variables['batch_stats']}, x)
   out = TINY_WIDTHS[-1] * (4 if depth == 50 else 1)
@@ -176,7 +177,7 @@ def test_forward_shapes(depth):
   assert np.all(np.isfinite(pooled))
   # Training mode updates BN statistics and still returns float32 logits
   # (traced only: a third compilation would double the test's time).
-  logits, updates = jax.eval_shape(
+  (logits, _), updates = jax.eval_shape(
       lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']),
       variables, x)
   assert logits.shape == (3, 10) and logits.dtype == jnp.float32
@@ -186,7 +187,7 @@ def test_forward_shapes(depth):
   half = model.clone(dtype=jnp.bfloat16)
   shapes = jax.eval_shape(half.init, jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes['params']))
-  assert jax.eval_shape(half.apply, shapes, x).dtype == jnp.float32
+  assert jax.eval_shape(half.apply, shapes, x)[0].dtype == jnp.float32
 
 
 @pytest.mark.parametrize('depth', [18, 50])

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -180,14 +182,15 @@ def test_gate_l1_gradient_reaches_only_the_gater():
   spec = model.gate_spec()
   x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   v = model.init({'params': jax.random.key(1), 'gates': jax.random.key(2)}, x)
+  config.weight_decay, config.gate_l1_weight = 0.0, 1.0
+  loss_fn = losses.objective(config, spec)
 
   def l1(params):
-    (_, gates), _ = model.apply(
+    (_, out), _ = model.apply(
         {'params': params, 'batch_stats': v['batch_stats']}, x, train=True,
         rngs={'gates': jax.random.key(3)}, mutable=['batch_stats'])
-    return losses.total_loss(jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32),
-                             gates, spec, params, weight_decay=0.0,
-                             gate_l1_weight=1.0)[0]
+    return loss_fn(params, jnp.zeros((4, 3)), out, jnp.zeros(4, jnp.int32),
+                   jnp.zeros((), jnp.int32))[0]
 
   g = jax.jit(jax.grad(l1))(v['params'])
   assert all(float(jnp.abs(x).max()) == 0
@@ -355,14 +358,15 @@ def test_gate_dropout_schedule_and_effect():
   apply = jax.jit(lambda v, x, r: model.apply(
       v, x, train=True, gate_dropout=r, rngs={'gates': jax.random.key(3)},
       mutable=('batch_stats',))[0])
-  dropped_logits, dropped_gates = apply(v, x, jnp.asarray(1.0))
-  logits, gates = apply(v, x, jnp.asarray(0.0))
+  dropped_logits, dropped_out = apply(v, x, jnp.asarray(1.0))
+  logits, out = apply(v, x, jnp.asarray(0.0))
+  dropped_gates, gates = dropped_out['gates'], out['gates']
   assert any(float(g.max()) > 0.0 for g in gates.values())
   _assert_trees_close(dropped_gates, gates, 0)
   closed = {k: jnp.zeros_like(g) for k, g in gates.items()}
-  closed_logits = model.apply(
+  (closed_logits, _), _ = model.apply(
       v, x, closed, method=lambda m, x, g: m.backbone(x, g, train=True),
-      mutable=('batch_stats',))[0]
+      mutable=('batch_stats',))
   np.testing.assert_allclose(dropped_logits, closed_logits, atol=1e-5)
   assert not np.allclose(logits, dropped_logits, atol=1e-3)
 
@@ -438,20 +442,22 @@ def test_on_device_scanned_steps_match_single_steps_and_resume(tmp_path):
 
 class _AuxNet(nn.Module):
   """A tiny backbone with an auxiliary classifier, as Inception-v4 has."""
+  supports_local_gating: ClassVar[bool] = False
+  local_gating: ClassVar[None] = None
   num_classes: int = 3
 
   def gate_spec(self):
     return GateSpec()
 
+  def gate_wiring(self):
+    return {}
+
   @nn.compact
   def __call__(self, x, gates=None, *, train=False):
     y = jnp.mean(x, axis=(1, 2))
-    if train:
-      self.sow('intermediates', 'aux_logits', nn.Dense(self.num_classes,
-                                                       name='aux')(y))
-    else:
-      nn.Dense(self.num_classes, name='aux')(y)  # same params in eval
-    return nn.Dense(self.num_classes, name='fc')(y)
+    aux = nn.Dense(self.num_classes, name='aux')(y)  # same params in eval
+    return (nn.Dense(self.num_classes, name='fc')(y),
+            {'aux_logits': aux} if train else {})
 
 
 @pytest.mark.parametrize('weight', [0.0, 0.4])

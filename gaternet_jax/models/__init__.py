@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Callable, Dict
 
 import jax.numpy as jnp
 import ml_collections
@@ -10,18 +10,19 @@ import ml_collections
 from gaternet_jax import gating
 from gaternet_jax.errors import ConfigError
 from gaternet_jax.gates import BINARIZE_RULES
+from gaternet_jax.models.backbone import Backbone, GateWire
 from gaternet_jax.models.densenet import densenet_bc
 from gaternet_jax.models.gaternet import Gater, GaterNet
 from gaternet_jax.models import inception_v4 as _inception_v4_lib
 from gaternet_jax.models.layers import LocalGating
-from gaternet_jax.models.resnet_cifar import (CifarResNet, cifar_preact_resnet,
-                                              cifar_resnet)
+from gaternet_jax.models.resnet import ResNet
+from gaternet_jax.models.resnet_cifar import cifar_preact_resnet, cifar_resnet
 from gaternet_jax.models.resnet_imagenet import imagenet_resnet
 from gaternet_jax.models.shakeshake import shake_shake
 
-# name -> factory(num_classes=..., dtype=..., **config kwargs) -> module with
-# gate_spec() and __call__(x, gates, train=).
-BACKBONES: Dict[str, Callable[..., Any]] = {
+# name -> factory(num_classes=..., dtype=..., **config kwargs) -> a
+# `backbone.Backbone`.
+BACKBONES: Dict[str, Callable[..., Backbone]] = {
     'cifar_resnet': cifar_resnet,
     'cifar_preact_resnet': cifar_preact_resnet,
     'imagenet_resnet': imagenet_resnet,
@@ -29,9 +30,6 @@ BACKBONES: Dict[str, Callable[..., Any]] = {
     'shake_shake': shake_shake,
     'inception_v4': _inception_v4_lib.inception_v4,
 }
-
-# Backbones whose residual units can gate themselves (batch-shaping).
-LOCALLY_GATED = ('cifar_resnet', 'cifar_preact_resnet', 'imagenet_resnet')
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -47,6 +45,11 @@ def _build(cfg: ml_collections.ConfigDict, num_classes, dtype, **extra):
   for k in GATER_FIELDS:
     kwargs.pop(k, None)
   return BACKBONES[name](num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+def _supports_local_gating(factory: Callable[..., Backbone]) -> bool:
+  """Whether the backbones a registry factory builds can gate themselves."""
+  return factory(num_classes=None).supports_local_gating
 
 
 def create_model(model_cfg: ml_collections.ConfigDict,
@@ -65,22 +68,24 @@ def create_model(model_cfg: ml_collections.ConfigDict,
     raise ConfigError(f'model.semhash.binarize must be one of '
                       f'{", ".join(map(repr, BINARIZE_RULES))}; got '
                       f'{model_cfg.semhash.binarize!r}.')
-  local = None
+  try:
+    backbone = _build(model_cfg.backbone, num_classes, dtype)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'model.backbone: {e}') from None
+  assert isinstance(backbone, Backbone), type(backbone)
   if method == gating.LOCAL:
-    if model_cfg.backbone.name not in LOCALLY_GATED:
+    if not backbone.supports_local_gating:
+      local_ok = [name for name, factory in BACKBONES.items()
+                  if _supports_local_gating(factory)]
       raise ConfigError(f"model.gating='local' (batch-shaping) works with "
-                        f'{", ".join(LOCALLY_GATED)}; not with '
+                        f'{", ".join(local_ok)}; not with '
                         f'{model_cfg.backbone.name!r}.')
     try:
       local = LocalGating(**model_cfg.local_gating.to_dict())
     except (TypeError, ValueError) as e:
       raise ConfigError(f'model.{e}' if str(e).startswith('local_gating')
                         else f'model.local_gating: {e}') from None
-  try:
-    backbone = _build(model_cfg.backbone, num_classes, dtype,
-                      **({'local_gating': local} if local else {}))
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f'model.backbone: {e}') from None
+    backbone = backbone.clone(local_gating=local)
   gater = None
   if method == gating.GATER:
     features = _build(model_cfg.gater, None, dtype)
@@ -93,5 +98,6 @@ def create_model(model_cfg: ml_collections.ConfigDict,
                   binarize=model_cfg.semhash.binarize)
 
 
-__all__ = ['BACKBONES', 'GATER_FIELDS', 'CifarResNet', 'Gater', 'GaterNet', 'create_model',
-           'cifar_resnet', 'cifar_preact_resnet']
+__all__ = ['BACKBONES', 'GATER_FIELDS', 'Backbone', 'GateWire', 'Gater',
+           'GaterNet', 'ResNet', 'create_model', 'cifar_resnet',
+           'cifar_preact_resnet']

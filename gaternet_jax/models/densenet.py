@@ -16,13 +16,14 @@ counts pin this reading down: 3 * (n - 1) * k = 540 / 2,880 / 3,600.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gaternet_jax.gates import GateSpec, Gates
+from gaternet_jax.models.backbone import Extras, GateWire
 from gaternet_jax.models.layers import apply_site, batch_norm, conv
 
 NUM_BLOCKS = 3
@@ -70,6 +71,9 @@ class DenseNetBC(nn.Module):
     bottleneck_factor: the 1x1 conv's width is `bottleneck_factor * k`.
     num_classes: classifier outputs; None returns pooled features.
   """
+  supports_local_gating: ClassVar[bool] = False
+  local_gating: ClassVar[None] = None
+
   layers_per_block: int
   growth_rate: int
   compression: float = 0.5
@@ -85,7 +89,7 @@ class DenseNetBC(nn.Module):
 
   def gate_wiring(self):
     """Per site, the convs its gates act on (for `gaternet_jax.macs`):
-    `{site: ((path, 'out'|'in', channel offset), ...)}`.
+    `{site: (GateWire, ...)}`.
 
     A site's gates multiply its layer's `conv2` output right after the conv,
     so a closed gate removes that output channel ('out'). The gated map is
@@ -114,21 +118,22 @@ class DenseNetBC(nn.Module):
     for b in range(NUM_BLOCKS):
       for l in range(1, n):
         offset = width + l * k
-        entries = [((_site_name(b + 1, l + 1), 'conv2'), 'out', 0)]
-        entries += [((_site_name(b + 1, j + 1), 'conv1'), 'in', offset)
+        entries = [GateWire((_site_name(b + 1, l + 1), 'conv2'), 'out')]
+        entries += [GateWire((_site_name(b + 1, j + 1), 'conv1'), 'in', offset)
                     for j in range(l + 1, n)]
         if b < NUM_BLOCKS - 1:
-          entries.append(((f'transition{b + 1}', 'conv'), 'in', offset))
+          entries.append(GateWire((f'transition{b + 1}', 'conv'), 'in', offset))
         elif self.num_classes is not None:
-          entries.append((('fc',), 'in', offset))
+          entries.append(GateWire(('fc',), 'in', offset))
         out[_site_name(b + 1, l + 1)] = tuple(entries)
       width = int(self.compression * (width + n * k))
     return out
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
-               train: bool = False) -> jax.Array:
-    """`(batch, h, w, c)` images (normalised) -> `(batch, num_classes)`.
+               train: bool = False) -> Tuple[jax.Array, Extras]:
+    """`(batch, h, w, c)` images (normalised) -> (`(batch, num_classes)`
+    logits, {}) (`backbone.py`'s contract).
 
     `gates`, when given, maps each site of `gate_spec()` to `(batch, k)`.
     """
@@ -149,10 +154,9 @@ class DenseNetBC(nn.Module):
                        name=f'transition{b + 1}')(y, train=train)
     y = nn.relu(batch_norm(train, self.dtype, 'bn_final')(y))
     y = jnp.mean(y, axis=(1, 2))
-    if self.num_classes is None:
-      return y.astype(jnp.float32)
-    y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
-    return y.astype(jnp.float32)
+    if self.num_classes is not None:
+      y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
+    return y.astype(jnp.float32), {}
 
 
 def densenet_bc(depth: int = 100, growth_rate: int = 12,

@@ -6,21 +6,22 @@ gater is the plain baseline, so baseline and gated models share parameter
 names under 'backbone' and a trained baseline initialises a gated model.
 
 The same wrapper runs batch-shaping's channel-gated networks (gating
-'local': a backbone with `local_gating`): there the backbone's units make their own gates, and the
-wrapper returns them as the same gate PyTree, so losses, statistics, MAC
-accounting and analysis treat both methods alike.
+'local': a backbone with `local_gating`): there the backbone's units make
+their own gates, and the wrapper returns them as the same gate PyTree, so
+losses, statistics, MAC accounting and analysis treat both methods alike.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gaternet_jax import gating as gating_lib
-from gaternet_jax.gates import GateSpec, Gates, drop_gates, improved_semhash
+from gaternet_jax.gates import GateSpec, drop_gates, improved_semhash
+from gaternet_jax.models.backbone import GATE_SAMPLES
 from gaternet_jax.models.layers import batch_norm
 
 
@@ -39,7 +40,7 @@ class Gater(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-    f = self.features(images, train=train)
+    f, _ = self.features(images, train=train)
     h = nn.Dense(self.bottleneck, dtype=self.dtype, name='fc1')(f)
     if self.batchnorm:
       h = batch_norm(train, self.dtype, 'bn')(h)
@@ -49,10 +50,10 @@ class Gater(nn.Module):
 
 
 class GaterNet(nn.Module):
-  """Backbone plus an optional gater; `__call__` returns (logits, gates).
+  """Backbone plus an optional gater; `__call__` returns (logits, out).
 
   Attributes:
-    backbone: a module with `gate_spec()` and `__call__(x, gates, train=)`.
+    backbone: a `backbone.Backbone`.
     gater: a `Gater` emitting `backbone.gate_spec().total` logits, or None
       (for the ungated baseline and for a backbone with local gates).
     mix_prob, noise_std: Improved SemHash's training-time settings.
@@ -72,7 +73,7 @@ class GaterNet(nn.Module):
     gater, 'local' for batch-shaping's self-gating backbones, else 'none'."""
     if self.gater is not None:
       return gating_lib.GATER
-    if getattr(self.backbone, 'local_gating', None) is not None:
+    if self.backbone.local_gating is not None:
       return gating_lib.LOCAL
     return gating_lib.NONE
 
@@ -83,27 +84,33 @@ class GaterNet(nn.Module):
 
   def __call__(self, images: jax.Array, *, train: bool = False,
                gate_dropout: jax.Array | float = 0.0
-               ) -> Tuple[jax.Array, Gates]:
-    """`(batch, h, w, c)` -> (`(batch, classes)` logits, gate PyTree).
+               ) -> Tuple[jax.Array, Dict[str, Any]]:
+    """`(batch, h, w, c)` -> (`(batch, classes)` logits, out).
+
+    `out` holds what the losses, statistics and analysis read:
+      'gates':       the gate PyTree `{site: (batch, filters)}` ({} for the
+                     baseline); a gater's G(x) before scheduled dropout
+                     (what the L1 term and the gate statistics are about;
+                     the backbone runs on the dropped ones);
+      'gate_values': local gates' relaxed values, a gate PyTree (the
+                     batch-shaping loss's input);
+      'gate_probs':  local gates' on-probabilities, a gate PyTree (L0's);
+      'aux_logits':  an auxiliary classifier's logits, in training.
 
     In training the rng stream 'gates' drives SemHash's noise and mixing
     (or the Gumbel noise of local gates) and, when `gate_dropout` > 0 (the
-    scheduled dropout of Appendix B), the dropout of gates. The returned
-    gates are the gater's G(x), before that dropout (what the L1 term and the
-    gate statistics are about); the backbone runs on the dropped ones. Local
-    gates also sow their relaxed values and on-probabilities as gate
-    PyTrees, 'gate_values' and 'gate_probs' in the 'intermediates' collection
-    (for batch-shaping and L0).
+    scheduled dropout of Appendix B), the dropout of gates.
     """
     if self.gating == gating_lib.LOCAL:
-      logits, samples = self.backbone(images, None, train=train)
-      self.sow('intermediates', 'gate_values',
-               {k: v['value'] for k, v in samples.items()})
-      self.sow('intermediates', 'gate_probs',
-               {k: v['prob'] for k, v in samples.items()})
-      return logits, {k: v['gate'] for k, v in samples.items()}
+      logits, extras = self.backbone(images, None, train=train)
+      samples = extras.pop(GATE_SAMPLES)
+      return logits, dict(
+          extras, gates={k: v['gate'] for k, v in samples.items()},
+          gate_values={k: v['value'] for k, v in samples.items()},
+          gate_probs={k: v['prob'] for k, v in samples.items()})
     if self.gating == gating_lib.NONE:
-      return self.backbone(images, None, train=train), {}
+      logits, extras = self.backbone(images, None, train=train)
+      return logits, dict(extras, gates={})
     spec = self.backbone.gate_spec()
     gate_logits = self.gater(images, train=train)
     assert gate_logits.shape[-1] == spec.total, (gate_logits.shape, spec.total)
@@ -116,4 +123,5 @@ class GaterNet(nn.Module):
     if train and not (isinstance(gate_dropout, (int, float)) and
                       gate_dropout == 0):
       used = drop_gates(gates, spec, gate_dropout, self.make_rng('gates'))
-    return self.backbone(images, used, train=train), gates
+    logits, extras = self.backbone(images, used, train=train)
+    return logits, dict(extras, gates=gates)

@@ -18,10 +18,9 @@ Every conv is conv (no bias) -> BN -> ReLU ('ConvBN'). BN follows TF-slim's
 since a ReLU follows every BN; all three are attributes. The optional
 auxiliary classifier (TF-slim's `AuxLogits` on Mixed_6h: 5x5/3 average
 pool, 1x1 conv 128, conv 768 over the remaining 5x5 grid, fc) is built when
-`aux_logits=True`. It does not change `__call__`'s return value: in training
-its `(batch, num_classes)` float32 logits are sown into the 'intermediates'
-collection as `aux_logits` (read them with `mutable=['intermediates']`;
-TF-slim weights that loss by 0.4).
+`aux_logits=True`; in training its `(batch, num_classes)` float32 logits
+come back in the extras of `__call__`'s `(logits, extras)` as 'aux_logits'
+(TF-slim weights that loss by 0.4).
 
 Gated sites (GaterNet section 4.4: "In Inception-v4, there are many channel
 concatenation operations. We apply filter selection to all the feature maps
@@ -80,13 +79,14 @@ reductions is 75x75 (107x107 with the aux head, whose 5x5 pool needs a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gaternet_jax.gates import GateSpec, Gates
+from gaternet_jax.models.backbone import AUX_LOGITS, Extras, GateWire
 from gaternet_jax.models.layers import apply_site
 
 # TF-slim's inception_arg_scope: variance_scaling_initializer() (factor 2,
@@ -381,11 +381,14 @@ class InceptionV4(nn.Module):
       checkpoints use 1001 with a background class); None returns the pooled
       `(batch, 1536 * width)` features.
     dropout_rate: dropout before the fc in training (TF-slim keeps 0.8).
-    aux_logits: build the auxiliary classifier on Mixed_6h; its logits are
-      sown into 'intermediates' as `aux_logits` in training.
+    aux_logits: build the auxiliary classifier on Mixed_6h; in training its
+      logits come back in the extras as 'aux_logits'.
     width: multiplies every conv's filter count (1.0 is Inception-v4).
     bn_momentum, bn_epsilon, bn_scale: BN settings (TF-slim's defaults).
   """
+  supports_local_gating: ClassVar[bool] = False
+  local_gating: ClassVar[None] = None
+
   num_classes: Optional[int] = 1000
   dropout_rate: float = 0.2
   aux_logits: bool = False
@@ -415,7 +418,7 @@ class InceptionV4(nn.Module):
 
   def gate_wiring(self):
     """Per site, the convs its gates act on (for `gaternet_jax.macs`):
-    `{site: ((path, 'out'|'in', offset[, start, stop]), ...)}`.
+    `{site: (GateWire, ...)}`.
 
     A site's gates multiply its block's output concatenation, whose every
     branch ends in a ReLU, so a closed gate makes that channel exactly zero.
@@ -455,23 +458,25 @@ class InceptionV4(nn.Module):
         # A pool branch passes the rest of the site through.
         width = ch(f) if name is not None else spec[site] - convs
         if name is not None:
-          entries.append(((site, name, 'conv'), 'out', 0, start,
-                          start + width))
+          entries.append(GateWire((site, name, 'conv'), 'out', 0, start,
+                                   start + width))
         start += width
       assert start == spec[site], (site, start, spec[site])
       if i + 1 < len(blocks):
         nxt, nxt_cls = blocks[i + 1]
-        entries += [((nxt, name, 'conv'), 'in', 0)
+        entries += [GateWire((nxt, name, 'conv'), 'in')
                     for name in _BLOCK_WIRING[nxt_cls][1]]
       elif self.num_classes is not None:
-        entries.append((('Logits', 'Logits'), 'in', 0))
+        entries.append(GateWire(('Logits', 'Logits'), 'in'))
       out[site] = tuple(entries)
     return out
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
-               train: bool = False) -> jax.Array:
-    """`(batch, 299, 299, 3)` normalised images -> `(batch, num_classes)`.
+               train: bool = False) -> Tuple[jax.Array, Extras]:
+    """`(batch, 299, 299, 3)` normalised images -> (`(batch, num_classes)`
+    logits, extras) (`backbone.py`'s contract): the extras hold
+    'aux_logits' in training with `aux_logits=True`, else nothing.
 
     `gates`, when given, maps every site of `gate_spec()` to a
     `(batch, filters)` array multiplying that concatenation's channels.
@@ -495,18 +500,19 @@ class InceptionV4(nn.Module):
       y = block(InceptionB, name, y)
     # Built at init whatever `train` is, so that evaluation-mode init and
     # training share one parameter tree; evaluated only in training.
+    extras = {}
     if self.aux_logits and self.num_classes is not None and (
         train or self.is_initializing()):
       aux = AuxHead(cfg, self.num_classes, name='AuxLogits')(y, train=train)
       if train:
-        self.sow('intermediates', 'aux_logits', aux)
+        extras[AUX_LOGITS] = aux
     y = block(ReductionB, 'Mixed_7a', y)                            # 8
     for name in C_SITES:
       y = block(InceptionC, name, y)
     if self.num_classes is None:
-      return jnp.mean(y, axis=(1, 2)).astype(jnp.float32)
+      return jnp.mean(y, axis=(1, 2)).astype(jnp.float32), extras
     return Head(self.num_classes, self.dropout_rate, self.dtype,
-                name='Logits')(y, train=train)
+                name='Logits')(y, train=train), extras
 
 
 def inception_v4(num_classes: Optional[int] = 1000, **kwargs) -> InceptionV4:

@@ -5,7 +5,7 @@ local gating module."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -52,8 +52,6 @@ def apply_site(y: jax.Array, gate: Optional[jax.Array],
   if gate is not None:
     y = gate_channels(y, gate)
   return y
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,23 +136,3 @@ def gate_channels(y: jax.Array, gate: jax.Array) -> jax.Array:
   assert gate.shape == (y.shape[0], y.shape[-1]), (gate.shape, y.shape)
   return y * gate[:, None, None, :].astype(y.dtype)
 
-
-def residual_gate_wiring(units: Sequence[str], block: str,
-                         local_gating: Optional[LocalGating]
-                         ) -> Dict[str, Tuple[tuple, ...]]:
-  """`gate_wiring()` of a ResNet whose units are named like their sites.
-
-  GaterNet gates a unit's last conv ('conv2' in basic blocks, 'conv3' in
-  bottlenecks); local gates switch off the outputs of the gated conv and the
-  input slice of the conv after it.
-  """
-  last = 'conv2' if block == 'basic' else 'conv3'
-  out = {}
-  for name in units:
-    if local_gating is None:
-      out[name] = (((name, last), 'out', 0),)
-    else:
-      at = local_gating.position
-      reader = 'conv2' if at == 'conv1' else 'conv3'
-      out[name] = (((name, at), 'out', 0), ((name, reader), 'in', 0))
-  return out

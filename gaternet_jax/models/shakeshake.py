@@ -34,13 +34,14 @@ BN and before the shake mix; 2 * 4 * 7 * `width` gated filters (3,584 for
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gaternet_jax.gates import GateSpec, Gates
+from gaternet_jax.models.backbone import Extras, GateWire
 from gaternet_jax.models.layers import apply_site, batch_norm, conv
 
 NUM_STAGES = 3
@@ -160,6 +161,9 @@ class ShakeShake(nn.Module):
     stem_width: filters of the first 3x3 conv.
     num_classes: classifier outputs; None returns pooled features.
   """
+  supports_local_gating: ClassVar[bool] = False
+  local_gating: ClassVar[None] = None
+
   blocks_per_stage: int
   width: int
   stem_width: int = 16
@@ -189,15 +193,16 @@ class ShakeShake(nn.Module):
     for s in range(NUM_STAGES):
       for b in range(self.blocks_per_stage):
         for r in range(NUM_BRANCHES):
-          out[_site_name(s + 1, b + 1, r + 1)] = (
-              ((f'stage{s + 1}_block{b + 1}', f'branch{r + 1}', 'conv2'),
-               'out', 0),)
+          out[_site_name(s + 1, b + 1, r + 1)] = (GateWire(
+              (f'stage{s + 1}_block{b + 1}', f'branch{r + 1}', 'conv2'),
+              'out'),)
     return out
 
   @nn.compact
   def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
-               train: bool = False) -> jax.Array:
-    """`(batch, h, w, c)` images (normalised) -> `(batch, num_classes)`.
+               train: bool = False) -> Tuple[jax.Array, Extras]:
+    """`(batch, h, w, c)` images (normalised) -> (`(batch, num_classes)`
+    logits, {}) (`backbone.py`'s contract).
 
     In training the shake coefficients come from the 'dropout' rng stream.
     """
@@ -216,10 +221,9 @@ class ShakeShake(nn.Module):
                            y, g1, g2, train=train)
     y = nn.relu(y)
     y = jnp.mean(y, axis=(1, 2))
-    if self.num_classes is None:
-      return y.astype(jnp.float32)
-    y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
-    return y.astype(jnp.float32)
+    if self.num_classes is not None:
+      y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
+    return y.astype(jnp.float32), {}
 
 
 def shake_shake(depth: int = 26, width: int = 64, stem_width: int = 16,

@@ -1,0 +1,312 @@
+"""ResNets that accept a gate PyTree: the residual units and the network
+that the CIFAR and ImageNet families (resnet_cifar.py, resnet_imagenet.py)
+share.
+
+As in flax's ImageNet example, one `ResNet` takes its parts: the unit
+(`block_cls`: `BasicBlock`, `Bottleneck` or `PreActBottleneck`), the conv
+and the norm (`conv`, `norm`, by default layers.py's, set up as the
+official code sets them), the stem ('cifar': a 3x3 conv; 'imagenet': a 7x7/2
+conv and a 3x3/2 max-pool), and the units' gating: none, a gater's gates,
+or (`local_gating`) batch-shaping's gating module inside every unit.
+
+Every unit maps `(x, gate, train=)` to `(y, sample)`: `gate` is its site's
+`(batch, filters)` gates from a gater (or None), `sample` its own gate sample
+when locally gated (else None). A gater's gates act at the unit's last conv,
+after that conv's BN (pre-activation units have none there) and before the
+residual add: the site the official code gates, where the SE unit of the
+ResNet-SE baselines also sits. Local gates act inside the unit, on the
+channels between two convs, so the next conv reads only the open ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gaternet_jax.gates import GateSpec, Gates
+from gaternet_jax.models import layers
+from gaternet_jax.models.backbone import GATE_SAMPLES, Extras, GateWire
+from gaternet_jax.models.layers import LocalGating, SqueezeExcite
+
+# Bottleneck units output `EXPANSION * width` channels.
+EXPANSION = 4
+
+# A unit's width: an int, or (inner, output) for pre-activation bottlenecks.
+Width = Union[int, Tuple[int, int]]
+
+
+class _Unit(nn.Module):
+  """What every residual unit shares: its fields and its gated parts."""
+  # The conv whose output a gater's gates act on.
+  last_conv: ClassVar[str] = ''
+  # Where local gates may act: the convs whose outputs they gate.
+  local_positions: ClassVar[Tuple[str, ...]] = ('conv1',)
+
+  features: Any
+  stride: int
+  se_reduction: int = 0
+  dtype: Any = jnp.float32
+  local_gating: Optional[LocalGating] = None
+  conv: Callable = layers.conv
+  norm: Callable = layers.batch_norm
+
+  @classmethod
+  def site_width(cls, features: Width, locally_gated: bool) -> int:
+    """Filters of the unit's gated site (its inner channels when locally
+    gated, else its output)."""
+    raise NotImplementedError
+
+  def _sample(self, x: jax.Array, features: int, train: bool):
+    """The unit's own gate sample from its input (local gating), or None."""
+    if self.local_gating is None:
+      return None
+    return self.local_gating.module(features, self.dtype)(x, train=train)
+
+  def _site(self, y: jax.Array, gate: Optional[jax.Array]) -> jax.Array:
+    """The gater's site: SE re-scaling and/or Eq. 4's channel mask."""
+    se = (SqueezeExcite(self.se_reduction, self.dtype, name='se')
+          if self.se_reduction else None)
+    return layers.apply_site(y, gate, se)
+
+  def _local(self, y: jax.Array, sample, here: str) -> jax.Array:
+    """`y` gated by the unit's local sample if it acts after conv `here`."""
+    if sample is None or self.local_gating.position != here:
+      return y
+    return layers.gate_channels(y, sample['gate'])
+
+  def _projection(self, x: jax.Array, features: int, train: bool,
+                  with_norm: bool = True) -> jax.Array:
+    """Identity, or conv1x1/stride (+ norm) where the shape changes."""
+    if x.shape[-1] == features and self.stride == 1:
+      return x
+    x = self.conv(features, 1, self.stride, self.dtype, 'shortcut_conv')(x)
+    return self.norm(train, self.dtype, 'shortcut_bn')(x) if with_norm else x
+
+
+class BasicBlock(_Unit):
+  """conv3x3-BN-ReLU-[local gate]-conv3x3-BN-[SE][gate]-(+shortcut)-ReLU.
+
+  `features`: output channels of both convs. Local gates act on conv1's
+  channels.
+  """
+  last_conv: ClassVar[str] = 'conv2'
+
+  @classmethod
+  def site_width(cls, features: Width, locally_gated: bool) -> int:
+    return int(features)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, gate: Optional[jax.Array], *,
+               train: bool):
+    """`(batch, h, w, c)` -> (`(batch, h / stride, w / stride, features)`,
+    sample)."""
+    sample = self._sample(x, self.features, train)
+    y = self.conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
+    y = nn.relu(self.norm(train, self.dtype, 'bn1')(y))
+    y = self._local(y, sample, 'conv1')
+    y = self.conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = self.norm(train, self.dtype, 'bn2')(y)
+    y = self._site(y, gate)
+    y = nn.relu(y + self._projection(x, self.features, train))
+    return y, sample
+
+
+class Bottleneck(_Unit):
+  """conv1x1-BN-ReLU-conv3x3/s-BN-ReLU-conv1x1-BN-[SE][gate]-(+shortcut)-ReLU.
+
+  `features`: the inner convs' width; the unit outputs `EXPANSION` times
+  that. Strides on its 3x3 conv (torchvision's "v1.5"). Local gates act on
+  the inner channels after conv1 or conv2 (`local_gating.position`).
+  """
+  last_conv: ClassVar[str] = 'conv3'
+  local_positions: ClassVar[Tuple[str, ...]] = ('conv1', 'conv2')
+
+  @classmethod
+  def site_width(cls, features: Width, locally_gated: bool) -> int:
+    return int(features) * (1 if locally_gated else EXPANSION)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, gate: Optional[jax.Array], *,
+               train: bool):
+    """`(batch, h, w, c)` -> (`(batch, h / stride, w / stride, 4 * width)`,
+    sample)."""
+    width, out = self.features, EXPANSION * self.features
+    sample = self._sample(x, width, train)
+    y = self.conv(width, 1, 1, self.dtype, 'conv1')(x)
+    y = nn.relu(self.norm(train, self.dtype, 'bn1')(y))
+    y = self._local(y, sample, 'conv1')
+    y = self.conv(width, 3, self.stride, self.dtype, 'conv2')(y)
+    y = nn.relu(self.norm(train, self.dtype, 'bn2')(y))
+    y = self._local(y, sample, 'conv2')
+    y = self.conv(out, 1, 1, self.dtype, 'conv3')(y)
+    y = self.norm(train, self.dtype, 'bn3')(y)
+    y = self._site(y, gate)
+    y = nn.relu(y + self._projection(x, out, train))
+    return y, sample
+
+
+class PreActBottleneck(_Unit):
+  """BN-ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-[SE][gate]-(+shortcut).
+
+  `features`: `(inner width, output width)`. The projection shortcut reads
+  the pre-activated input and has no BN. Local gates act on the inner
+  channels after conv1 or conv2 (`local_gating.position`).
+  """
+  last_conv: ClassVar[str] = 'conv3'
+  local_positions: ClassVar[Tuple[str, ...]] = ('conv1', 'conv2')
+
+  @classmethod
+  def site_width(cls, features: Width, locally_gated: bool) -> int:
+    inner, out = features
+    return int(inner if locally_gated else out)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, gate: Optional[jax.Array], *,
+               train: bool):
+    mid, out = self.features
+    sample = self._sample(x, mid, train)
+    pre = nn.relu(self.norm(train, self.dtype, 'bn1')(x))
+    y = self.conv(mid, 1, 1, self.dtype, 'conv1')(pre)
+    y = nn.relu(self.norm(train, self.dtype, 'bn2')(y))
+    y = self._local(y, sample, 'conv1')
+    y = self.conv(mid, 3, self.stride, self.dtype, 'conv2')(y)
+    y = nn.relu(self.norm(train, self.dtype, 'bn3')(y))
+    y = self._local(y, sample, 'conv2')
+    y = self.conv(out, 1, 1, self.dtype, 'conv3')(y)
+    y = self._site(y, gate)
+    identity = x.shape[-1] == out and self.stride == 1
+    y = y + (x if identity else
+             self._projection(pre, out, train, with_norm=False))
+    return y, sample
+
+
+STEMS = ('cifar', 'imagenet')
+
+
+class ResNet(nn.Module):
+  """A ResNet whose first stage keeps the stem's resolution and whose later
+  stages halve it.
+
+  Attributes:
+    stage_sizes: residual units per stage.
+    widths: per stage, the units' `features` (see each unit class).
+    block_cls: the unit class.
+    stem: 'cifar' (3x3 conv, + BN-ReLU for post-activation units) or
+      'imagenet' (7x7/2 conv-BN-ReLU, 3x3/2 max-pool).
+    stem_width: filters of the stem conv; None means the first stage's
+      width (its output width for pre-activation units).
+    num_classes: classifier outputs; None returns pooled features.
+    se_reduction: >0 adds squeeze-and-excitation at each unit's site.
+    local_gating: None (gates, if any, come from a gater) or batch-shaping's
+      channel gating inside each unit.
+    conv, norm: the layer constructors, `conv(features, kernel, stride,
+      dtype, name)` and `norm(train, dtype, name)`.
+  """
+  supports_local_gating: ClassVar[bool] = True
+
+  stage_sizes: Sequence[int]
+  widths: Sequence[Width]
+  block_cls: Any = BasicBlock
+  stem: str = 'cifar'
+  stem_width: Optional[int] = None
+  num_classes: Optional[int] = 10
+  se_reduction: int = 0
+  dtype: Any = jnp.float32
+  local_gating: Optional[LocalGating] = None
+  conv: Callable = layers.conv
+  norm: Callable = layers.batch_norm
+
+  def _units(self):
+    """(site name, stride, unit features) of every unit in depth order."""
+    for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
+      features = tuple(int(v) for v in w) if isinstance(
+          w, (tuple, list)) else int(w)
+      for b in range(n):
+        yield (f'stage{s + 1}_block{b + 1}', 2 if (s > 0 and b == 0) else 1,
+               features)
+
+  def gate_spec(self) -> GateSpec:
+    """The gated sites, one per residual unit, in depth order: the unit's
+    output channels, or with local gating its gated inner channels."""
+    local = self.local_gating is not None
+    return GateSpec(tuple((name, self.block_cls.site_width(f, local))
+                          for name, _, f in self._units()))
+
+  def gate_wiring(self):
+    """A gater's gates switch off the outputs of each unit's last conv;
+    local gates those of the gated conv and the inputs of the conv after
+    it."""
+    out = {}
+    for name, _, _ in self._units():
+      if self.local_gating is None:
+        out[name] = (GateWire((name, self.block_cls.last_conv), 'out'),)
+      else:
+        at = self.local_gating.position
+        reader = 'conv2' if at == 'conv1' else 'conv3'
+        out[name] = (GateWire((name, at), 'out'),
+                     GateWire((name, reader), 'in'))
+    return out
+
+  def _check(self, gates: Optional[Gates]):
+    if self.stem not in STEMS:
+      raise ValueError(f'stem must be one of {STEMS}; got {self.stem!r}.')
+    if len(self.stage_sizes) != len(self.widths):
+      raise ValueError(f'stage_sizes {tuple(self.stage_sizes)} and widths '
+                       f'{tuple(self.widths)} differ in length.')
+    if self.local_gating is not None:
+      assert gates is None, 'a locally gated network makes its own gates'
+      if self.local_gating.position not in self.block_cls.local_positions:
+        raise ValueError(
+            f'{self.block_cls.__name__} units gate at local_gating.position '
+            f'{" or ".join(map(repr, self.block_cls.local_positions))}; got '
+            f'{self.local_gating.position!r}.')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
+               train: bool = False) -> Tuple[jax.Array, Extras]:
+    """`(batch, h, w, c)` normalised images -> (logits, extras).
+
+    Args:
+      x: images.
+      gates: None, or `{site: (batch, filters)}` for every site of
+        `gate_spec()` (a gater's gates).
+      train: BN uses batch statistics (and updates 'batch_stats') if True.
+
+    Returns:
+      `(batch, num_classes)` float32 logits (pooled features when
+      `num_classes` is None), and `extras`: with local gating,
+      {'gate_samples': {site: {'gate', 'value', 'prob'}}}, else {}.
+    """
+    self._check(gates)
+    preact = self.block_cls is PreActBottleneck
+    first = self.widths[0]
+    stem_width = self.stem_width or (
+        first[-1] if isinstance(first, (tuple, list)) else first)
+    y = x.astype(self.dtype)
+    if self.stem == 'imagenet':
+      y = self.conv(stem_width, 7, 2, self.dtype, 'conv')(y)
+      y = nn.relu(self.norm(train, self.dtype, 'bn')(y))
+      # torchvision's MaxPool2d(3, 2, padding=1); flax pads with -inf, so
+      # the padding never wins the max.
+      y = nn.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      y = self.conv(stem_width, 3, 1, self.dtype, 'conv')(y)
+      if not preact:
+        y = nn.relu(self.norm(train, self.dtype, 'bn')(y))
+    samples = {}
+    for name, stride, features in self._units():
+      gate = None if gates is None else gates[name]
+      y, sample = self.block_cls(
+          features, stride, self.se_reduction, self.dtype, self.local_gating,
+          self.conv, self.norm, name=name)(y, gate, train=train)
+      if sample is not None:
+        samples[name] = sample
+    if preact:
+      y = nn.relu(self.norm(train, self.dtype, 'bn_final')(y))
+    y = jnp.mean(y, axis=(1, 2))
+    if self.num_classes is not None:
+      y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
+    return y.astype(jnp.float32), ({GATE_SAMPLES: samples} if samples else {})
