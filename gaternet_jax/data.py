@@ -27,6 +27,7 @@ from PIL import Image
 from gaternet_jax import batching
 from gaternet_jax import paths
 from gaternet_jax import sharding
+from gaternet_jax import sources
 from gaternet_jax.errors import ConfigError, DataError
 
 __all__ = ['InMemoryDataset', 'dataset_info', 'load_dataset']
@@ -34,7 +35,6 @@ __all__ = ['InMemoryDataset', 'dataset_info', 'load_dataset']
 _NUM_CLASSES = {'digits': 10, 'cifar10': 10, 'cifar100': 100}
 _SOURCES = ('folder', 'python_archive', 'tfds')
 _SPLITS = ('train', 'test')
-_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 
 # eq=False: field-wise == on numpy arrays is ambiguous, and an identity hash
@@ -379,12 +379,6 @@ def _open_tar(path):
       yield tar
 
 
-def _is_image_name(name):
-  # Hidden files include macOS '._x.png' resource forks, which are no images.
-  return (not name.startswith('.')) and name.lower().endswith(
-      _IMAGE_EXTENSIONS)
-
-
 def _load_folder(name, num_classes, data_dir):
   path = _existing_path(data_dir, 'folder')
   if _isdir(path):
@@ -414,11 +408,8 @@ def _load_folder(name, num_classes, data_dir):
   # One decode pass over both splits, so the one-shape check spans both.
   items, labels = [], []
   for split in _SPLITS:
-    split_labels = []
-    for label, cls in enumerate(classes):
-      files = tree[split][cls]
-      items.extend(files)
-      split_labels.extend([label] * len(files))
+    split_items, split_labels = sources.label_files(tree[split], classes)
+    items.extend(split_items)
     labels.append(np.asarray(split_labels, np.int32))
   images = _decode_all(items)
   n_train = len(labels[0])
@@ -434,24 +425,10 @@ def _scan_directory(root):
       raise DataError(
           f'{root} has no {split}/ subfolder; expected the layout '
           'train/<class>/*.png and test/<class>/*.png.')
-    tree[split] = {}
-    if paths.is_remote(root):
-      class_dirs = [(d.name, str(d)) for d in paths.resolve(split_dir).iterdir()
-                    if d.is_dir() and not d.name.startswith('.')]
-    else:  # os.scandir: no stat per file on a local disk.
-      with os.scandir(split_dir) as entries:
-        class_dirs = [(e.name, e.path) for e in entries
-                      if e.is_dir() and not e.name.startswith('.')]
-    for name, class_dir in class_dirs:
-      if paths.is_remote(root):
-        names = sorted(f.name for f in paths.resolve(class_dir).iterdir()
-                       if _is_image_name(f.name) and not f.is_dir())
-      else:
-        with os.scandir(class_dir) as files:
-          names = sorted(f.name for f in files
-                         if f.is_file() and _is_image_name(f.name))
-      files_ = [paths.join(class_dir, n) for n in names]
-      tree[split][name] = [(p, p) for p in files_]
+    # (display name, source) pairs, as _scan_tar gives.
+    tree[split] = {cls: [(p, p) for p in files]
+                   for cls, files in sources.scan_image_folder(
+                       split_dir).items()}
   return tree
 
 
@@ -465,7 +442,7 @@ def _scan_tar(path):
         parts = tuple(p for p in member.name.split('/') if p not in ('', '.'))
         if member.isdir():
           dirs.add(parts)
-        elif member.isfile() and parts and _is_image_name(parts[-1]):
+        elif member.isfile() and parts and sources.is_image_name(parts[-1]):
           files[parts] = tar.extractfile(member).read()
   except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
     raise DataError(
@@ -712,40 +689,33 @@ _TFDS_BATCH = 10_000
 
 
 def _load_tfds(name, num_classes, data_dir):
-  install_hint = ('run `pip install tensorflow-cpu tensorflow-datasets` or '
-                  "use data.source='folder' or 'python_archive'")
+  alternative = "use data.source='folder' or 'python_archive'"
+  # Downloads and prepares the dataset if needed, as tfds.load does.
+  tfds, builder = sources.tfds_builder(
+      name, data_dir, _SPLITS, needs="data.source='tfds' needs",
+      alternative=alternative, hint=f'prepare it with tfds or {alternative}',
+      download=True)
   try:
-    # Imported here so the package works without TensorFlow installed.
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise DataError(
-        f"data.source='tfds' needs TensorFlow Datasets ({e}); "
-        f'{install_hint}.') from e
-  try:
-    # Finite batches, not batch_size=-1: that batches by the split sizes in
-    # the dataset info, and where those are unknown (tfds.testing.mock_data)
-    # it asks TensorFlow for a sys.maxsize batch, which aborts the process.
-    datasets = tfds.load(
-        name, split=list(_SPLITS), data_dir=data_dir or None,
-        batch_size=_TFDS_BATCH, as_supervised=True)
     splits = []
-    for ds in datasets:
+    for split in _SPLITS:
+      # Finite batches, not batch_size=-1: that batches by the split sizes
+      # in the dataset info, and where those are unknown
+      # (tfds.testing.mock_data) it asks TensorFlow for a sys.maxsize batch,
+      # which aborts the process.
+      ds = builder.as_dataset(split=split, batch_size=_TFDS_BATCH,
+                              as_supervised=True)
       batches = list(tfds.as_numpy(ds))
       if not batches:
         raise ValueError('the split is empty')
       splits.append((np.concatenate([b[0] for b in batches]),
                      np.concatenate([b[1] for b in batches])))
-  except ImportError as e:
-    raise DataError(
-        f'TensorFlow Datasets could not load {name} ({e}); {install_hint}.'
-    ) from e
   except Exception as e:  # pylint: disable=broad-except
-    # tfds raises many types (missing files, no network, bad data_dir).
+    # tfds raises many types (missing files, bad records).
     first_line = str(e).strip().split('\n', 1)[0]
     raise DataError(
         f'TensorFlow Datasets could not load {name} from data_dir='
         f'{data_dir!r} ({type(e).__name__}: {first_line}); prepare it with '
-        "tfds or use data.source='folder' or 'python_archive'.") from e
+        f'tfds or {alternative}.') from e
 
   result = []
   for split, (images, labels) in zip(_SPLITS, splits):
