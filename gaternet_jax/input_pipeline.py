@@ -1,9 +1,10 @@
 """Streaming ImageNet-scale datasets on tf.data, with the trainer's interface.
 
-`load_imagenet(data_cfg)` returns a `TfdataDataset`, which offers what the
-trainer reads from `data.InMemoryDataset` (image_shape, num_train_examples,
-num_test_examples, train_batches, eval_batches) but decodes and crops JPEGs
-on the host CPUs with tf.data while the accelerators train.
+`load_imagenet(data_cfg)` returns a `TfdataDataset`, a `datasets.Dataset`
+as `data.InMemoryDataset` is, but one that decodes, crops and flips JPEGs
+on the host CPUs with tf.data while the accelerators train (so the train
+step augments nothing more, and there are no train arrays to put on the
+devices).
 
 Sources (`data.name`):
   imagenet2012   a prepared TFDS dataset in `data.data_dir` (`data.tfds_name`
@@ -60,6 +61,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
+from gaternet_jax import augment
 from gaternet_jax import paths
 from gaternet_jax import sources
 from gaternet_jax.errors import ConfigError, DataError
@@ -458,7 +460,7 @@ class _PipelineOptions:
 
 
 class TfdataDataset:
-  """A streamed train and eval split with the trainer's dataset interface.
+  """A streamed train and eval split: a `datasets.Dataset`.
 
   Attributes:
     name: data.name, 'imagenet2012' or 'image_folder'.
@@ -491,6 +493,15 @@ class TfdataDataset:
   def image_shape(self) -> tuple:
     size = self.preprocessing.image_size
     return (size, size, 3)
+
+  @property
+  def augmentation(self) -> augment.Augmentation:
+    """None in the step: the pipeline crops and flips every train image."""
+    return augment.NO_AUGMENTATION
+
+  def train_arrays(self) -> None:
+    """None: the train split is streamed, never held in memory."""
+    return None
 
   @property
   def num_train_examples(self) -> int:

@@ -50,6 +50,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any,
 def train_step(state: TrainState, batch: Mapping[str, jax.Array],
                rng: jax.Array, *, spec: GateSpec,
                config: ml_collections.ConfigDict, mean, std,
+               augmentation: augment.Augmentation,
                gate_dropout_fn: Callable = lambda step: 0.0,
                gate_weights_fn: Optional[Callable] = None):
   """One SGD step on a global batch of uint8 images.
@@ -58,6 +59,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
     state: the replicated train state (donated).
     batch: {'image': (batch, h, w, c) uint8, 'label': (batch,) int32}.
     rng: the run's base key; this step's key is `fold_in(rng, state.step)`.
+    augmentation: the dataset's (`Dataset.augmentation`), applied here.
     gate_weights_fn: step -> batch-shaping and L0 weights (models with
       local gates), or None.
 
@@ -68,7 +70,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   aug_rng, gates_rng, dropout_rng = jax.random.split(step_rng, 3)
   images = augment.preprocess(
       batch['image'], mean=mean, std=std, train=True, rng=aug_rng,
-      crop_padding=config.data.crop_padding, flip=config.data.flip)
+      crop_padding=augmentation.crop_padding, flip=augmentation.flip)
 
   def loss_fn(params):
     (logits, gates), new_model_state = state.apply_fn(
@@ -155,7 +157,8 @@ class Steps:
 
   def __init__(self, config: ml_collections.ConfigDict, spec: GateSpec, mesh,
                mean, std, num_train_steps: int = 1, steps_per_epoch: int = 1,
-               mac_counter: Optional[macs_lib.MacCounter] = None):
+               mac_counter: Optional[macs_lib.MacCounter] = None, *,
+               augmentation: augment.Augmentation):
     self.mesh = mesh
     self.spec = spec
     self.mac_counter = mac_counter
@@ -165,6 +168,7 @@ class Steps:
     mean, std = tuple(mean), tuple(std)
     step_fn = functools.partial(
         train_step, spec=spec, config=config, mean=mean, std=std,
+        augmentation=augmentation,
         gate_dropout_fn=optim.create_gate_dropout_fn(config, num_train_steps),
         gate_weights_fn=optim.create_gate_loss_weights_fn(config, steps_per_epoch))
     self.train = jax.jit(
