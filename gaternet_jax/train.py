@@ -117,6 +117,19 @@ def _network(model: Dict[str, Any]) -> Dict[str, Any]:
   return _drop_unset(model)
 
 
+def _data(data: Dict[str, Any]) -> Dict[str, Any]:
+  """What of a `data` config must match to resume: not where the data lives
+  (it may change between machines), nor a step augmentation that adds
+  nothing (crop_padding=0, flip=False: what ImageNet configs used to set,
+  and what leaving them unset means)."""
+  data = dict(data)
+  data.pop('data_dir', None)
+  for k, unset in (('crop_padding', 0), ('flip', False)):
+    if k in data and data[k] == unset:
+      del data[k]
+  return data
+
+
 def _check_workdir_path(workdir: str):
   path = paths.resolve(workdir)
   if path.exists() and not path.is_dir():
@@ -135,10 +148,8 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str):
     old_part, new_part = dict(old.get(key, {})), dict(new.get(key, {}))
     if key == 'model':
       old_part, new_part = _network(old_part), _network(new_part)
-    if key == 'data':  # Where the data lives may change between machines.
-      for k in ('data_dir',):
-        old_part.pop(k, None)
-        new_part.pop(k, None)
+    if key == 'data':
+      old_part, new_part = _data(old_part), _data(new_part)
     if old_part != new_part:
       raise WorkdirError(
           f'{workdir} holds a run with a different `{key}` config; resume it '

@@ -1,6 +1,7 @@
 """Tests for gaternet_jax.datasets: every source implements the Dataset
 protocol, and each says which augmentation the train step applies."""
 
+import json
 import os
 
 import numpy as np
@@ -16,7 +17,8 @@ from gaternet_jax import augment
 from gaternet_jax import data
 from gaternet_jax import datasets
 from gaternet_jax import experiment
-from gaternet_jax.errors import ConfigError
+from gaternet_jax import train as train_lib
+from gaternet_jax.errors import ConfigError, WorkdirError
 from tests import helpers
 
 # Members of the protocol (attributes and methods).
@@ -122,3 +124,21 @@ def test_train_augmentation_errors():
   assert data.train_augmentation(streamed) == augment.NO_AUGMENTATION
   with pytest.raises(ConfigError, match='crop_padding'):
     data.train_augmentation(ConfigDict(dict(name='digits', crop_padding=-1)))
+
+
+def test_imagenet_workdir_of_the_old_config_resumes(tmp_path):
+  """Old ImageNet config.json files say crop_padding=0, flip=False; today's
+  configs leave them unset, which means the same."""
+  config = imagenet_r50.get_config()
+  old = json.loads(config.to_json_best_effort())
+  old['data'].update(crop_padding=0, flip=False)
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(old, f)
+  train_lib._check_workdir_config(config, str(tmp_path))  # pylint: disable=protected-access
+  # A step augmentation that does something still has to match.
+  cifar = cifar10_r20.get_config()
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(json.loads(cifar.to_json_best_effort()), f)
+  cifar.data.crop_padding = 0
+  with pytest.raises(WorkdirError):
+    train_lib._check_workdir_config(cifar, str(tmp_path))  # pylint: disable=protected-access
