@@ -24,7 +24,7 @@ import pickle
 import tarfile
 import zlib
 
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 from PIL import Image

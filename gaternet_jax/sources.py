@@ -132,7 +132,8 @@ def tfds_builder(name: str, data_dir: Optional[str], splits: Sequence[str],
       lacks a split or is no image classification dataset.
   """
   try:
-    # Imported here so the package works without TensorFlow installed.
+    # Imported here so the package works without TensorFlow installed;
+    # TFDS first, so that a missing TFDS fails before TensorFlow loads.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
