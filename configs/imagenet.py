@@ -29,12 +29,14 @@ SE_REDUCTION = 16
 
 def _imagenet_base(image_size: int) -> ml_collections.ConfigDict:
   c = base.base_config()
+  # tf.data crops and flips the images (input_pipeline.py): no
+  # crop_padding / flip here, the train step adds nothing.
   c.data = ml_collections.ConfigDict(dict(
       name='imagenet2012', data_dir='', image_size=image_size,
       train_split='train', eval_split='validation', cache=False,
-      shuffle_buffer=16_384, crop_padding=0, flip=False,
-      num_classes=1000, num_train_examples=0, num_test_examples=0,
-      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+      shuffle_buffer=16_384, num_classes=1000, num_train_examples=0,
+      num_test_examples=0, mean=(0.485, 0.456, 0.406),
+      std=(0.229, 0.224, 0.225)))
   c.model.dtype = 'bfloat16'
   c.model.gater = ml_collections.ConfigDict(dict(
       name='imagenet_resnet', depth=18, widths=(64, 128, 256, 512),

@@ -426,10 +426,11 @@ def _split_batches(ds, split: str, batch_size: int):
   if split == 'test':
     return (ds.eval_batches(batch_size), ds.test_split_name,
             ds.num_test_examples)
-  if not hasattr(ds, 'train_images'):
+  arrays = ds.train_arrays()
+  if arrays is None:
     raise ConfigError("analysis.split='train' needs an in-memory dataset "
                       '(digits, CIFAR); this one is streamed.')
-  return (batching.eval_batches(ds.train_images, ds.train_labels, batch_size),
+  return (batching.eval_batches(arrays['image'], arrays['label'], batch_size),
           'train', ds.num_train_examples)
 
 

@@ -7,10 +7,32 @@ sample from an explicit key.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """The augmentation the train step applies on the device.
+
+  A dataset says which it needs (`Dataset.augmentation`): in-memory ones
+  (digits, CIFAR) the pad-crop and flip of their config, streamed ones none,
+  because their tf.data pipeline crops and flips already.
+
+  Attributes:
+    crop_padding: zero-padding on each side before the random crop back to
+      the image's size; 0 for no crop.
+    flip: random horizontal flips.
+  """
+  crop_padding: int = 0
+  flip: bool = False
+
+
+# What a dataset that augments its own batches (or needs none) asks for.
+NO_AUGMENTATION = Augmentation()
 
 
 def random_crop(images: jax.Array, rng: jax.Array, padding: int) -> jax.Array:

@@ -1,7 +1,10 @@
-"""In-memory image datasets as host numpy arrays.
+"""In-memory image datasets as host numpy arrays, and `load_dataset`.
 
 Every source gives uint8 images (N, H, W, C) and int32 labels (N,); the
-training loop moves them to the device and augments them there, in JAX.
+training loop moves them to the device and augments them there, in JAX,
+with the pad-crop and flip of `data.crop_padding` and `data.flip`.
+`load_dataset` also hands streamed datasets (input_pipeline.py) and
+synthetic ones out; all implement `datasets.Dataset`.
 
 Sources (`data.name` / `data.source`):
   digits   / builtin         scikit-learn's bundled 8x8 digits, no download.
@@ -21,20 +24,25 @@ import pickle
 import tarfile
 import zlib
 
+from typing import Dict
+
 import numpy as np
 from PIL import Image
 
+from gaternet_jax import augment
 from gaternet_jax import batching
+from gaternet_jax import datasets
 from gaternet_jax import paths
 from gaternet_jax import sharding
+from gaternet_jax import sources
 from gaternet_jax.errors import ConfigError, DataError
 
-__all__ = ['InMemoryDataset', 'dataset_info', 'load_dataset']
+__all__ = ['FakeDataset', 'InMemoryDataset', 'dataset_info', 'load_dataset',
+           'train_augmentation']
 
 _NUM_CLASSES = {'digits': 10, 'cifar10': 10, 'cifar100': 100}
 _SOURCES = ('folder', 'python_archive', 'tfds')
 _SPLITS = ('train', 'test')
-_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 
 # eq=False: field-wise == on numpy arrays is ambiguous, and an identity hash
@@ -54,6 +62,8 @@ class InMemoryDataset:
     std: per-channel std in [0, 1] units, len C.
     test_split_name: 'test', or 'validation' when a hold-out of the training
       images replaced the test set.
+    augmentation: the pad-crop and flip the train step applies
+      (`train_augmentation` of the dataset's config).
   """
   name: str
   train_images: np.ndarray
@@ -64,9 +74,9 @@ class InMemoryDataset:
   mean: tuple
   std: tuple
   test_split_name: str
+  augmentation: augment.Augmentation
 
-  # The interface the trainer reads from every dataset (in-memory here,
-  # streamed through tf.data for ImageNet).
+  # The rest of datasets.Dataset.
   @property
   def image_shape(self) -> tuple:
     return tuple(self.train_images.shape[1:])
@@ -93,6 +103,11 @@ class InMemoryDataset:
     return batching.eval_batches(self.test_images, self.test_labels,
                                  batch_size)
 
+  def train_arrays(self) -> Dict[str, np.ndarray]:
+    """The whole train split: {'image': (N, H, W, C) uint8, 'label': (N,)
+    int32}."""
+    return {'image': self.train_images, 'label': self.train_labels}
+
 
 def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
   steps = num_examples // batch_size if batch_size > 0 else 0
@@ -107,6 +122,37 @@ _IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3),
 # Streamed through tf.data (gaternet_jax.input_pipeline), or synthetic.
 _STREAMED = ('imagenet2012', 'image_folder')
 _FAKE = 'fake'
+
+
+def train_augmentation(data_cfg) -> augment.Augmentation:
+  """The augmentation the train step applies to `data_cfg`'s dataset.
+
+  In-memory and synthetic datasets are augmented in the step with the
+  config's `crop_padding` (default 0) and `flip` (default False); streamed
+  ones crop and flip in their tf.data pipeline, so the step adds nothing.
+  `load_dataset` gives every dataset this; a setup without data (the
+  benchmark) reads it here.
+
+  Raises:
+    ConfigError: crop_padding is no non-negative int, or a streamed dataset
+      sets crop_padding or flip (the step would augment twice).
+  """
+  name = data_cfg.get('name', None)
+  crop_padding = data_cfg.get('crop_padding', 0) or 0
+  flip = bool(data_cfg.get('flip', False))
+  if isinstance(crop_padding, bool) or not isinstance(
+      crop_padding, (int, np.integer)) or crop_padding < 0:
+    raise ConfigError(f'data.crop_padding={crop_padding!r} must be a '
+                      'non-negative integer.')
+  if name in _STREAMED:
+    if crop_padding or flip:
+      raise ConfigError(
+          f'data.crop_padding and data.flip are for in-memory datasets; '
+          f'{name} crops and flips in its tf.data pipeline '
+          '(data.crop_area_range, data.aspect_ratio_range), so leave them '
+          'unset.')
+    return augment.NO_AUGMENTATION
+  return augment.Augmentation(crop_padding=int(crop_padding), flip=flip)
 
 
 def dataset_info(data_cfg):
@@ -143,6 +189,7 @@ class FakeDataset:
   mean: tuple = (0.5, 0.5, 0.5)
   std: tuple = (0.25, 0.25, 0.25)
   test_split_name: str = 'test'
+  augmentation: augment.Augmentation = augment.NO_AUGMENTATION
 
   def _batch(self, batch_size, seed, step, split=0):
     rng = np.random.default_rng([seed, step, split])
@@ -168,18 +215,29 @@ class FakeDataset:
       batch['mask'] = mask[sharding.process_slice(batch_size)]
       yield batch
 
+  def train_arrays(self) -> None:
+    """None: the images are made per batch, never held."""
+    return None
 
-def load_dataset(data_cfg) -> InMemoryDataset:
+
+def load_dataset(data_cfg) -> datasets.Dataset:
   """Loads the dataset described by `data_cfg` (a ConfigDict or mapping).
 
   Fields read: name, source, data_dir, validation_holdout, holdout_seed,
-  num_train_examples, num_test_examples, mean, std.
+  num_train_examples, num_test_examples, mean, std, crop_padding, flip;
+  streamed datasets read input_pipeline.load_imagenet's.
+
+  Returns:
+    An InMemoryDataset (digits, CIFAR), a FakeDataset ('fake') or an
+    input_pipeline.TfdataDataset (ImageNet-style, streamed).
 
   Raises:
     DataError: the config names an unknown dataset or source, or the data
       on disk is missing or malformed.
+    ConfigError: a config value is out of range.
   """
   name = data_cfg.get('name', None)
+  augmentation = train_augmentation(data_cfg)
   if name in _STREAMED:
     from gaternet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     return input_pipeline.load_imagenet(data_cfg)
@@ -187,7 +245,8 @@ def load_dataset(data_cfg) -> InMemoryDataset:
     shape, classes = dataset_info(data_cfg)
     return FakeDataset(name, shape, classes,
                        _get_count(data_cfg, 'num_train_examples') or 1_281_167,
-                       _get_count(data_cfg, 'num_test_examples') or 50_000)
+                       _get_count(data_cfg, 'num_test_examples') or 50_000,
+                       augmentation=augmentation)
   if name not in _NUM_CLASSES:
     raise DataError(
         f'Unknown dataset data.name={name!r}; use one of '
@@ -248,7 +307,8 @@ def load_dataset(data_cfg) -> InMemoryDataset:
       num_classes=num_classes,
       mean=mean,
       std=std,
-      test_split_name=test_split_name)
+      test_split_name=test_split_name,
+      augmentation=augmentation)
 
 
 # ----------------------------------------------------------------------------
@@ -379,12 +439,6 @@ def _open_tar(path):
       yield tar
 
 
-def _is_image_name(name):
-  # Hidden files include macOS '._x.png' resource forks, which are no images.
-  return (not name.startswith('.')) and name.lower().endswith(
-      _IMAGE_EXTENSIONS)
-
-
 def _load_folder(name, num_classes, data_dir):
   path = _existing_path(data_dir, 'folder')
   if _isdir(path):
@@ -414,11 +468,8 @@ def _load_folder(name, num_classes, data_dir):
   # One decode pass over both splits, so the one-shape check spans both.
   items, labels = [], []
   for split in _SPLITS:
-    split_labels = []
-    for label, cls in enumerate(classes):
-      files = tree[split][cls]
-      items.extend(files)
-      split_labels.extend([label] * len(files))
+    split_items, split_labels = sources.label_files(tree[split], classes)
+    items.extend(split_items)
     labels.append(np.asarray(split_labels, np.int32))
   images = _decode_all(items)
   n_train = len(labels[0])
@@ -434,24 +485,10 @@ def _scan_directory(root):
       raise DataError(
           f'{root} has no {split}/ subfolder; expected the layout '
           'train/<class>/*.png and test/<class>/*.png.')
-    tree[split] = {}
-    if paths.is_remote(root):
-      class_dirs = [(d.name, str(d)) for d in paths.resolve(split_dir).iterdir()
-                    if d.is_dir() and not d.name.startswith('.')]
-    else:  # os.scandir: no stat per file on a local disk.
-      with os.scandir(split_dir) as entries:
-        class_dirs = [(e.name, e.path) for e in entries
-                      if e.is_dir() and not e.name.startswith('.')]
-    for name, class_dir in class_dirs:
-      if paths.is_remote(root):
-        names = sorted(f.name for f in paths.resolve(class_dir).iterdir()
-                       if _is_image_name(f.name) and not f.is_dir())
-      else:
-        with os.scandir(class_dir) as files:
-          names = sorted(f.name for f in files
-                         if f.is_file() and _is_image_name(f.name))
-      files_ = [paths.join(class_dir, n) for n in names]
-      tree[split][name] = [(p, p) for p in files_]
+    # (display name, source) pairs, as _scan_tar gives.
+    tree[split] = {cls: [(p, p) for p in files]
+                   for cls, files in sources.scan_image_folder(
+                       split_dir).items()}
   return tree
 
 
@@ -465,7 +502,7 @@ def _scan_tar(path):
         parts = tuple(p for p in member.name.split('/') if p not in ('', '.'))
         if member.isdir():
           dirs.add(parts)
-        elif member.isfile() and parts and _is_image_name(parts[-1]):
+        elif member.isfile() and parts and sources.is_image_name(parts[-1]):
           files[parts] = tar.extractfile(member).read()
   except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
     raise DataError(
@@ -712,40 +749,33 @@ _TFDS_BATCH = 10_000
 
 
 def _load_tfds(name, num_classes, data_dir):
-  install_hint = ('run `pip install tensorflow-cpu tensorflow-datasets` or '
-                  "use data.source='folder' or 'python_archive'")
+  alternative = "use data.source='folder' or 'python_archive'"
+  # Downloads and prepares the dataset if needed, as tfds.load does.
+  tfds, builder = sources.tfds_builder(
+      name, data_dir, _SPLITS, needs="data.source='tfds' needs",
+      alternative=alternative, hint=f'prepare it with tfds or {alternative}',
+      download=True)
   try:
-    # Imported here so the package works without TensorFlow installed.
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise DataError(
-        f"data.source='tfds' needs TensorFlow Datasets ({e}); "
-        f'{install_hint}.') from e
-  try:
-    # Finite batches, not batch_size=-1: that batches by the split sizes in
-    # the dataset info, and where those are unknown (tfds.testing.mock_data)
-    # it asks TensorFlow for a sys.maxsize batch, which aborts the process.
-    datasets = tfds.load(
-        name, split=list(_SPLITS), data_dir=data_dir or None,
-        batch_size=_TFDS_BATCH, as_supervised=True)
     splits = []
-    for ds in datasets:
+    for split in _SPLITS:
+      # Finite batches, not batch_size=-1: that batches by the split sizes
+      # in the dataset info, and where those are unknown
+      # (tfds.testing.mock_data) it asks TensorFlow for a sys.maxsize batch,
+      # which aborts the process.
+      ds = builder.as_dataset(split=split, batch_size=_TFDS_BATCH,
+                              as_supervised=True)
       batches = list(tfds.as_numpy(ds))
       if not batches:
         raise ValueError('the split is empty')
       splits.append((np.concatenate([b[0] for b in batches]),
                      np.concatenate([b[1] for b in batches])))
-  except ImportError as e:
-    raise DataError(
-        f'TensorFlow Datasets could not load {name} ({e}); {install_hint}.'
-    ) from e
   except Exception as e:  # pylint: disable=broad-except
-    # tfds raises many types (missing files, no network, bad data_dir).
+    # tfds raises many types (missing files, bad records).
     first_line = str(e).strip().split('\n', 1)[0]
     raise DataError(
         f'TensorFlow Datasets could not load {name} from data_dir='
         f'{data_dir!r} ({type(e).__name__}: {first_line}); prepare it with '
-        "tfds or use data.source='folder' or 'python_archive'.") from e
+        f'tfds or {alternative}.') from e
 
   result = []
   for split, (images, labels) in zip(_SPLITS, splits):

@@ -13,14 +13,17 @@ from typing import Dict
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gaternet_jax import sharding
 
 
-def put_on_devices(ds, mesh) -> Dict[str, jax.Array]:
-  """The train split, replicated on every device of `mesh`."""
-  return sharding.replicate({'image': ds.train_images,
-                             'label': ds.train_labels.astype('int32')}, mesh)
+def put_on_devices(arrays: Dict[str, np.ndarray], mesh
+                   ) -> Dict[str, jax.Array]:
+  """The train split `arrays` (a dataset's `train_arrays()`: 'image' (N, h,
+  w, c) uint8, 'label' (N,)), replicated on every device of `mesh`."""
+  return sharding.replicate({'image': arrays['image'],
+                             'label': arrays['label'].astype('int32')}, mesh)
 
 
 def batch_at(arrays: Dict[str, jax.Array], step: jax.Array, *,

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from gaternet_jax import checkpoints
-from gaternet_jax import data as data_lib
+from gaternet_jax import datasets
 from gaternet_jax import experiment
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import recipe
@@ -131,7 +131,7 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str,
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             dataset: Optional[data_lib.InMemoryDataset] = None
+             dataset: Optional[datasets.Dataset] = None
              ) -> Dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir` (or, when it has none,
   `config.init.official_checkpoint`) on the config's test split."""

@@ -15,7 +15,9 @@ from absl import logging
 import jax
 import ml_collections
 
+from gaternet_jax import augment
 from gaternet_jax import data as data_lib
+from gaternet_jax import datasets
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import sharding
 from gaternet_jax import steps as steps_lib
@@ -37,9 +39,11 @@ class Experiment:
       say which convs its gates switch off.
     image_shape, num_classes: of the dataset.
     mean, std: per-channel normalisation of the images.
+    augmentation: what the train step adds to each batch: the dataset's
+      own (`Dataset.augmentation`).
   """
   config: ml_collections.ConfigDict
-  ds: Any
+  ds: Optional[datasets.Dataset]
   model: Any
   spec: GateSpec
   mesh: Any
@@ -48,6 +52,7 @@ class Experiment:
   num_classes: int
   mean: Tuple[float, ...]
   std: Tuple[float, ...]
+  augmentation: augment.Augmentation
 
   def new_state(self, lr_fn, rng: jax.Array) -> steps_lib.TrainState:
     """Freshly initialised parameters and optimiser state, replicated."""
@@ -60,7 +65,7 @@ class Experiment:
     """The jitted train and eval steps of this model on this mesh."""
     return steps_lib.Steps(self.config, self.spec, self.mesh, self.mean,
                            self.std, num_train_steps, steps_per_epoch,
-                           self.mac_counter)
+                           self.mac_counter, augmentation=self.augmentation)
 
 
 def num_steps(config, ds):
@@ -89,7 +94,7 @@ def create_mac_counter(model: Any, image_shape) -> Optional[
 
 
 def setup(config: ml_collections.ConfigDict,
-          dataset: Optional[data_lib.InMemoryDataset] = None,
+          dataset: Optional[datasets.Dataset] = None,
           load_data: bool = True, count_macs: bool = True) -> Experiment:
   """Builds `config`'s data, model, gate spec, mesh and MAC counter.
 
@@ -97,8 +102,9 @@ def setup(config: ml_collections.ConfigDict,
     config: the experiment config.
     dataset: an already loaded dataset (else `config.data` is loaded).
     load_data: False sets up from the dataset's shape and classes alone
-      (`ds` is then None and the images are normalised with 0.5 / 0.25):
-      what a benchmark on synthetic batches needs.
+      (`ds` is then None, the images are normalised with 0.5 / 0.25 and
+      augmented as the dataset would be, `data.train_augmentation`): what
+      a benchmark on synthetic batches needs.
     count_macs: False skips the MAC counter (`mac_counter` is then None and
       the eval step counts no MACs).
   """
@@ -107,15 +113,17 @@ def setup(config: ml_collections.ConfigDict,
         config.data)
     image_shape, num_classes = tuple(ds.image_shape), ds.num_classes
     mean, std = tuple(ds.mean), tuple(ds.std)
+    augmentation = ds.augmentation
   else:
     ds = None
     image_shape, num_classes = data_lib.dataset_info(config.data)
     image_shape = tuple(image_shape)
     mean, std = (0.5,) * image_shape[-1], (0.25,) * image_shape[-1]
+    augmentation = data_lib.train_augmentation(config.data)
   model = create_model(config.model, num_classes)
   return Experiment(config=config, ds=ds, model=model,
                     spec=model.gate_spec(), mesh=sharding.create_mesh(),
                     mac_counter=(create_mac_counter(model, image_shape)
                                  if count_macs else None),
                     image_shape=image_shape, num_classes=num_classes,
-                    mean=mean, std=std)
+                    mean=mean, std=std, augmentation=augmentation)

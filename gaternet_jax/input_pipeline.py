@@ -1,9 +1,10 @@
 """Streaming ImageNet-scale datasets on tf.data, with the trainer's interface.
 
-`load_imagenet(data_cfg)` returns a `TfdataDataset`, which offers what the
-trainer reads from `data.InMemoryDataset` (image_shape, num_train_examples,
-num_test_examples, train_batches, eval_batches) but decodes and crops JPEGs
-on the host CPUs with tf.data while the accelerators train.
+`load_imagenet(data_cfg)` returns a `TfdataDataset`, a `datasets.Dataset`
+as `data.InMemoryDataset` is, but one that decodes, crops and flips JPEGs
+on the host CPUs with tf.data while the accelerators train (so the train
+step augments nothing more, and there are no train arrays to put on the
+devices).
 
 Sources (`data.name`):
   imagenet2012   a prepared TFDS dataset in `data.data_dir` (`data.tfds_name`
@@ -60,13 +61,15 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
+from gaternet_jax import augment
 from gaternet_jax import paths
+from gaternet_jax import sources
 from gaternet_jax.errors import ConfigError, DataError
 
 __all__ = [
     'IMAGENET_MEAN', 'IMAGENET_STD', 'Preprocessing', 'TfdataDataset',
     'from_file_lists', 'load_imagenet', 'make_eval_preprocess',
-    'make_train_preprocess', 'scan_image_folder',
+    'make_train_preprocess',
 ]
 
 # Per-channel statistics of ImageNet in [0, 1] units (the torchvision ones,
@@ -74,7 +77,6 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png')
 _RESIZE_METHODS = ('bilinear', 'bicubic', 'area', 'lanczos3', 'nearest')
 _EVAL_SPLIT_FALLBACKS = ('val', 'validation', 'test')
 _INSTALL_HINT = 'run `pip install tensorflow-cpu tensorflow-datasets`'
@@ -93,24 +95,8 @@ def _import_tf():
     raise DataError(
         f'The streaming ImageNet input pipeline needs TensorFlow ({e}); '
         f'{_INSTALL_HINT}.') from e
-  try:
-    # TF only feeds data: without this it would reserve GPU memory that JAX
-    # needs.
-    tf.config.set_visible_devices([], 'GPU')
-  except (RuntimeError, ValueError):
-    pass  # TF's devices were already initialised (and hidden) earlier.
+  sources.hide_accelerators(tf)
   return tf
-
-
-def _import_tfds():
-  _import_tf()
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise DataError(
-        f'data.name=imagenet2012 reads TensorFlow Datasets ({e}); '
-        f"{_INSTALL_HINT} or use data.name='image_folder'.") from e
-  return tfds
 
 
 def _data_options(tf):
@@ -374,9 +360,8 @@ class _FileSource:
 class _TfdsSource:
   """A prepared TFDS dataset; process i reads split_for_jax_process's i."""
 
-  def __init__(self, builder, train_split, eval_split, process_index,
+  def __init__(self, tfds, builder, train_split, eval_split, process_index,
                process_count, num_parallel_calls):
-    tfds = _import_tfds()
     self._tfds = tfds
     self._builder = builder
     self._index, self._count = process_index, process_count
@@ -475,7 +460,7 @@ class _PipelineOptions:
 
 
 class TfdataDataset:
-  """A streamed train and eval split with the trainer's dataset interface.
+  """A streamed train and eval split: a `datasets.Dataset`.
 
   Attributes:
     name: data.name, 'imagenet2012' or 'image_folder'.
@@ -508,6 +493,15 @@ class TfdataDataset:
   def image_shape(self) -> tuple:
     size = self.preprocessing.image_size
     return (size, size, 3)
+
+  @property
+  def augmentation(self) -> augment.Augmentation:
+    """None in the step: the pipeline crops and flips every train image."""
+    return augment.NO_AUGMENTATION
+
+  def train_arrays(self) -> None:
+    """None: the train split is streamed, never held in memory."""
+    return None
 
   @property
   def num_train_examples(self) -> int:
@@ -734,35 +728,9 @@ def from_file_lists(train_files: Sequence[str], train_labels: Sequence[int],
       process_index=index, process_count=count)
 
 
-def _is_image_name(name: str) -> bool:
-  return not name.startswith('.') and name.lower().endswith(_IMAGE_EXTENSIONS)
-
-
-def scan_image_folder(split_dir: str) -> Dict[str, List[str]]:
-  """{class folder name: sorted image paths} of `split_dir/<class>/*`
-  (a local folder, or gs://, read through epath)."""
-  if paths.is_remote(split_dir):
-    root = paths.resolve(split_dir)
-    classes = sorted(d.name for d in root.iterdir()
-                     if d.is_dir() and not d.name.startswith('.'))
-    return {cls: sorted(str(f) for f in (root / cls).iterdir()
-                        if _is_image_name(f.name) and not f.is_dir())
-            for cls in classes}
-  with os.scandir(split_dir) as entries:
-    classes = sorted(e.name for e in entries
-                     if e.is_dir() and not e.name.startswith('.'))
-  tree = {}
-  for cls in classes:
-    with os.scandir(os.path.join(split_dir, cls)) as entries:
-      names = sorted(e.name for e in entries
-                     if e.is_file() and _is_image_name(e.name))
-    tree[cls] = [os.path.join(split_dir, cls, n) for n in names]
-  return tree
-
-
 def _folder_split(root, split, classes=None):
   """(files, labels, classes) of root/split, labels from `classes` order."""
-  tree = scan_image_folder(paths.join(root, split))
+  tree = sources.scan_image_folder(paths.join(root, split))
   if not tree or not any(tree.values()):
     raise DataError(
         f'{paths.join(root, split)} holds no <class>/*.JPEG|jpg|png '
@@ -774,11 +742,7 @@ def _folder_split(root, split, classes=None):
     raise DataError(
         f'{paths.join(root, split)} has class folders {unknown[:5]} that '
         'the train split lacks; both splits need the same classes.')
-  label_of = {c: i for i, c in enumerate(classes)}
-  files, labels = [], []
-  for cls, files_ in tree.items():
-    files.extend(files_)
-    labels.extend([label_of[cls]] * len(files_))
+  files, labels = sources.label_files(tree, classes)
   return files, labels, classes
 
 
@@ -815,7 +779,6 @@ def _load_image_folder(data_cfg, index, count):
 
 def _load_tfds(data_cfg, index, count):
   tf = _import_tf()
-  tfds = _import_tfds()
   name = data_cfg.get('tfds_name', None) or 'imagenet2012'
   data_dir = data_cfg.get('data_dir', None) or None
   if data_dir and not tf.io.gfile.exists(data_dir):
@@ -823,32 +786,17 @@ def _load_tfds(data_cfg, index, count):
                     'path.')
   train_split = data_cfg.get('train_split', None) or 'train'
   eval_split = data_cfg.get('eval_split', None) or 'validation'
-  hint = (f'prepare it with `tfds build {name} --data_dir=<dir> '
-          '--manual_dir=<dir with the ILSVRC2012 tars>` or use '
-          "data.name='image_folder'")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # pylint: disable=broad-except
-    # tfds raises many types for unknown names and unreadable folders.
-    first_line = str(e).strip().split('\n', 1)[0]
-    raise DataError(f'TensorFlow Datasets has no {name} in data_dir='
-                    f'{data_dir!r} ({type(e).__name__}: {first_line}); '
-                    f'{hint}.') from e
-  if not builder.is_prepared():
-    raise DataError(f'data_dir={data_dir!r} holds no prepared {name} '
-                    f'(looked in {builder.data_dir}); {hint}.')
-  for split in (train_split, eval_split):
-    if split not in builder.info.splits:
-      raise DataError(
-          f'{name} in {builder.data_dir} has no split {split!r} (it has '
-          f'{", ".join(builder.info.splits)}); set data.train_split / '
-          'data.eval_split.')
+  tfds, builder = sources.tfds_builder(
+      name, data_dir, (train_split, eval_split),
+      needs='data.name=imagenet2012 reads',
+      alternative="use data.name='image_folder'",
+      hint=(f'prepare it with `tfds build {name} --data_dir=<dir> '
+            '--manual_dir=<dir with the ILSVRC2012 tars>` or use '
+            "data.name='image_folder'"),
+      split_hint='set data.train_split / data.eval_split')
   features = builder.info.features
-  if 'image' not in features or 'label' not in features:
-    raise DataError(f'{name} has no image and label features; the input '
-                    'pipeline reads image classification datasets.')
   options = _pipeline_options(data_cfg, tf)
-  source = _TfdsSource(builder, train_split, eval_split, index, count,
+  source = _TfdsSource(tfds, builder, train_split, eval_split, index, count,
                        options.num_parallel_calls)
   mean, std = _stats(data_cfg)
   return TfdataDataset(

@@ -48,8 +48,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any,
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array],
-               rng: jax.Array, *, loss_fn: Callable,
-               config: ml_collections.ConfigDict, mean, std, spec: GateSpec,
+               rng: jax.Array, *, loss_fn: Callable, spec: GateSpec, mean, std,
+               augmentation: augment.Augmentation,
                gate_dropout_fn: Callable = lambda step: 0.0):
   """One SGD step on a global batch of uint8 images.
 
@@ -58,6 +58,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
     batch: {'image': (batch, h, w, c) uint8, 'label': (batch,) int32}.
     rng: the run's base key; this step's key is `fold_in(rng, state.step)`.
     loss_fn: the run's objective (`losses.objective`).
+    augmentation: the dataset's (`Dataset.augmentation`), applied here.
     gate_dropout_fn: step -> the gates' dropout rate.
 
   Returns:
@@ -67,7 +68,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   aug_rng, gates_rng, dropout_rng = jax.random.split(step_rng, 3)
   images = augment.preprocess(
       batch['image'], mean=mean, std=std, train=True, rng=aug_rng,
-      crop_padding=config.data.crop_padding, flip=config.data.flip)
+      crop_padding=augmentation.crop_padding, flip=augmentation.flip)
 
   def loss(params):
     (logits, out), new_model_state = state.apply_fn(
@@ -151,7 +152,8 @@ class Steps:
 
   def __init__(self, config: ml_collections.ConfigDict, spec: GateSpec, mesh,
                mean, std, num_train_steps: int = 1, steps_per_epoch: int = 1,
-               mac_counter: Optional[macs_lib.MacCounter] = None):
+               mac_counter: Optional[macs_lib.MacCounter] = None, *,
+               augmentation: augment.Augmentation):
     self.mesh = mesh
     self.spec = spec
     self.mac_counter = mac_counter
@@ -160,8 +162,9 @@ class Steps:
     self.data_sharding = data
     mean, std = tuple(mean), tuple(std)
     step_fn = functools.partial(
-        train_step, spec=spec, config=config, mean=mean, std=std,
+        train_step, spec=spec, mean=mean, std=std,
         loss_fn=losses.objective(config, spec, steps_per_epoch),
+        augmentation=augmentation,
         gate_dropout_fn=optim.create_gate_dropout_fn(config, num_train_steps))
     self.train = jax.jit(
         step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),

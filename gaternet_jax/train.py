@@ -18,7 +18,7 @@ import jax
 import ml_collections
 
 from gaternet_jax import checkpoints
-from gaternet_jax import data as data_lib
+from gaternet_jax import datasets
 from gaternet_jax import device_data
 from gaternet_jax import evaluation
 from gaternet_jax import experiment
@@ -103,7 +103,7 @@ def _check_workdir_path(workdir: str):
 
 
 def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
-                          dataset: Optional[data_lib.InMemoryDataset] = None):
+                          dataset: Optional[datasets.Dataset] = None):
   """Refuses to resume a workdir whose run built another network or read
   another dataset (`config`'s, or `dataset` if given): their fingerprints
   differ (fingerprint.py)."""
@@ -120,7 +120,7 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
 
 def train(config: ml_collections.ConfigDict, workdir: str,
           init_fn: Optional[Callable[[TrainState], TrainState]] = None,
-          dataset: Optional[data_lib.InMemoryDataset] = None,
+          dataset: Optional[datasets.Dataset] = None,
           step_callback: Optional[Callable[[int], None]] = None
           ) -> Dict[str, Any]:
   """Trains one model to `config`'s end, resuming from `workdir` if it can.
@@ -190,10 +190,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   buffer = []
   on_device = config.data.get('on_device', False)
   if on_device:
-    if not hasattr(ds, 'train_images'):
+    arrays = ds.train_arrays()
+    if arrays is None:
       raise ConfigError('data.on_device needs an in-memory dataset (digits, '
                         'CIFAR); this one is streamed.')
-    arrays = device_data.put_on_devices(ds, mesh)
+    arrays = device_data.put_on_devices(arrays, mesh)
   else:
     batches = ds.train_batches(config.batch_size, config.seed + 1, start)
   events = (config.log_every_steps, eval_every, config.checkpoint_every_steps)
@@ -264,7 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str,
-    dataset: Optional[data_lib.InMemoryDataset] = None) -> Dict[str, Any]:
+    dataset: Optional[datasets.Dataset] = None) -> Dict[str, Any]:
   """GaterNet's recipe: pretraining stages (if any), then this config's run.
 
   Args:

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from gaternet_jax import input_pipeline
+from gaternet_jax import sources
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_string('data_dir', '/work/shared/data/imagenet_samples/images',
@@ -50,7 +51,7 @@ FLAGS = flags.FLAGS
 def _file_list(data_dir, class_folders):
   """(paths, labels) of the images under data_dir."""
   if class_folders:
-    tree = input_pipeline.scan_image_folder(data_dir)
+    tree = sources.scan_image_folder(data_dir)
     paths, labels = [], []
     for label, files in enumerate(tree.values()):
       paths += files

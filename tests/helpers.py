@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 
 from configs import base
-from gaternet_jax.data import InMemoryDataset
+from gaternet_jax.data import InMemoryDataset, train_augmentation
 
 
 def tiny_config(gated: bool = True) -> ml_collections.ConfigDict:
@@ -61,4 +61,6 @@ def synthetic_dataset(n_train: int = 64, n_test: int = 40, size: int = 16,
   return InMemoryDataset(
       name='synthetic', train_images=tr[0], train_labels=tr[1],
       test_images=te[0], test_labels=te[1], num_classes=num_classes,
-      mean=(0.5, 0.5, 0.5), std=(0.3, 0.3, 0.3), test_split_name='test')
+      mean=(0.5, 0.5, 0.5), std=(0.3, 0.3, 0.3), test_split_name='test',
+      # The pad-crop and flip that tiny_config's data asks for.
+      augmentation=train_augmentation(tiny_config().data))

@@ -30,7 +30,8 @@ def main(out_path, variant='gaternet'):
   steps = steps_lib.Steps(config, spec, mesh, ds.mean, ds.std,
                           steps_per_epoch=2,
                           mac_counter=experiment.create_mac_counter(
-                              model, (16, 16, 3)))
+                              model, (16, 16, 3)),
+                          augmentation=ds.augmentation)
   rng = jax.device_put(jax.random.key(1), sharding.replicated(mesh))
   it = ds.train_batches(config.batch_size, seed=0)
   for _ in range(2):

@@ -383,7 +383,8 @@ def test_bfloat16_step_matches_float32():
     state = steps_lib.create_train_state(config, model, (16, 16, 3),
                                          lambda s: 0.1, jax.random.key(0),
                                          mesh)
-    steps = steps_lib.Steps(config, model.gate_spec(), mesh, ds.mean, ds.std)
+    steps = steps_lib.Steps(config, model.gate_spec(), mesh, ds.mean, ds.std,
+                            augmentation=ds.augmentation)
     batch = next(ds.train_batches(config.batch_size, seed=0))
     new_state, m = steps.train(state, batch, jax.random.key(1))
     results[dtype] = (jax.device_get(m), new_state)
@@ -471,7 +472,8 @@ def test_auxiliary_classifier_loss(weight):
   state = steps_lib.create_train_state(config, model, (16, 16, 3),
                                        lambda s: 0.1, jax.random.key(0), mesh)
   before = jax.device_get(state.params)
-  steps = steps_lib.Steps(config, model.gate_spec(), mesh, ds.mean, ds.std)
+  steps = steps_lib.Steps(config, model.gate_spec(), mesh, ds.mean, ds.std,
+                          augmentation=ds.augmentation)
   new, m = steps.train(state, next(ds.train_batches(16, seed=0)),
                        jax.random.key(1))
   m = jax.device_get(m)
