@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import jax
@@ -118,6 +118,63 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
         f'resume it with its own config ({path}) or choose a new --workdir.')
 
 
+def _initial_state(config: ml_collections.ConfigDict, workdir: str,
+                   exp: experiment.Experiment, lr_fn, rng: jax.Array,
+                   ckpt: checkpoints.Checkpointer,
+                   init_fn: Optional[Callable[[TrainState], TrainState]]
+                   ) -> Tuple[TrainState, float]:
+  """(the state training starts from, seconds trained before this call).
+
+  The latest checkpoint's when `workdir` has one; else a fresh state mapped
+  by `init_fn` (pretrained weights), and the run's config.json is written.
+  """
+  state = exp.new_state(lr_fn, rng)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+    logging.info('Resumed %s at step %d.', workdir, int(state.step))
+    return state, ckpt.train_seconds()
+  if init_fn is not None:
+    state = sharding.replicate(init_fn(state), exp.mesh)
+  if jax.process_index() == 0:
+    paths.write_json(paths.join(workdir, 'config.json'),
+                     json.loads(config.to_json_best_effort()))
+  return state, 0.0
+
+
+def _advance_fn(config: ml_collections.ConfigDict, ds: datasets.Dataset,
+                steps: Any, mesh, rng: jax.Array, start: int,
+                total_steps: int, events: Tuple[int, ...]) -> Callable:
+  """`advance(state, step) -> (state, metrics, n)`: the next `n` train steps.
+
+  From host batches one step a call; with `data.on_device`, from the train
+  split held on the devices, running up to the next step in `events` (log,
+  eval, checkpoint), at most `steps_per_call`, in one call.
+  """
+  if not config.data.get('on_device', False):
+    batches = ds.train_batches(config.batch_size, config.seed + 1, start)
+
+    def from_host(state, step):
+      del step
+      batch = sharding.to_global(next(batches), steps.data_sharding)
+      state, m = steps.train(state, batch, rng)
+      return state, m, 1
+
+    return from_host
+  arrays = ds.train_arrays()
+  if arrays is None:
+    raise ConfigError('data.on_device needs an in-memory dataset (digits, '
+                      'CIFAR); this one is streamed.')
+  arrays = device_data.put_on_devices(arrays, mesh)
+
+  def on_device(state, step):
+    n = min([config.get('steps_per_call', 1), total_steps - step] +
+            [(step // e + 1) * e - step for e in events])
+    state, m = steps.train_many(state, arrays, rng, n)
+    return state, m, n
+
+  return on_device
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           init_fn: Optional[Callable[[TrainState], TrainState]] = None,
           dataset: Optional[datasets.Dataset] = None,
@@ -150,25 +207,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   steps_per_epoch, total_steps = experiment.num_steps(config, ds)
   lr_fn = optim.create_learning_rate_fn(config.optimizer, steps_per_epoch,
                                         total_steps)
-  rng = jax.random.key(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
-  state = exp.new_state(lr_fn, init_rng)
-  train_rng = sharding.replicate(train_rng, mesh)
-
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   ckpt = checkpoints.Checkpointer(
       workdir, max_to_keep=config.keep_checkpoints,
       save_every_steps=config.checkpoint_every_steps)
-  trained_before = 0.0  # Seconds of training before this call.
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    trained_before = ckpt.train_seconds()
-    logging.info('Resumed %s at step %d.', workdir, int(state.step))
-  else:
-    if init_fn is not None:
-      state = sharding.replicate(init_fn(state), mesh)
-    if jax.process_index() == 0:
-      paths.write_json(paths.join(workdir, 'config.json'),
-                       json.loads(config.to_json_best_effort()))
+  state, trained_before = _initial_state(config, workdir, exp, lr_fn,
+                                         init_rng, ckpt, init_fn)
+  train_rng = sharding.replicate(train_rng, mesh)
   start = int(state.step)
 
   steps = exp.steps(total_steps, steps_per_epoch)
@@ -184,46 +229,33 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       total_steps, config.batch_size, writer, config.progress_every_secs,
       first_step=start)
 
-  preempted = _PreemptionCheck()
+  def evaluate(state):
+    return evaluation.run(steps, state,
+                          ds.eval_batches(config.eval_batch_size))
 
+  preempted = _PreemptionCheck()
   results = None
   buffer = []
-  on_device = config.data.get('on_device', False)
-  if on_device:
-    arrays = ds.train_arrays()
-    if arrays is None:
-      raise ConfigError('data.on_device needs an in-memory dataset (digits, '
-                        'CIFAR); this one is streamed.')
-    arrays = device_data.put_on_devices(arrays, mesh)
-  else:
-    batches = ds.train_batches(config.batch_size, config.seed + 1, start)
-  events = (config.log_every_steps, eval_every, config.checkpoint_every_steps)
+  advance = _advance_fn(
+      config, ds, steps, mesh, train_rng, start, total_steps,
+      (config.log_every_steps, eval_every, config.checkpoint_every_steps))
   t0 = time.time()
   trained = trained_before  # Seconds of training up to `step`.
   step = start
   try:
     while step < total_steps:
-      if on_device:
-        # Run up to the next log/eval/checkpoint step in one call.
-        n = min([config.get('steps_per_call', 1), total_steps - step] +
-                [(step // e + 1) * e - step for e in events])
-        state, m = steps.train_many(state, arrays, train_rng, n)
-      else:
-        n = 1
-        batch = sharding.to_global(next(batches), steps.data_sharding)
-        state, m = steps.train(state, batch, train_rng)
+      state, m, n = advance(state, step)
       buffer.append(m)
       step += n
       stop = preempted(step)
-      progress(step, sync=lambda: jax.block_until_ready(m))
+      progress(step, sync=lambda m=m: jax.block_until_ready(m))
       if step % config.log_every_steps == 0 or step == total_steps:
         scalars = metrics_lib.average(buffer)
         scalars['learning_rate'] = float(lr_fn(step - 1))
         writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
         buffer = []
       if step % eval_every == 0 or step == total_steps:
-        results = evaluation.run(
-            steps, state, ds.eval_batches(config.eval_batch_size))
+        results = evaluate(state)
         writer.write_scalars(
             step, {f'{ds.test_split_name}/{k}': v for k, v in results.items()})
       trained = trained_before + time.time() - t0
@@ -250,8 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
   finished_before = results is None
   if finished_before:  # Nothing left to train: evaluate the restored state.
-    results = evaluation.run(
-        steps, state, ds.eval_batches(config.eval_batch_size))
+    results = evaluate(state)
   results = dict(results, step=int(state.step), split=ds.test_split_name,
                  train_seconds=trained)
   if not finished_before:  # (metrics.jsonl has a finished run's results.)
