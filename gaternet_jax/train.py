@@ -37,7 +37,7 @@ def _check_loop_config(config: ml_collections.ConfigDict):
   """Raises a ConfigError for a loop field that would hang or lose work."""
   for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
               'steps_per_call'):
-    value = config.get(key, 1)
+    value = config[key]
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f'{key} must be a whole number >= 1; got {value!r}.')
   if not config.eval_every_epochs > 0:
@@ -172,7 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   start = int(state.step)
 
   steps = exp.steps(total_steps, steps_per_epoch)
-  writer = metrics_lib.create_writer(workdir, config.get('tensorboard', True),
+  writer = metrics_lib.create_writer(workdir, config.tensorboard,
                                      resume_step=start)
   eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
   logging.info('%s: %d train / %d %s examples, %d steps (%d per epoch), '
@@ -188,7 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   results = None
   buffer = []
-  on_device = config.data.get('on_device', False)
+  on_device = config.data.on_device
   if on_device:
     if not hasattr(ds, 'train_images'):
       raise ConfigError('data.on_device needs an in-memory dataset (digits, '
@@ -204,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     while step < total_steps:
       if on_device:
         # Run up to the next log/eval/checkpoint step in one call.
-        n = min([config.get('steps_per_call', 1), total_steps - step] +
+        n = min([config.steps_per_call, total_steps - step] +
                 [(step // e + 1) * e - step for e in events])
         state, m = steps.train_many(state, arrays, train_rng, n)
       else:
