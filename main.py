@@ -42,6 +42,26 @@ flags.DEFINE_integer('heartbeat_timeout_seconds', 100,
                      'stops (multi-process runs).')
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with an error the --config file raises itself
+  (config_flags wraps it in its traceback) cut to one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    message = str(e).strip()
+    if not (message.startswith('flag --config=') and 'Traceback' in message):
+      # Other flags: absl's own report and exit.
+      sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
+                       'Pass --helpshort or --helpfull to see help on '
+                       'flags.\n')
+      sys.exit(1)
+    reason = message.splitlines()[-1].strip()
+    # A config's ValueError is a sentence written for the user.
+    if reason.startswith('ValueError: '):
+      sys.exit(f"error: {reason[len('ValueError: '):]}")
+    sys.exit(f'error: cannot load the --config file ({reason}).')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
@@ -82,4 +102,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

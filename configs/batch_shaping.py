@@ -44,6 +44,7 @@ def cifar_config(depth: int, l0: bool = False) -> ml_collections.ConfigDict:
   """CIFAR-10 ResNet-`depth` (20, 32, 56), batch-shaped, optionally L0."""
   assert depth in CIFAR_DEPTHS, depth
   c = base.base_config()
+  c.data.update(base.CIFAR_AUGMENTATION)
   c.data.name = 'cifar10'
   c.model.backbone = ml_collections.ConfigDict(dict(
       name='cifar_resnet', depth=depth, widths=(16, 32, 64), se_reduction=0))

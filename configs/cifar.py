@@ -29,6 +29,7 @@ def cifar_config(dataset: str, arch: str,
   """`dataset` cifar10|cifar100, `arch` r20|r56|r164, `variant` in VARIANTS."""
   assert variant in VARIANTS, variant
   c = base.base_config()
+  c.data.update(base.CIFAR_AUGMENTATION)
   c.data.name = dataset
   if dataset == 'cifar100':
     c.data.mean = (0.5071, 0.4865, 0.4409)

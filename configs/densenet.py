@@ -16,6 +16,7 @@ SIZES = {'bc100_k12': (100, 12), 'bc250_k24': (250, 24), 'bc190_k40': (190, 40)}
 def densenet_config(size: str, gated: bool = True) -> ml_collections.ConfigDict:
   depth, k = SIZES[size]
   c = base.base_config()
+  c.data.update(base.CIFAR_AUGMENTATION)
   c.model.backbone = ml_collections.ConfigDict(
       dict(name='densenet_bc', depth=depth, growth_rate=k))
   c.model.gating = 'gater' if gated else 'none'

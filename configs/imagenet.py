@@ -29,13 +29,11 @@ SE_REDUCTION = 16
 
 def _imagenet_base(image_size: int) -> ml_collections.ConfigDict:
   c = base.base_config()
-  # tf.data crops and flips the images (input_pipeline.py): no
-  # crop_padding / flip here, the train step adds nothing.
-  c.data = ml_collections.ConfigDict(dict(
-      name='imagenet2012', data_dir='', image_size=image_size,
-      train_split='train', eval_split='validation', cache=False,
-      shuffle_buffer=16_384, num_classes=1000, num_train_examples=0,
-      num_test_examples=0, mean=(0.485, 0.456, 0.406),
+  # Inception-style crops and flips happen in the tf.data pipeline
+  # (input_pipeline.py): the dataset asks the train step for none.
+  c.data.update(dict(
+      name='imagenet2012', image_size=image_size, eval_split='validation',
+      shuffle_buffer=16_384, mean=(0.485, 0.456, 0.406),
       std=(0.229, 0.224, 0.225)))
   c.model.dtype = 'bfloat16'
   c.model.gater = ml_collections.ConfigDict(dict(
@@ -89,4 +87,24 @@ def inception_config(gated: bool = True) -> ml_collections.ConfigDict:
       rmsprop_decay=0.9, rmsprop_eps=1.0))
   c.weight_decay = 4e-5
   c.label_smoothing = 0.1
+  return c
+
+
+FAKE_MODELS = tuple(f'r{d}' for d in RESNETS) + ('inception_v4',)
+
+
+def fake_config(model: str) -> ml_collections.ConfigDict:
+  """The gated ImageNet `model` (r18 ... r152 or inception_v4) on synthetic
+  data, for benchmarks and smoke runs without a dataset."""
+  assert model in FAKE_MODELS, model
+  if model == 'inception_v4':
+    c = inception_config(gated=True)
+  else:
+    c = resnet_config(int(model[1:]), 'gated')
+  c.data.name = 'fake'
+  c.pretrain.enabled = False
+  c.num_epochs = 1
+  c.eval_every_epochs = 1.0
+  c.data.num_train_examples = 10_000
+  c.data.num_test_examples = 1_000
   return c

@@ -16,6 +16,7 @@ WIDTHS = {'2x64d': 64, '2x96d': 96}
 def shakeshake_config(size: str, gated: bool = True
                       ) -> ml_collections.ConfigDict:
   c = base.base_config()
+  c.data.update(base.CIFAR_AUGMENTATION)
   c.model.backbone = ml_collections.ConfigDict(
       dict(name='shake_shake', depth=26, width=WIDTHS[size]))
   c.model.gating = 'gater' if gated else 'none'

@@ -647,10 +647,7 @@ def run_analysis(config: ml_collections.ConfigDict,
   if not workdir:
     raise WorkdirError('--mode=analyze needs the --workdir of a trained run.')
   workdir = str(paths_lib.resolve(workdir))
-  cfg = config.get('analysis')
-  if cfg is None:
-    raise ConfigError('The config has no `analysis` fields; build it on '
-                      'configs/base.py:base_config().')
+  cfg = config.analysis
   _check_analysis_config(cfg)
   source = evaluation.eval_weights(config, workdir, purpose='analyze')
   exp = experiment.setup(config)
@@ -712,7 +709,7 @@ def run_analysis(config: ml_collections.ConfigDict,
     result['figures'] = sorted(paths_lib.resolve(p).name
                                for p in paths.values())
     _write_json(paths_lib.join(out_dir, JSON_NAME), result)
-    if config.get('tensorboard', True):
+    if config.tensorboard:
       _write_tensorboard(out_dir, step, paths, headline(result))
   result['out_dir'] = out_dir
   return result

@@ -76,7 +76,7 @@ def num_steps(config, ds):
   so the trainer's epoch boundaries (schedules, evals) are the pipeline's.
   """
   steps_per_epoch = ds.steps_per_epoch(config.batch_size)
-  total = config.get('num_train_steps', -1)
+  total = config.num_train_steps
   if total is None or total <= 0:
     total = int(round(config.num_epochs * steps_per_epoch))
   return steps_per_epoch, total

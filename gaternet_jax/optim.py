@@ -26,8 +26,8 @@ def create_learning_rate_fn(opt_cfg: ml_collections.ConfigDict,
   at 0 on the last step.
   """
   base = opt_cfg.learning_rate
-  warmup = int(round(opt_cfg.get('warmup_epochs', 0) * steps_per_epoch))
-  warmup_lr = opt_cfg.get('warmup_lr', 0.0) or 0.0
+  warmup = int(round(opt_cfg.warmup_epochs * steps_per_epoch))
+  warmup_lr = opt_cfg.warmup_lr or 0.0
   if warmup_lr < 0:
     raise ConfigError(f'optimizer.warmup_lr must be >= 0; got {warmup_lr}.')
   if opt_cfg.schedule == 'step':
@@ -62,7 +62,7 @@ def create_learning_rate_fn(opt_cfg: ml_collections.ConfigDict,
 def create_optimizer(opt_cfg: ml_collections.ConfigDict,
                      lr_fn: optax.Schedule) -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum, or RMSProp as Inception-v4 trains."""
-  name = opt_cfg.get('name', 'sgd')
+  name = opt_cfg.name
   if name == 'sgd':
     return optax.sgd(lr_fn, momentum=opt_cfg.momentum or None,
                      nesterov=opt_cfg.nesterov)
@@ -76,7 +76,7 @@ def create_gate_dropout_fn(config: ml_collections.ConfigDict,
                            num_train_steps: int) -> Callable:
   """Scheduled dropout of the gates: 0 at the start, rising linearly to
   `config.model.gate_dropout` at the end of training (Appendix B)."""
-  final = float(config.model.get('gate_dropout', 0.0))
+  final = float(config.model.gate_dropout)
   if not 0.0 <= final < 1.0:
     raise ConfigError(f'model.gate_dropout must be in [0, 1); got {final}.')
   if final == 0.0:

@@ -48,7 +48,7 @@ def stage_config(config: ml_collections.ConfigDict, arch: dict,
   c.model.backbone = ml_collections.ConfigDict(arch)
   fields = ['overrides'] + (['gater_overrides'] if gater_only else [])
   for field in fields:
-    for key, value in config.pretrain.get(field, {}).to_dict().items():
+    for key, value in config.pretrain[field].to_dict().items():
       if key not in c:
         raise ConfigError(f'pretrain.{field}.{key} is not a config field.')
       if isinstance(value, dict):
@@ -108,7 +108,7 @@ def stage_init(stage: Stage) -> Callable:
 
 
 def official_checkpoint(config: ml_collections.ConfigDict) -> str:
-  return config.get('init', {}).get('official_checkpoint', '') or ''
+  return config.init.official_checkpoint or ''
 
 
 def official_init(config: ml_collections.ConfigDict) -> Callable:

@@ -37,7 +37,7 @@ def _check_loop_config(config: ml_collections.ConfigDict):
   """Raises a ConfigError for a loop field that would hang or lose work."""
   for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
               'steps_per_call'):
-    value = config.get(key, 1)
+    value = config[key]
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f'{key} must be a whole number >= 1; got {value!r}.')
   if not config.eval_every_epochs > 0:
@@ -150,7 +150,7 @@ def _advance_fn(config: ml_collections.ConfigDict, ds: datasets.Dataset,
   split held on the devices, running up to the next step in `events` (log,
   eval, checkpoint), at most `steps_per_call`, in one call.
   """
-  if not config.data.get('on_device', False):
+  if not config.data.on_device:
     batches = ds.train_batches(config.batch_size, config.seed + 1, start)
 
     def from_host(state, step):
@@ -167,7 +167,7 @@ def _advance_fn(config: ml_collections.ConfigDict, ds: datasets.Dataset,
   arrays = device_data.put_on_devices(arrays, mesh)
 
   def on_device(state, step):
-    n = min([config.get('steps_per_call', 1), total_steps - step] +
+    n = min([config.steps_per_call, total_steps - step] +
             [(step // e + 1) * e - step for e in events])
     state, m = steps.train_many(state, arrays, rng, n)
     return state, m, n
@@ -217,7 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   start = int(state.step)
 
   steps = exp.steps(total_steps, steps_per_epoch)
-  writer = metrics_lib.create_writer(workdir, config.get('tensorboard', True),
+  writer = metrics_lib.create_writer(workdir, config.tensorboard,
                                      resume_step=start)
   eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
   logging.info('%s: %d train / %d %s examples, %d steps (%d per epoch), '

@@ -108,7 +108,7 @@ flags.DEFINE_string('jax_package', 'jax[tpu]',
                     'setup: the JAX requirement, e.g. jax[tpu]==0.4.38.')
 flags.DEFINE_string('config', None,
                     'run: config file inside this repository, e.g. '
-                    'configs/imagenet_r50.py (or file.py:variant).')
+                    'configs/imagenet_r50.py.')
 flags.DEFINE_string('workdir', None,
                     'run: gs://bucket/path for checkpoints and metrics; a '
                     'local path is refused (the hosts of a slice share no '

@@ -11,7 +11,7 @@ def tiny_config(gated: bool = True) -> ml_collections.ConfigDict:
   """A ResNet-8 of widths 4/8/16 on 16x16 images: compiles in seconds."""
   c = base.base_config()
   c.data.name = 'synthetic'
-  c.data.crop_padding = 2
+  c.data.crop_padding, c.data.flip = 2, True
   arch = dict(name='cifar_resnet', depth=8, widths=(4, 8, 16))
   c.model.backbone = ml_collections.ConfigDict(dict(arch, se_reduction=0))
   c.model.gater = ml_collections.ConfigDict(

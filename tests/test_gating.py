@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import pytest
 
-from configs import cifar10_r20_baseline, default, digits_bas
+from configs import cifar10_r20_baseline, default, digits_bas, digits_bas_l0
 from gaternet_jax import benchmark
 from gaternet_jax import gating
 from gaternet_jax import train as train_lib
@@ -25,7 +25,7 @@ def _params(model, shape=(1, 8, 8, 1)):
 
 @pytest.mark.parametrize('config,method', [
     (default.get_config(), 'gater'), (digits_bas.get_config(), 'local'),
-    (digits_bas.get_config('l0'), 'local'),
+    (digits_bas_l0.get_config(), 'local'),
     (cifar10_r20_baseline.get_config(), 'none')])
 def test_config_model_and_benchmark_agree_on_the_method(config, method):
   assert gating.method(config) == method
@@ -53,7 +53,7 @@ def test_config_model_and_benchmark_agree_on_the_method(config, method):
 
 
 def test_ungated_drops_the_gates_losses_and_stages():
-  c = gating.ungated(digits_bas.get_config('l0'))
+  c = gating.ungated(digits_bas_l0.get_config())
   assert c.model.gating == 'none' and not gating.gate_losses_enabled(c)
   assert c.gate_l1_weight == 0 and c.model.gate_dropout == 0
   assert not c.pretrain.enabled and not c.init.official_checkpoint

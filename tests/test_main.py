@@ -76,6 +76,14 @@ def test_missing_config_file_and_workdir():
   _assert_one_line_error(proc, '--workdir')
 
 
+def test_retired_config_variant_names_the_file_to_use():
+  # Variants are one file each; the old `file.py:variant` form says which.
+  proc = _main('--config=configs/digits_bas.py:l0', '--mode=summary')
+  _assert_one_line_error(proc, 'configs/digits_bas_l0.py')
+  proc = _main('--config=configs/imagenet_fake.py:r101', '--mode=summary')
+  _assert_one_line_error(proc, 'configs/imagenet_fake_r101.py')
+
+
 def test_workdir_of_another_model_is_refused_and_kept(tmp_path):
   wd = str(tmp_path / 'run')
   common = ['--config=configs/default.py', f'--workdir={wd}',
