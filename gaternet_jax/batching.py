@@ -31,7 +31,7 @@ def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
   assert steps_per_epoch > 0, (n, batch_size)
   rows = sharding.process_slice(batch_size)
   step = start_step
-  epoch, perm = -1, None
+  epoch, perm = -1, np.arange(0)  # The first step draws epoch 0's.
   while True:
     if step // steps_per_epoch != epoch:
       epoch = step // steps_per_epoch

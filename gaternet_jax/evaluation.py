@@ -81,8 +81,10 @@ def run(steps: steps_lib.Steps, state: steps_lib.TrainState,
       macs.append(out.pop('macs_saved'))
     total = out if total is None else jax.tree_util.tree_map(
         jnp.add, total, out)
+  assert total is not None, 'no eval batches'
   per_sample = None
   if macs:
+    assert steps.mac_counter is not None
     saved = np.concatenate([np.asarray(m, np.float64)
                             for m in jax.device_get(macs)])
     # float64 on the host: exact for any network size.
@@ -140,10 +142,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   state = restore_for_eval(config, workdir, exp.model, exp.image_shape,
                            exp.mesh, source)
-  results = run(exp.steps(), state,
-                exp.ds.eval_batches(config.eval_batch_size))
-  results = dict(results, step=int(state.step),
-                 split=exp.ds.test_split_name)
+  ds = exp.ds
+  assert ds is not None  # setup() loaded it.
+  results: Dict[str, Any] = dict(
+      run(exp.steps(), state, ds.eval_batches(config.eval_batch_size)),
+      step=int(state.step), split=ds.test_split_name)
   if source == 'checkpoint':
     results['train_seconds'] = checkpoints.train_seconds(workdir)
   return results

@@ -52,7 +52,9 @@ def weight_l2(params: Any) -> jax.Array:
   """0.5 * sum of squared kernels."""
   leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
             if decayed(path)]
-  return 0.5 * sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+  return 0.5 * jnp.asarray(
+      sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves),
+      jnp.float32)
 
 
 def objective(config: ml_collections.ConfigDict, spec: GateSpec,

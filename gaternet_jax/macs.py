@@ -166,7 +166,7 @@ class MacCounter:
 
 def _wire(layers: List[Layer], wiring: Wiring, spec: GateSpec,
           prefix: Tuple[str, ...]):
-  by_path = {}
+  by_path: Dict[Tuple[str, ...], List[Layer]] = {}
   for l in layers:
     by_path.setdefault(l.path, []).append(l)
   sizes = dict(spec.sites)

@@ -39,13 +39,13 @@ def join(path: PathLike, *parts: str) -> str:
 
 def write_bytes(path: PathLike, data: bytes):
   """Writes `data` to `path` so that a reader never sees half a file."""
-  path = resolve(path)
-  if is_remote(path):
-    path.write_bytes(data)
+  target = resolve(path)
+  if is_remote(target):
+    target.write_bytes(data)
     return
-  tmp = path.with_name(path.name + '.tmp')
+  tmp = target.with_name(target.name + '.tmp')
   tmp.write_bytes(data)
-  os.replace(tmp, path)
+  os.replace(tmp, target)
 
 
 def write_text(path: PathLike, text: str):

@@ -262,7 +262,7 @@ def _stop_script():
   The check reads /proc/<pid>/cmdline, so a stale pid file (after a reboot)
   never names an unrelated process, and a zombie counts as stopped.
   """
-  running = f'grep -qa main.py /proc/"$pid"/cmdline 2>/dev/null'
+  running = 'grep -qa main.py /proc/"$pid"/cmdline 2>/dev/null'
   return (
       f'{{ pid=$(cat {PID_FILE} 2>/dev/null); if {running}; then '
       'echo "$(hostname): stopping main.py (pid $pid)"; '

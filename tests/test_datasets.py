@@ -11,7 +11,7 @@ from PIL import Image
 
 from configs import cifar10_r20
 from configs import default as digits_config
-from configs import imagenet_fake
+from configs import imagenet_fake_r18
 from configs import imagenet_r50
 from gaternet_jax import augment
 from gaternet_jax import data
@@ -63,7 +63,7 @@ def test_in_memory_datasets_implement_the_protocol():
 
 
 def test_fake_dataset_implements_the_protocol():
-  ds = data.load_dataset(imagenet_fake.get_config('r18').data)
+  ds = data.load_dataset(imagenet_fake_r18.get_config().data)
   assert isinstance(ds, data.FakeDataset)
   _check_protocol(ds)
   assert ds.train_arrays() is None
@@ -109,7 +109,7 @@ def test_train_augmentation_of_the_configs():
   # A setup without data (the benchmark) augments as the dataset would.
   for config, expected in (
       (cifar10_r20.get_config(), augment.Augmentation(4, True)),
-      (imagenet_fake.get_config('r18'), augment.NO_AUGMENTATION)):
+      (imagenet_fake_r18.get_config(), augment.NO_AUGMENTATION)):
     exp = experiment.setup(config, load_data=False, count_macs=False)
     assert exp.augmentation == expected
 
