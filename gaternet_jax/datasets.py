@@ -80,9 +80,9 @@ def data_config(data_cfg: Optional[Mapping[str, Any]] = None
   fields = dict(data_cfg.items()) if data_cfg is not None else {}
   unknown = sorted(set(fields) - set(DATA_DEFAULTS))
   if unknown:
-    raise ConfigError(
-        f'Unknown data config field(s) {", ".join("data." + k for k in unknown)}'
-        '; gaternet_jax.datasets.DATA_DEFAULTS lists the fields.')
+    names = ', '.join('data.' + key for key in unknown)
+    raise ConfigError(f'Unknown data config field(s) {names}; '
+                      'gaternet_jax.datasets.DATA_DEFAULTS lists the fields.')
   # Merged as a plain dict so that the values are not type-checked against
   # the defaults': the loaders check them and say what is wrong.
   return ml_collections.ConfigDict({**DATA_DEFAULTS, **fields})
