@@ -6,6 +6,8 @@ number of an experiment lives in its config.
 
 import ml_collections
 
+from gaternet_jax import datasets
+
 
 # He et al.'s CIFAR augmentation: pad 4, random 32x32 crop, random flip.
 CIFAR_AUGMENTATION = dict(crop_padding=4, flip=True)
@@ -15,54 +17,20 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Every dataset's fields, with their defaults; a config sets the values
-  # its dataset needs and the loaders ignore the rest (gaternet_jax/data.py
-  # for in-memory datasets, gaternet_jax/input_pipeline.py for streamed).
-  c.data = ml_collections.ConfigDict()
-  # 'digits' | 'cifar10' | 'cifar100' (in memory), 'imagenet2012' (TFDS) |
-  # 'image_folder' (streamed through tf.data), or 'fake' (random images).
+  # Every dataset's fields (gaternet_jax/datasets.py DATA_DEFAULTS says what
+  # each means and its default); a config sets the values its dataset needs
+  # and the loaders ignore the rest (gaternet_jax/data.py for in-memory
+  # datasets, gaternet_jax/input_pipeline.py for streamed). The base is
+  # CIFAR-10 from TFDS; its train step asks for no augmentation (the CIFAR
+  # families set CIFAR_AUGMENTATION), and streamed datasets (ImageNet)
+  # augment in tf.data and refuse crop_padding and flip.
+  c.data = ml_collections.ConfigDict(datasets.DATA_DEFAULTS)
   c.data.name = 'cifar10'
-  c.data.source = 'tfds'  # CIFAR: 'folder' | 'python_archive' | 'tfds'
-  # The source's folder; TFDS: '' is its default data_dir.
-  c.data.data_dir = ''
-  c.data.validation_holdout = 0  # 5000 holds out a validation set (sec. 4.1)
-  c.data.holdout_seed = 0
-  c.data.num_train_examples = 0  # 0: all (fake data: 1,281,167)
-  c.data.num_test_examples = 0  # 0: all (fake data: 50,000)
-  # Per-channel normalisation in [0, 1] units; None computes it from train
-  # (in-memory datasets) or takes ImageNet's (streamed ones).
+  c.data.source = 'tfds'
+  c.data.data_dir = ''  # TFDS's default data_dir
+  # CIFAR-10's per-channel mean and std of the train images, in [0, 1] units.
   c.data.mean = (0.4914, 0.4822, 0.4465)
   c.data.std = (0.2470, 0.2435, 0.2616)
-  # The train step's augmentation of in-memory datasets: zero-padding by
-  # `crop_padding` and a random crop back, random horizontal flips (the
-  # CIFAR families set CIFAR_AUGMENTATION). None by default; streamed
-  # datasets (ImageNet) augment in tf.data and refuse these.
-  c.data.crop_padding = 0
-  c.data.flip = False
-  # Keep the train split on the accelerators and draw batches inside jit,
-  # running `steps_per_call` steps per host round-trip (lax.scan).
-  c.data.on_device = False
-  # Streamed and fake datasets: square images of `image_size`; image folders
-  # and fake data have `num_classes` classes (TFDS's dataset says its own).
-  c.data.image_size = 224
-  c.data.num_classes = 1000
-  c.data.tfds_name = 'imagenet2012'  # what name='imagenet2012' reads
-  c.data.train_split = 'train'
-  # '': TFDS 'validation'; image folders 'val', else 'validation', else 'test'.
-  c.data.eval_split = ''
-  c.data.cache = False  # cache decoded records in memory (input_pipeline.py)
-  c.data.shuffle_buffer = 10_000  # encoded TFDS records (folders: all files)
-  c.data.prefetch = None  # batches; None: tf.data.AUTOTUNE
-  c.data.num_parallel_calls = None  # decoding threads; None: AUTOTUNE
-  # Inception-style training crops: a fraction of the area and an aspect
-  # ratio drawn from these ranges, resized to image_size.
-  c.data.crop_area_range = (0.08, 1.0)
-  c.data.aspect_ratio_range = (3 / 4, 4 / 3)
-  # Eval: resize the shorter side to image_size / eval_crop_fraction, then
-  # keep the central square.
-  c.data.eval_crop_fraction = 0.875
-  c.data.resize_method = 'bilinear'  # a tf.image.resize method
-  c.data.antialias = True  # low-pass when downscaling, as PIL does
 
   c.model = ml_collections.ConfigDict()
   # The gating method (gaternet_jax/gating.py): 'gater' (GaterNet: the gater

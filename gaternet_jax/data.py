@@ -133,13 +133,22 @@ def train_augmentation(data_cfg) -> augment.Augmentation:
   `load_dataset` gives every dataset this; a setup without data (the
   benchmark) reads it here.
 
+  Args:
+    data_cfg: a ConfigDict or mapping of `config.data` fields; those left
+      out take their datasets.DATA_DEFAULTS value.
+
+  Returns:
+    The step's augmentation.Augmentation.
+
   Raises:
-    ConfigError: crop_padding is no non-negative int, or a streamed dataset
-      sets crop_padding or flip (the step would augment twice).
+    ConfigError: crop_padding is no non-negative int, a streamed dataset
+      sets crop_padding or flip (the step would augment twice), or a field
+      is unknown.
   """
-  name = data_cfg.get('name', None)
-  crop_padding = data_cfg.get('crop_padding', 0) or 0
-  flip = bool(data_cfg.get('flip', False))
+  data_cfg = datasets.data_config(data_cfg)
+  name = data_cfg.name
+  crop_padding = data_cfg.crop_padding or 0  # None counts as 0.
+  flip = bool(data_cfg.flip)
   if isinstance(crop_padding, bool) or not isinstance(
       crop_padding, (int, np.integer)) or crop_padding < 0:
     raise ConfigError(f'data.crop_padding={crop_padding!r} must be a '
@@ -159,13 +168,18 @@ def dataset_info(data_cfg):
   """`(image_shape, num_classes)` of `data_cfg`'s dataset, without loading.
 
   ImageNet-style datasets take their size from `data_cfg.image_size` and,
-  for image folders and fake data, their classes from `data_cfg.num_classes`.
+  for image folders and fake data, their classes from `data_cfg.num_classes`
+  (fields left out take their datasets.DATA_DEFAULTS value).
+
+  Raises:
+    DataError: the config names an unknown dataset.
+    ConfigError: the config has an unknown field.
   """
-  name = data_cfg.get('name', None)
+  data_cfg = datasets.data_config(data_cfg)
+  name = data_cfg.name
   if name in _STREAMED or name == _FAKE:
-    size = int(data_cfg.get('image_size', 224))
-    classes = 1000 if name == 'imagenet2012' else int(
-        data_cfg.get('num_classes', 1000))
+    size = int(data_cfg.image_size)
+    classes = 1000 if name == 'imagenet2012' else int(data_cfg.num_classes)
     return (size, size, 3), classes
   if name not in _NUM_CLASSES:
     raise DataError(f'Unknown dataset name {name!r}; expected one of '
@@ -225,7 +239,8 @@ def load_dataset(data_cfg) -> datasets.Dataset:
 
   Fields read: name, source, data_dir, validation_holdout, holdout_seed,
   num_train_examples, num_test_examples, mean, std, crop_padding, flip;
-  streamed datasets read input_pipeline.load_imagenet's.
+  streamed datasets read input_pipeline.load_imagenet's. Fields left out
+  take their datasets.DATA_DEFAULTS value.
 
   Returns:
     An InMemoryDataset (digits, CIFAR), a FakeDataset ('fake') or an
@@ -234,9 +249,10 @@ def load_dataset(data_cfg) -> datasets.Dataset:
   Raises:
     DataError: the config names an unknown dataset or source, or the data
       on disk is missing or malformed.
-    ConfigError: a config value is out of range.
+    ConfigError: a config value is out of range, or a field is unknown.
   """
-  name = data_cfg.get('name', None)
+  data_cfg = datasets.data_config(data_cfg)
+  name = data_cfg.name
   augmentation = train_augmentation(data_cfg)
   if name in _STREAMED:
     from gaternet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -260,8 +276,8 @@ def load_dataset(data_cfg) -> datasets.Dataset:
   if name == 'digits':
     train, test = _load_digits()
   else:
-    source = data_cfg.get('source', None)
-    data_dir = data_cfg.get('data_dir', None)
+    source = data_cfg.source
+    data_dir = data_cfg.data_dir
     if source == 'folder':
       train, test = _load_folder(name, num_classes, data_dir)
     elif source == 'python_archive':
@@ -287,7 +303,7 @@ def load_dataset(data_cfg) -> datasets.Dataset:
   train_images, train_labels = _finalize(*train)
   test_images, test_labels = _finalize(*test)
   channels = train_images.shape[-1]
-  mean, std = data_cfg.get('mean', None), data_cfg.get('std', None)
+  mean, std = data_cfg.mean, data_cfg.std
   if mean is None or std is None:
     computed_mean, computed_std = _channel_stats(train_images)
     mean = computed_mean if mean is None else mean
@@ -316,8 +332,8 @@ def load_dataset(data_cfg) -> datasets.Dataset:
 
 
 def _get_count(data_cfg, key):
-  """A non-negative int config field; None counts as 0."""
-  value = data_cfg.get(key, 0)
+  """A non-negative int field of the complete `data_cfg`; None counts as 0."""
+  value = data_cfg[key]
   if value is None:
     return 0
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -13,13 +13,79 @@ global batch (`batch_size // jax.process_count()` of them):
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Protocol, Tuple, runtime_checkable
+from typing import (Any, Dict, Iterator, Mapping, Optional, Protocol, Tuple,
+                    runtime_checkable)
 
+import ml_collections
 import numpy as np
 
 from gaternet_jax import augment
+from gaternet_jax.errors import ConfigError
 
 Batch = Dict[str, np.ndarray]
+
+# The `config.data` schema: every field a loader reads, with the value a
+# config that leaves it out gets. configs/base.py starts from these and sets
+# its CIFAR values; the loaders complete partial configs with them
+# (`data_config`), so each default lives here alone.
+DATA_DEFAULTS: Dict[str, Any] = dict(
+    # 'digits' | 'cifar10' | 'cifar100' (in memory), 'imagenet2012' (TFDS) |
+    # 'image_folder' (streamed through tf.data), or 'fake' (random images).
+    name=None,
+    source=None,  # CIFAR: 'folder' | 'python_archive' | 'tfds'
+    data_dir=None,  # the source's folder; TFDS: None or '' is its default
+    validation_holdout=0,  # train examples held out as the eval split
+    holdout_seed=0,  # the seed choosing the held-out examples
+    num_train_examples=0,  # 0 or None: all (fake data: 1,281,167)
+    num_test_examples=0,  # 0 or None: all (fake data: 50,000)
+    # Per-channel normalisation in [0, 1] units; None computes it from train
+    # (in-memory datasets) or takes ImageNet's (streamed ones).
+    mean=None,  # one value per channel, or None
+    std=None,  # one value per channel, or None
+    crop_padding=0,  # in-memory train step: zero-pad and random crop back
+    flip=False,  # in-memory train step: random horizontal flips
+    on_device=False,  # keep the train split on the accelerators
+    image_size=224,  # streamed and fake datasets: square side in pixels
+    num_classes=1000,  # image folders and fake data: number of classes
+    tfds_name='imagenet2012',  # the TFDS dataset name='imagenet2012' reads
+    train_split='train',  # streamed datasets' train split
+    # '' or None: TFDS 'validation'; image folders 'val', 'validation', 'test'.
+    eval_split='',
+    cache=False,  # cache decoded records in memory (input_pipeline.py)
+    shuffle_buffer=10_000,  # encoded TFDS records (folders: all files)
+    prefetch=None,  # batches; None: tf.data.AUTOTUNE
+    num_parallel_calls=None,  # decoding threads; None: AUTOTUNE
+    crop_area_range=(0.08, 1.0),  # Inception-style train crop: area fraction
+    aspect_ratio_range=(3 / 4, 4 / 3),  # ... and width / height
+    eval_crop_fraction=0.875,  # eval: resize to image_size / this, crop
+    resize_method='bilinear',  # a tf.image.resize method
+    antialias=True,  # low-pass when downscaling, as PIL does
+)
+
+
+def data_config(data_cfg: Optional[Mapping[str, Any]] = None
+                ) -> ml_collections.ConfigDict:
+  """The complete data config: DATA_DEFAULTS overridden by `data_cfg`.
+
+  Args:
+    data_cfg: a ConfigDict or mapping of some `config.data` fields, or None.
+
+  Returns:
+    A new ConfigDict holding every field of DATA_DEFAULTS, with `data_cfg`'s
+    values where it sets them (the given config is left as it is).
+
+  Raises:
+    ConfigError: `data_cfg` has a field DATA_DEFAULTS lacks (a typo).
+  """
+  fields = dict(data_cfg.items()) if data_cfg is not None else {}
+  unknown = sorted(set(fields) - set(DATA_DEFAULTS))
+  if unknown:
+    names = ', '.join('data.' + key for key in unknown)
+    raise ConfigError(f'Unknown data config field(s) {names}; '
+                      'gaternet_jax.datasets.DATA_DEFAULTS lists the fields.')
+  # Merged as a plain dict so that the values are not type-checked against
+  # the defaults': the loaders check them and say what is wrong.
+  return ml_collections.ConfigDict({**DATA_DEFAULTS, **fields})
 
 
 @runtime_checkable

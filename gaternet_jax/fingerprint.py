@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gaternet_jax import data as data_lib
+from gaternet_jax import datasets
 from gaternet_jax import gating
 from gaternet_jax.errors import DataError
 from gaternet_jax.models import create_model
@@ -37,12 +38,14 @@ _COLLECTIONS = ('params', 'batch_stats')
 def data_fingerprint(data_cfg: ml_collections.ConfigDict,
                      dataset: Any = None) -> Dict[str, Any]:
   """`{'name', 'image_shape', 'num_classes'}` of `data_cfg`'s dataset: of
-  `dataset` where one is already loaded, else as `data.dataset_info` says."""
+  `dataset` where one is already loaded, else as `data.dataset_info` says.
+  Fields `data_cfg` leaves out take their datasets.DATA_DEFAULTS value."""
+  data_cfg = datasets.data_config(data_cfg)
   if dataset is not None:
     image_shape, num_classes = dataset.image_shape, dataset.num_classes
   else:
     image_shape, num_classes = data_lib.dataset_info(data_cfg)
-  return {'name': data_cfg.get('name', None),
+  return {'name': data_cfg.name,
           'image_shape': [int(n) for n in image_shape],
           'num_classes': int(num_classes)}
 
@@ -154,11 +157,15 @@ def difference(config: ml_collections.ConfigDict, stored: Dict[str, Any],
     return 'model', f"its model does not build here: {str(e).rstrip('.')}"
   if old_model != new['model']:
     return 'model', _first_difference(old_model, new['model'])
-  old_data_cfg = ml_collections.ConfigDict(_as_config(stored.get('data', {})))
+  # A workdir's config may hold data fields of an older version; the
+  # fingerprint reads only today's.
+  old_data_cfg = datasets.data_config(
+      {k: v for k, v in _as_config(stored.get('data', {})).items()
+       if k in datasets.DATA_DEFAULTS})
   try:
     old_data = data_fingerprint(old_data_cfg)
   except DataError as e:
-    if dataset is None or old_data_cfg.get('name') != new['data']['name']:
+    if dataset is None or old_data_cfg.name != new['data']['name']:
       return 'data', f"its dataset is unknown here: {str(e).rstrip('.')}"
     old_data = data_fingerprint(old_data_cfg, dataset)
   if old_data != new['data']:

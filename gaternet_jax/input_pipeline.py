@@ -62,6 +62,7 @@ import jax
 import numpy as np
 
 from gaternet_jax import augment
+from gaternet_jax import datasets
 from gaternet_jax import paths
 from gaternet_jax import sources
 from gaternet_jax.errors import ConfigError, DataError
@@ -128,45 +129,53 @@ class Preprocessing:
     antialias: low-pass filter when downscaling, as PIL (and so torchvision)
       always does.
   """
-  image_size: int = 224
-  crop_area_range: Tuple[float, float] = (0.08, 1.0)
-  aspect_ratio_range: Tuple[float, float] = (3 / 4, 4 / 3)
-  eval_crop_fraction: float = 0.875
-  resize_method: str = 'bilinear'
-  antialias: bool = True
+  image_size: int = datasets.DATA_DEFAULTS['image_size']
+  crop_area_range: Tuple[float, float] = datasets.DATA_DEFAULTS[
+      'crop_area_range']
+  aspect_ratio_range: Tuple[float, float] = datasets.DATA_DEFAULTS[
+      'aspect_ratio_range']
+  eval_crop_fraction: float = datasets.DATA_DEFAULTS['eval_crop_fraction']
+  resize_method: str = datasets.DATA_DEFAULTS['resize_method']
+  antialias: bool = datasets.DATA_DEFAULTS['antialias']
 
   @classmethod
   def from_config(cls, data_cfg) -> 'Preprocessing':
-    size = data_cfg.get('image_size', cls.image_size)
+    """The preprocessing of `data_cfg` (a ConfigDict or mapping of
+    `config.data` fields; those left out take datasets.DATA_DEFAULTS').
+
+    Raises:
+      ConfigError: a field is out of range or unknown.
+    """
+    data_cfg = datasets.data_config(data_cfg)
+    size = data_cfg.image_size
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
         size < 1):
       raise ConfigError(f'data.image_size={size!r} must be a positive int.')
-    area = _float_range(data_cfg, 'crop_area_range', cls.crop_area_range)
+    area = _float_range(data_cfg, 'crop_area_range')
     if not 0 < area[0] <= area[1] <= 1:
       raise ConfigError(f'data.crop_area_range={area} must satisfy '
                         '0 < low <= high <= 1.')
-    ratio = _float_range(data_cfg, 'aspect_ratio_range',
-                         cls.aspect_ratio_range)
+    ratio = _float_range(data_cfg, 'aspect_ratio_range')
     if not 0 < ratio[0] <= ratio[1]:
       raise ConfigError(f'data.aspect_ratio_range={ratio} must satisfy '
                         '0 < low <= high.')
-    fraction = float(data_cfg.get('eval_crop_fraction',
-                                  cls.eval_crop_fraction))
+    fraction = float(data_cfg.eval_crop_fraction)
     if not 0 < fraction <= 1:
       raise ConfigError(
           f'data.eval_crop_fraction={fraction} must be in (0, 1].')
-    method = data_cfg.get('resize_method', cls.resize_method)
+    method = data_cfg.resize_method
     if method not in _RESIZE_METHODS:
       raise ConfigError(f'data.resize_method={method!r} must be one of '
                         f'{", ".join(_RESIZE_METHODS)}.')
     return cls(image_size=int(size), crop_area_range=area,
                aspect_ratio_range=ratio, eval_crop_fraction=fraction,
                resize_method=method,
-               antialias=bool(data_cfg.get('antialias', cls.antialias)))
+               antialias=bool(data_cfg.antialias))
 
 
-def _float_range(data_cfg, key, default):
-  value = data_cfg.get(key, default)
+def _float_range(data_cfg, key):
+  """(low, high) floats of the complete `data_cfg`'s field `key`."""
+  value = data_cfg[key]
   try:
     low, high = (float(v) for v in value)
   except (TypeError, ValueError):
@@ -666,8 +675,9 @@ class TfdataDataset:
 
 
 def _pipeline_options(data_cfg, tf) -> _PipelineOptions:
-  def count(key, default, allow_autotune):
-    value = data_cfg.get(key, default)
+  """The tf.data options of the complete `data_cfg`."""
+  def count(key, allow_autotune):
+    value = data_cfg[key]
     if value is None or (allow_autotune and value == tf.data.AUTOTUNE):
       return tf.data.AUTOTUNE
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
@@ -677,10 +687,10 @@ def _pipeline_options(data_cfg, tf) -> _PipelineOptions:
     return int(value)
 
   return _PipelineOptions(
-      shuffle_buffer=count('shuffle_buffer', 10_000, False),
-      cache=bool(data_cfg.get('cache', False)),
-      prefetch=count('prefetch', None, True),
-      num_parallel_calls=count('num_parallel_calls', None, True) or
+      shuffle_buffer=count('shuffle_buffer', False),
+      cache=bool(data_cfg.cache),
+      prefetch=count('prefetch', True),
+      num_parallel_calls=count('num_parallel_calls', True) or
       tf.data.AUTOTUNE)
 
 
@@ -693,8 +703,9 @@ def _process(process_index, process_count):
 
 
 def _stats(data_cfg):
-  mean = data_cfg.get('mean', None) or IMAGENET_MEAN
-  std = data_cfg.get('std', None) or IMAGENET_STD
+  """(mean, std) of the complete `data_cfg`; None takes ImageNet's."""
+  mean = data_cfg.mean or IMAGENET_MEAN
+  std = data_cfg.std or IMAGENET_STD
   if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
     raise ConfigError(f'data.mean={mean} and data.std={std} need 3 values '
                       'each, the stds positive.')
@@ -712,6 +723,7 @@ def from_file_lists(train_files: Sequence[str], train_labels: Sequence[int],
   Reads the preprocessing and pipeline fields of `data_cfg` (see
   `load_imagenet`); process_index/count default to JAX's.
   """
+  data_cfg = datasets.data_config(data_cfg)
   tf = _import_tf()
   index, count = _process(process_index, process_count)
   if len(train_files) != len(train_labels) or len(eval_files) != len(
@@ -747,7 +759,8 @@ def _folder_split(root, split, classes=None):
 
 
 def _load_image_folder(data_cfg, index, count):
-  data_dir = data_cfg.get('data_dir', None)
+  """The image folder dataset of the complete `data_cfg`."""
+  data_dir = data_cfg.data_dir
   if not data_dir:
     raise DataError("data.name='image_folder' needs data.data_dir, the "
                     'folder holding <split>/<class>/<image> files.')
@@ -756,11 +769,11 @@ def _load_image_folder(data_cfg, index, count):
   if not paths.resolve(root).is_dir():
     raise DataError(f'data.data_dir {root} is not a directory; check the '
                     'path.')
-  train_split = data_cfg.get('train_split', None) or 'train'
+  train_split = data_cfg.train_split
   if not paths.resolve(paths.join(root, train_split)).is_dir():
     raise DataError(f'{root} has no {train_split}/ subfolder; expected the '
                     'layout <data_dir>/train/<class>/<image>.')
-  eval_split = data_cfg.get('eval_split', None)
+  eval_split = data_cfg.eval_split
   candidates = [eval_split] if eval_split else []
   if not eval_split or eval_split in _EVAL_SPLIT_FALLBACKS:
     candidates += [s for s in _EVAL_SPLIT_FALLBACKS if s not in candidates]
@@ -778,14 +791,15 @@ def _load_image_folder(data_cfg, index, count):
 
 
 def _load_tfds(data_cfg, index, count):
+  """The TFDS dataset of the complete `data_cfg`."""
   tf = _import_tf()
-  name = data_cfg.get('tfds_name', None) or 'imagenet2012'
-  data_dir = data_cfg.get('data_dir', None) or None
+  name = data_cfg.tfds_name
+  data_dir = data_cfg.data_dir or None  # '' is TFDS's default too.
   if data_dir and not tf.io.gfile.exists(data_dir):
     raise DataError(f'data.data_dir {data_dir} does not exist; check the '
                     'path.')
-  train_split = data_cfg.get('train_split', None) or 'train'
-  eval_split = data_cfg.get('eval_split', None) or 'validation'
+  train_split = data_cfg.train_split
+  eval_split = data_cfg.eval_split or 'validation'  # '': TFDS's eval split.
   tfds, builder = sources.tfds_builder(
       name, data_dir, (train_split, eval_split),
       needs='data.name=imagenet2012 reads',
@@ -800,7 +814,7 @@ def _load_tfds(data_cfg, index, count):
                        options.num_parallel_calls)
   mean, std = _stats(data_cfg)
   return TfdataDataset(
-      name=data_cfg.get('name', 'imagenet2012'), source=source,
+      name=data_cfg.name, source=source,
       num_classes=features['label'].num_classes,
       preprocessing=Preprocessing.from_config(data_cfg), options=options,
       mean=mean, std=std, test_split_name=eval_split, process_index=index,
@@ -811,7 +825,8 @@ def load_imagenet(data_cfg, *, process_index: Optional[int] = None,
                   process_count: Optional[int] = None) -> TfdataDataset:
   """The streamed dataset `data_cfg` describes (a ConfigDict or mapping).
 
-  Fields read, with their defaults:
+  Fields read, with their defaults (datasets.DATA_DEFAULTS, which fill in
+  the fields `data_cfg` leaves out):
     name: 'imagenet2012' (TFDS) or 'image_folder'.
     tfds_name: 'imagenet2012'; the TFDS dataset that name='imagenet2012'
       reads.
@@ -834,10 +849,11 @@ def load_imagenet(data_cfg, *, process_index: Optional[int] = None,
   Raises:
     DataError: TensorFlow is missing, or the data on disk is missing or
       malformed.
-    ConfigError: a config value is out of range.
+    ConfigError: a config value is out of range, or a field is unknown.
   """
+  data_cfg = datasets.data_config(data_cfg)
   index, count = _process(process_index, process_count)
-  name = data_cfg.get('name', None)
+  name = data_cfg.name
   if name == 'imagenet2012':
     return _load_tfds(data_cfg, index, count)
   if name == 'image_folder':

@@ -126,6 +126,27 @@ def test_train_augmentation_errors():
     data.train_augmentation(ConfigDict(dict(name='digits', crop_padding=-1)))
 
 
+
+def test_data_schema_is_the_package_defaults():
+  """configs/base.py's data fields are exactly datasets.DATA_DEFAULTS'."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  assert set(base.base_config().data.keys()) == set(datasets.DATA_DEFAULTS)
+  complete = datasets.data_config(ConfigDict(dict(name='digits')))
+  assert complete.name == 'digits'
+  for key, default in datasets.DATA_DEFAULTS.items():
+    if key != 'name':
+      assert complete[key] == default, key
+  assert datasets.data_config().to_dict() == datasets.DATA_DEFAULTS
+
+
+def test_unknown_data_field_is_a_config_error():
+  with pytest.raises(ConfigError, match='data.crop_pading'):
+    datasets.data_config(ConfigDict(dict(name='digits', crop_pading=4)))
+  with pytest.raises(ConfigError, match='data.imagesize'):
+    data.dataset_info(dict(name='fake', imagesize=32))
+  with pytest.raises(ConfigError, match='data.flips'):
+    data.load_dataset(ConfigDict(dict(name='digits', flips=True)))
+
 def test_imagenet_workdir_of_the_old_config_resumes(tmp_path):
   """Old ImageNet config.json files say crop_padding=0, flip=False; today's
   configs leave them unset, which means the same."""
