@@ -25,21 +25,31 @@ from gaternet_jax import distributed
 from gaternet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file.', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 flags.DEFINE_enum('mode', 'train', cli.MODES, 'What to do with the config.')
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0, for a multi-process job JAX '
-                    'does not detect itself (else $JAX_COORDINATOR_ADDRESS).')
-flags.DEFINE_integer('num_processes', None,
-                     'Processes in the job (else $JAX_NUM_PROCESSES).')
-flags.DEFINE_integer('process_id', None,
-                     'This process, 0 to num_processes - 1 (else '
-                     '$JAX_PROCESS_ID).')
-flags.DEFINE_integer('heartbeat_timeout_seconds', 100,
-                     'A process silent this long counts as dead, and the job '
-                     'stops (multi-process runs).')
+flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'host:port of process 0, for a multi-process job JAX '
+    'does not detect itself (else $JAX_COORDINATOR_ADDRESS).',
+)
+flags.DEFINE_integer(
+    'num_processes', None, 'Processes in the job (else $JAX_NUM_PROCESSES).'
+)
+flags.DEFINE_integer(
+    'process_id',
+    None,
+    'This process, 0 to num_processes - 1 (else ' '$JAX_PROCESS_ID).',
+)
+flags.DEFINE_integer(
+    'heartbeat_timeout_seconds',
+    100,
+    'A process silent this long counts as dead, and the job '
+    'stops (multi-process runs).',
+)
 
 
 def _parse_flags(argv):
@@ -51,9 +61,11 @@ def _parse_flags(argv):
     message = str(e).strip()
     if not (message.startswith('flag --config=') and 'Traceback' in message):
       # Other flags: absl's own report and exit.
-      sys.stderr.write(f'FATAL Flags parsing error: {message}\n'
-                       'Pass --helpshort or --helpfull to see help on '
-                       'flags.\n')
+      sys.stderr.write(
+          f'FATAL Flags parsing error: {message}\n'
+          'Pass --helpshort or --helpfull to see help on '
+          'flags.\n'
+      )
       sys.exit(1)
     reason = message.splitlines()[-1].strip()
     # A config's ValueError is a sentence written for the user.
@@ -73,21 +85,28 @@ def main(argv):
     reason = str(e).strip().splitlines()[-1].strip()
     sys.exit(f'error: cannot load the --config file ({reason}).')
   if config is None:
-    sys.exit('error: --config is required (for example '
-             '--config=configs/default.py).')
+    sys.exit(
+        'error: --config is required (for example '
+        '--config=configs/default.py).'
+    )
   if FLAGS.mode in ('train', 'eval', 'analyze') and not FLAGS.workdir:
     sys.exit(f'error: --workdir is required for --mode={FLAGS.mode}.')
   try:
     # Before any other JAX call: the runtime decides what devices exist.
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                           FLAGS.process_id, FLAGS.heartbeat_timeout_seconds)
+    distributed.initialize(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        FLAGS.heartbeat_timeout_seconds,
+    )
   except UserError as e:
     sys.exit(f'error: {e}')
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save at INFO; keep the run's own progress readable.
   logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= pylogging.WARNING or
-      '/orbax/' not in record.pathname)
+      lambda record: record.levelno >= pylogging.WARNING
+      or '/orbax/' not in record.pathname
+  )
   try:
     cli.run(FLAGS.mode, config, FLAGS.workdir)
   except UserError as e:

@@ -8,7 +8,6 @@ import ml_collections
 
 from gaternet_jax import datasets
 
-
 # He et al.'s CIFAR augmentation: pad 4, random 32x32 crop, random flip.
 CIFAR_AUGMENTATION = dict(crop_padding=4, flip=True)
 
@@ -39,27 +38,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.gating = 'gater'
   c.model.dtype = 'float32'
   c.model.backbone = ml_collections.ConfigDict(
-      dict(name='cifar_resnet', depth=20, widths=(16, 32, 64),
-           se_reduction=0))
+      dict(name='cifar_resnet', depth=20, widths=(16, 32, 64), se_reduction=0)
+  )
   # The gater: a backbone without its output layer, then FC1 -> bottleneck
   # -> BatchNorm (the paper; the official code has none) -> ReLU -> FC2.
   c.model.gater = ml_collections.ConfigDict(
-      dict(name='cifar_resnet', depth=20, widths=(16, 32, 64), bottleneck=8,
-           batchnorm=True))
+      dict(
+          name='cifar_resnet',
+          depth=20,
+          widths=(16, 32, 64),
+          bottleneck=8,
+          batchnorm=True,
+      )
+  )
   # Improved SemHash's training noise and mixing, and how its gates are
   # binarised: 'paper' is 1(logit > 0); 'official' is the official code's
   # saturating_sigmoid(logit) > 0.49999 (logit > about -3.3e-5), which
   # imported official checkpoints need to reproduce their gates exactly.
-  c.model.semhash = ml_collections.ConfigDict(dict(mix_prob=0.5,
-                                                   noise_std=1.0,
-                                                   binarize='paper'))
+  c.model.semhash = ml_collections.ConfigDict(
+      dict(mix_prob=0.5, noise_std=1.0, binarize='paper')
+  )
   # Batch-shaping's gating modules, read when gating is 'local': the conv
   # whose outputs they gate ('conv1'; bottlenecks also 'conv2'), the hidden
   # units, the Gumbel-sigmoid temperature and the gate logits' initial bias
   # (models/layers.py LocalGating).
   c.model.local_gating = ml_collections.ConfigDict(
-      dict(position='conv1', hidden=16, temperature=2.0 / 3.0,
-           bias_init=0.0))
+      dict(position='conv1', hidden=16, temperature=2.0 / 3.0, bias_init=0.0)
+  )
   # Final rate of the scheduled dropout on the gates (Appendix B: 0.05 for
   # DenseNet, Shake-Shake and Inception-v4), rising linearly from 0.
   c.model.gate_dropout = 0.0
@@ -72,10 +77,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_train_steps = -1  # > 0 overrides num_epochs
   c.steps_per_call = 1  # with data.on_device: steps per jitted call
   c.optimizer = ml_collections.ConfigDict(
-      dict(name='sgd', learning_rate=0.1, momentum=0.9, nesterov=False,
-           schedule='step', lr_boundaries=(80, 120), lr_decay=0.1,
-           decay_epochs=2.0, warmup_epochs=0.0, warmup_lr=0.0,
-           rmsprop_decay=0.9, rmsprop_eps=1.0))
+      dict(
+          name='sgd',
+          learning_rate=0.1,
+          momentum=0.9,
+          nesterov=False,
+          schedule='step',
+          lr_boundaries=(80, 120),
+          lr_decay=0.1,
+          decay_epochs=2.0,
+          warmup_epochs=0.0,
+          warmup_lr=0.0,
+          rmsprop_decay=0.9,
+          rmsprop_eps=1.0,
+      )
+  )
   # warmup_lr=0: the warm-up rises linearly to learning_rate; > 0: it holds
   # warmup_lr.
   c.weight_decay = 1e-4
@@ -85,12 +101,20 @@ def base_config() -> ml_collections.ConfigDict:
   # `decay_start_epoch`, then linearly to `final_weight` at
   # `decay_end_epoch`.
   c.batch_shaping = ml_collections.ConfigDict(
-      dict(weight=0.0, a=0.6, b=0.4, final_weight=0.0, decay_start_epoch=0.0,
-           decay_end_epoch=0.0))
+      dict(
+          weight=0.0,
+          a=0.6,
+          b=0.4,
+          final_weight=0.0,
+          decay_start_epoch=0.0,
+          decay_end_epoch=0.0,
+      )
+  )
   # L0: `weight` times the mean probability of a gate being on, off until
   # `start_epoch` and ramped linearly to `weight` over `ramp_epochs`.
   c.l0 = ml_collections.ConfigDict(
-      dict(weight=0.0, start_epoch=0.0, ramp_epochs=0.0))
+      dict(weight=0.0, start_epoch=0.0, ramp_epochs=0.0)
+  )
   c.label_smoothing = 0.0
   c.aux_loss_weight = 0.0  # weight of auxiliary classifiers' loss, if any
 
@@ -120,7 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard = True
 
   c.benchmark = ml_collections.ConfigDict(
-      dict(warmup_steps=3, steps=20, batch_size=0))  # 0: c.batch_size
+      dict(warmup_steps=3, steps=20, batch_size=0)
+  )  # 0: c.batch_size
 
   # --mode=analyze (gaternet_jax/analysis.py): the gates of a trained run on
   # `split` ('test' or 'train'), streamed in batches of `batch_size` (0:
@@ -129,17 +154,32 @@ def base_config() -> ml_collections.ConfigDict:
   # `pca_dims` by PCA first. An input-dependent gate is 'frequent' when on
   # for between `frequent_low` and `frequent_high` of the samples.
   c.analysis = ml_collections.ConfigDict(
-      dict(split='test', batch_size=0, tsne_samples=2000, pca_dims=400,
-           tsne_perplexity=30.0, knn_k=10, seed=0, frequent_low=0.01,
-           frequent_high=0.99, histogram_bins=50, difficulty_bins=10,
-           dpi=150))
+      dict(
+          split='test',
+          batch_size=0,
+          tsne_samples=2000,
+          pca_dims=400,
+          tsne_perplexity=30.0,
+          knn_k=10,
+          seed=0,
+          frequent_low=0.01,
+          frequent_high=0.99,
+          histogram_bins=50,
+          difficulty_bins=10,
+          dpi=150,
+      )
+  )
   c.pretrain.gater_overrides = ml_collections.ConfigDict(training_scheme(c))
   return c
 
 
 def training_scheme(c: ml_collections.ConfigDict) -> dict:
   """The fields of `c` that make up a network's training scheme."""
-  return dict(num_epochs=c.num_epochs, batch_size=c.batch_size,
-              optimizer=c.optimizer.to_dict(), weight_decay=c.weight_decay,
-              label_smoothing=c.label_smoothing,
-              aux_loss_weight=c.aux_loss_weight)
+  return dict(
+      num_epochs=c.num_epochs,
+      batch_size=c.batch_size,
+      optimizer=c.optimizer.to_dict(),
+      weight_decay=c.weight_decay,
+      label_smoothing=c.label_smoothing,
+      aux_loss_weight=c.aux_loss_weight,
+  )

@@ -33,11 +33,23 @@ def set_gate_losses(c: ml_collections.ConfigDict, l0: bool, epochs: float):
   c.model.gating = 'local'  # no GaterNet gater: the units gate themselves
   c.gate_l1_weight = 0.0
   c.pretrain.enabled = False
-  c.batch_shaping.update(dict(weight=0.75, a=0.6, b=0.4, final_weight=0.0,
-                              decay_start_epoch=0.2 * epochs,
-                              decay_end_epoch=0.4 * epochs))
-  c.l0.update(dict(weight=0.05 if l0 else 0.0, start_epoch=0.4 * epochs,
-                   ramp_epochs=0.1 * epochs))
+  c.batch_shaping.update(
+      dict(
+          weight=0.75,
+          a=0.6,
+          b=0.4,
+          final_weight=0.0,
+          decay_start_epoch=0.2 * epochs,
+          decay_end_epoch=0.4 * epochs,
+      )
+  )
+  c.l0.update(
+      dict(
+          weight=0.05 if l0 else 0.0,
+          start_epoch=0.4 * epochs,
+          ramp_epochs=0.1 * epochs,
+      )
+  )
 
 
 def cifar_config(depth: int, l0: bool = False) -> ml_collections.ConfigDict:
@@ -46,19 +58,27 @@ def cifar_config(depth: int, l0: bool = False) -> ml_collections.ConfigDict:
   c = base.base_config()
   c.data.update(base.CIFAR_AUGMENTATION)
   c.data.name = 'cifar10'
-  c.model.backbone = ml_collections.ConfigDict(dict(
-      name='cifar_resnet', depth=depth, widths=(16, 32, 64), se_reduction=0))
+  c.model.backbone = ml_collections.ConfigDict(
+      dict(
+          name='cifar_resnet', depth=depth, widths=(16, 32, 64), se_reduction=0
+      )
+  )
   c.batch_size = 256
   c.num_epochs = 500
-  c.optimizer.update(dict(learning_rate=0.1, nesterov=True,
-                          lr_boundaries=(250, 375), lr_decay=0.1))
+  c.optimizer.update(
+      dict(
+          learning_rate=0.1,
+          nesterov=True,
+          lr_boundaries=(250, 375),
+          lr_decay=0.1,
+      )
+  )
   c.weight_decay = 5e-4
   set_gate_losses(c, l0, c.num_epochs)
   return c
 
 
-def imagenet_config(depth: int, l0: bool = False
-                    ) -> ml_collections.ConfigDict:
+def imagenet_config(depth: int, l0: bool = False) -> ml_collections.ConfigDict:
   """ImageNet ResNet-`depth` (18, 34, 50), batch-shaped, optionally L0.
 
   Bottlenecks (ResNet-50) gate the channels between the 1x1 and the 3x3

@@ -12,8 +12,11 @@ from configs import base
 ARCHS = {
     'r20': dict(name='cifar_resnet', depth=20, widths=(16, 32, 64)),
     'r56': dict(name='cifar_resnet', depth=56, widths=(16, 32, 64)),
-    'r164': dict(name='cifar_preact_resnet', depth=164,
-                 widths=((4, 16), (32, 128), (64, 256))),
+    'r164': dict(
+        name='cifar_preact_resnet',
+        depth=164,
+        widths=((4, 16), (32, 128), (64, 256)),
+    ),
 }
 WIDER = {
     'r20': dict(widths=(23, 46, 92)),
@@ -24,8 +27,9 @@ SE_REDUCTION = {'r20': 4, 'r56': 4, 'r164': 8}
 VARIANTS = ('gated', 'baseline', 'wider', 'se')
 
 
-def cifar_config(dataset: str, arch: str,
-                 variant: str = 'gated') -> ml_collections.ConfigDict:
+def cifar_config(
+    dataset: str, arch: str, variant: str = 'gated'
+) -> ml_collections.ConfigDict:
   """`dataset` cifar10|cifar100, `arch` r20|r56|r164, `variant` in VARIANTS."""
   assert variant in VARIANTS, variant
   c = base.base_config()

@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   arch = dict(name='cifar_resnet', depth=8, widths=(16, 32, 64))
   c.model.backbone = ml_collections.ConfigDict(dict(arch, se_reduction=0))
   c.model.gater = ml_collections.ConfigDict(
-      dict(arch, bottleneck=8, batchnorm=True))
+      dict(arch, bottleneck=8, batchnorm=True)
+  )
 
   c.batch_size = 64
   c.eval_batch_size = 200

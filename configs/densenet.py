@@ -18,7 +18,8 @@ def densenet_config(size: str, gated: bool = True) -> ml_collections.ConfigDict:
   c = base.base_config()
   c.data.update(base.CIFAR_AUGMENTATION)
   c.model.backbone = ml_collections.ConfigDict(
-      dict(name='densenet_bc', depth=depth, growth_rate=k))
+      dict(name='densenet_bc', depth=depth, growth_rate=k)
+  )
   c.model.gating = 'gater' if gated else 'none'
   c.batch_size = 64
   c.optimizer.nesterov = True
@@ -29,7 +30,10 @@ def densenet_config(size: str, gated: bool = True) -> ml_collections.ConfigDict:
   c.model.gate_dropout = 0.05 if gated else 0.0
   # The backbone's pretraining run follows the baseline scheme (the ResNet-20
   # gater's follows He et al.'s: pretrain.gater_overrides, configs/base.py).
-  c.pretrain.overrides = ml_collections.ConfigDict(dict(
-      num_epochs=300, optimizer=dict(learning_rate=0.1,
-                                     lr_boundaries=(150, 225))))
+  c.pretrain.overrides = ml_collections.ConfigDict(
+      dict(
+          num_epochs=300,
+          optimizer=dict(learning_rate=0.1, lr_boundaries=(150, 225)),
+      )
+  )
   return c

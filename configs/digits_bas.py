@@ -26,6 +26,8 @@ def get_config(variant: Optional[str] = None) -> ml_collections.ConfigDict:
   # `variant` only turns the retired `digits_bas.py:l0` form into one
   # sentence that names the file to use instead.
   if variant is not None:
-    raise ValueError('configs/digits_bas.py has no variants; use '
-                     'configs/digits_bas_l0.py.')
+    raise ValueError(
+        'configs/digits_bas.py has no variants; use '
+        'configs/digits_bas_l0.py.'
+    )
   return bas_config(l0=False)

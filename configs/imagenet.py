@@ -20,9 +20,11 @@ RESNETS = (18, 34, 50, 101, 152)
 # (a 64-filter stem would give 33.88M / 59.16M, hence the widened stem). No
 # (w, 2w, 4w, 8w) comes within 1% of ResNet-152-Wider's 81.37M (w = 74: 80.07M,
 # w = 75: 82.21M); x1.165 rounded per stage gives 81.21M (-0.19%).
-WIDER = {34: dict(widths=(80, 160, 320, 640)),
-         101: dict(widths=(74, 148, 296, 592)),
-         152: dict(widths=(75, 149, 298, 597))}
+WIDER = {
+    34: dict(widths=(80, 160, 320, 640)),
+    101: dict(widths=(74, 148, 296, 592)),
+    152: dict(widths=(75, 149, 298, 597)),
+}
 # ResNet-SE: Hu et al.'s reduction 16 reproduces 21.96M / 49.33M / 66.82M.
 SE_REDUCTION = 16
 
@@ -31,14 +33,26 @@ def _imagenet_base(image_size: int) -> ml_collections.ConfigDict:
   c = base.base_config()
   # Inception-style crops and flips happen in the tf.data pipeline
   # (input_pipeline.py): the dataset asks the train step for none.
-  c.data.update(dict(
-      name='imagenet2012', image_size=image_size, eval_split='validation',
-      shuffle_buffer=16_384, mean=(0.485, 0.456, 0.406),
-      std=(0.229, 0.224, 0.225)))
+  c.data.update(
+      dict(
+          name='imagenet2012',
+          image_size=image_size,
+          eval_split='validation',
+          shuffle_buffer=16_384,
+          mean=(0.485, 0.456, 0.406),
+          std=(0.229, 0.224, 0.225),
+      )
+  )
   c.model.dtype = 'bfloat16'
-  c.model.gater = ml_collections.ConfigDict(dict(
-      name='imagenet_resnet', depth=18, widths=(64, 128, 256, 512),
-      bottleneck=256, batchnorm=True))
+  c.model.gater = ml_collections.ConfigDict(
+      dict(
+          name='imagenet_resnet',
+          depth=18,
+          widths=(64, 128, 256, 512),
+          bottleneck=256,
+          batchnorm=True,
+      )
+  )
   c.batch_size = 256
   c.eval_batch_size = 1024
   c.log_every_steps = 500
@@ -51,17 +65,23 @@ def _imagenet_base(image_size: int) -> ml_collections.ConfigDict:
   c.optimizer.lr_boundaries = (30, 60)
   c.weight_decay = 1e-4
   c.pretrain.gater_overrides = ml_collections.ConfigDict(
-      base.training_scheme(c))
+      base.training_scheme(c)
+  )
   return c
 
 
-def resnet_config(depth: int, variant: str = 'gated',
-                  image_size: int = 224) -> ml_collections.ConfigDict:
+def resnet_config(
+    depth: int, variant: str = 'gated', image_size: int = 224
+) -> ml_collections.ConfigDict:
   """`variant` in gated | baseline | wider | se."""
   assert depth in RESNETS and variant in ('gated', 'baseline', 'wider', 'se')
   c = _imagenet_base(image_size)
-  backbone = dict(name='imagenet_resnet', depth=depth,
-                  widths=(64, 128, 256, 512), se_reduction=0)
+  backbone = dict(
+      name='imagenet_resnet',
+      depth=depth,
+      widths=(64, 128, 256, 512),
+      se_reduction=0,
+  )
   if variant == 'wider':
     backbone.update(WIDER[depth])
   if variant == 'se':
@@ -75,16 +95,26 @@ def inception_config(gated: bool = True) -> ml_collections.ConfigDict:
   c = _imagenet_base(299)
   # TF-slim's Inception-v4, trained with its auxiliary classifier (loss
   # weight 0.4); see docs/TABLES.md for its parameter count.
-  c.model.backbone = ml_collections.ConfigDict(dict(
-      name='inception_v4', aux_logits=True, dropout_rate=0.2))
+  c.model.backbone = ml_collections.ConfigDict(
+      dict(name='inception_v4', aux_logits=True, dropout_rate=0.2)
+  )
   c.aux_loss_weight = 0.4
   c.model.gating = 'gater' if gated else 'none'
   c.model.gate_dropout = 0.05 if gated else 0.0  # Appendix B
   c.num_epochs = 100
-  c.optimizer = ml_collections.ConfigDict(dict(
-      c.optimizer.to_dict(), name='rmsprop', learning_rate=0.045,
-      momentum=0.9, schedule='exponential', lr_decay=0.94, decay_epochs=2.0,
-      rmsprop_decay=0.9, rmsprop_eps=1.0))
+  c.optimizer = ml_collections.ConfigDict(
+      dict(
+          c.optimizer.to_dict(),
+          name='rmsprop',
+          learning_rate=0.045,
+          momentum=0.9,
+          schedule='exponential',
+          lr_decay=0.94,
+          decay_epochs=2.0,
+          rmsprop_decay=0.9,
+          rmsprop_eps=1.0,
+      )
+  )
   c.weight_decay = 4e-5
   c.label_smoothing = 0.1
   return c

@@ -18,10 +18,13 @@ def get_config(variant: Optional[str] = None) -> ml_collections.ConfigDict:
   # `variant` only turns the retired `imagenet_fake.py:<model>` form into
   # one sentence that names the file to use instead.
   if variant is not None:
-    use = (f'configs/imagenet_fake_{variant}.py'
-           if variant in imagenet.FAKE_MODELS else
-           'configs/imagenet_fake_<model>.py, <model> one of '
-           + ', '.join(imagenet.FAKE_MODELS))
-    raise ValueError(f'configs/imagenet_fake.py has no variants; use '
-                     f'{use}.')
+    use = (
+        f'configs/imagenet_fake_{variant}.py'
+        if variant in imagenet.FAKE_MODELS
+        else 'configs/imagenet_fake_<model>.py, <model> one of '
+        + ', '.join(imagenet.FAKE_MODELS)
+    )
+    raise ValueError(
+        f'configs/imagenet_fake.py has no variants; use ' f'{use}.'
+    )
   return imagenet.fake_config('r50')

@@ -65,8 +65,9 @@ def unpack_gates(bits: np.ndarray, total: int) -> np.ndarray:
   return np.unpackbits(bits, axis=-1, count=total)
 
 
-def gate_type_rows(on_counts: np.ndarray, num_samples: int,
-                   spec: GateSpec) -> List[Dict[str, Any]]:
+def gate_type_rows(
+    on_counts: np.ndarray, num_samples: int, spec: GateSpec
+) -> List[Dict[str, Any]]:
   """Per gated site, in depth order: its gates always on, always off and
   input-dependent over `num_samples` samples, as counts and fractions.
 
@@ -110,26 +111,32 @@ def group_rows(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
   return out
 
 
-def input_dependent_on_counts(on_counts: np.ndarray,
-                              num_samples: int) -> np.ndarray:
+def input_dependent_on_counts(
+    on_counts: np.ndarray, num_samples: int
+) -> np.ndarray:
   """The on-counts of the gates that are neither always on nor always off."""
   on_counts = np.asarray(on_counts)
   return on_counts[(on_counts > 0) & (on_counts < num_samples)]
 
 
-def on_count_histogram(on_counts: np.ndarray, num_samples: int,
-                       bins: int) -> Dict[str, List[float]]:
+def on_count_histogram(
+    on_counts: np.ndarray, num_samples: int, bins: int
+) -> Dict[str, List[float]]:
   """Histogram of the on-counts of the input-dependent gates (GaterNet
   Figure 3): `bins` equal-width bins over [1, num_samples - 1]."""
   dep = input_dependent_on_counts(on_counts, num_samples)
-  counts, edges = np.histogram(dep, bins=bins,
-                               range=(1, max(num_samples - 1, 2)))
-  return {'bin_edges': [float(e) for e in edges],
-          'counts': [int(c) for c in counts]}
+  counts, edges = np.histogram(
+      dep, bins=bins, range=(1, max(num_samples - 1, 2))
+  )
+  return {
+      'bin_edges': [float(e) for e in edges],
+      'counts': [int(c) for c in counts],
+  }
 
 
-def frequent_gates(on_counts: np.ndarray, num_samples: int, low: float,
-                   high: float) -> int:
+def frequent_gates(
+    on_counts: np.ndarray, num_samples: int, low: float, high: float
+) -> int:
   """Input-dependent gates on for between `low` and `high` (fractions,
   inclusive) of the samples: the paper's 100 ~ 9,900 of 10,000."""
   dep = input_dependent_on_counts(on_counts, num_samples)
@@ -139,15 +146,20 @@ def frequent_gates(on_counts: np.ndarray, num_samples: int, low: float,
 def describe(x: np.ndarray) -> Dict[str, float]:
   """min, mean, max, std and the 10/50/90th percentiles of `x`."""
   x = np.asarray(x, np.float64)
-  return {'min': float(x.min()), 'mean': float(x.mean()),
-          'max': float(x.max()), 'std': float(x.std()),
-          'p10': float(np.percentile(x, 10)),
-          'p50': float(np.percentile(x, 50)),
-          'p90': float(np.percentile(x, 90))}
+  return {
+      'min': float(x.min()),
+      'mean': float(x.mean()),
+      'max': float(x.max()),
+      'std': float(x.std()),
+      'p10': float(np.percentile(x, 10)),
+      'p50': float(np.percentile(x, 50)),
+      'p90': float(np.percentile(x, 90)),
+  }
 
 
-def knn_label_agreement(x: np.ndarray, labels: np.ndarray, k: int,
-                        chunk: int = 512) -> Tuple[float, float]:
+def knn_label_agreement(
+    x: np.ndarray, labels: np.ndarray, k: int, chunk: int = 512
+) -> Tuple[float, float]:
   """How often a sample's nearest gate vectors share its label, vs chance.
 
   Distances are squared Euclidean, which on binary vectors is the Hamming
@@ -179,7 +191,7 @@ def knn_label_agreement(x: np.ndarray, labels: np.ndarray, k: int,
     d = sq[start:stop, None] + sq[None, :] - 2.0 * (x[start:stop] @ x.T)
     d = np.maximum(d, 0.0)
     d[np.arange(stop - start), np.arange(start, stop)] = np.inf
-    kth = np.partition(d, k - 1, axis=1)[:, k - 1:k]
+    kth = np.partition(d, k - 1, axis=1)[:, k - 1 : k]
     same = labels[start:stop, None] == labels[None, :]
     closer, tied = d < kth, d == kth
     need = k - closer.sum(axis=1)
@@ -196,8 +208,9 @@ def informative_columns(x: np.ndarray) -> np.ndarray:
   return x[:, np.any(x != x[:1], axis=0)]
 
 
-def embed_2d(x: np.ndarray, pca_dims: int, perplexity: float,
-             seed: int) -> Tuple[Optional[np.ndarray], int]:
+def embed_2d(
+    x: np.ndarray, pca_dims: int, perplexity: float, seed: int
+) -> Tuple[Optional[np.ndarray], int]:
   """PCA to at most `pca_dims` dimensions, then t-SNE to 2 (GaterNet Fig. 5).
 
   Args:
@@ -211,17 +224,21 @@ def embed_2d(x: np.ndarray, pca_dims: int, perplexity: float,
   """
   from sklearn import decomposition  # pylint: disable=g-import-not-at-top
   from sklearn import manifold  # pylint: disable=g-import-not-at-top
+
   m, d = x.shape
   if m < 4 or d == 0:
     return None, d
   x = np.asarray(x, np.float32)
   dims = min(pca_dims, m)
   if d > dims:
-    x = decomposition.PCA(n_components=dims,
-                          random_state=seed).fit_transform(x)
-  tsne = manifold.TSNE(n_components=2, perplexity=min(perplexity,
-                                                     (m - 1) / 3.0),
-                       init='pca', learning_rate='auto', random_state=seed)
+    x = decomposition.PCA(n_components=dims, random_state=seed).fit_transform(x)
+  tsne = manifold.TSNE(
+      n_components=2,
+      perplexity=min(perplexity, (m - 1) / 3.0),
+      init='pca',
+      learning_rate='auto',
+      random_state=seed,
+  )
   return tsne.fit_transform(x).astype(np.float32), int(x.shape[1])
 
 
@@ -237,12 +254,15 @@ def correlations(a: np.ndarray, b: np.ndarray) -> Dict[str, Optional[float]]:
     return float(np.sum(u * v) / den) if den > 0 else None
 
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return {'pearson': pearson(a, b),
-          'spearman': pearson(stats.rankdata(a), stats.rankdata(b))}
+  return {
+      'pearson': pearson(a, b),
+      'spearman': pearson(stats.rankdata(a), stats.rankdata(b)),
+  }
 
 
-def equal_count_bins(key: np.ndarray, values: Mapping[str, np.ndarray],
-                     num_bins: int, name: str) -> List[Dict[str, float]]:
+def equal_count_bins(
+    key: np.ndarray, values: Mapping[str, np.ndarray], num_bins: int, name: str
+) -> List[Dict[str, float]]:
   """Sorts the samples by `key` and cuts them into `num_bins` bins of
   (nearly) equal counts; ties cannot leave a bin empty, as quantile edges
   can.
@@ -255,9 +275,12 @@ def equal_count_bins(key: np.ndarray, values: Mapping[str, np.ndarray],
   order = np.argsort(key, kind='stable')
   out = []
   for idx in np.array_split(order, min(num_bins, len(key))):
-    row = {'count': int(len(idx)), f'{name}_min': float(key[idx].min()),
-           f'{name}_median': float(np.median(key[idx])),
-           f'{name}_max': float(key[idx].max())}
+    row = {
+        'count': int(len(idx)),
+        f'{name}_min': float(key[idx].min()),
+        f'{name}_median': float(np.median(key[idx])),
+        f'{name}_max': float(key[idx].max()),
+    }
     for v, arr in values.items():
       sel = np.asarray(arr, np.float64)[idx]
       row[f'{v}_mean'] = float(sel.mean())
@@ -271,8 +294,9 @@ def class_means(class_sums: np.ndarray, class_counts: np.ndarray) -> np.ndarray:
   NaN rows for classes without samples."""
   counts = np.asarray(class_counts, np.float64)[:, None]
   with np.errstate(invalid='ignore', divide='ignore'):
-    return np.where(counts > 0, class_sums / np.maximum(counts, 1),
-                    np.nan).astype(np.float32)
+    return np.where(
+        counts > 0, class_sums / np.maximum(counts, 1), np.nan
+    ).astype(np.float32)
 
 
 class GateCollector:
@@ -296,21 +320,29 @@ class GateCollector:
   @property
   def nbytes(self) -> int:
     """Host memory held by the bit matrix and the sums."""
-    return int(self._bits.nbytes + self.on_counts.nbytes +
-               self.class_sums.nbytes + self.class_counts.nbytes)
+    return int(
+        self._bits.nbytes
+        + self.on_counts.nbytes
+        + self.class_sums.nbytes
+        + self.class_counts.nbytes
+    )
 
   @property
   def bits(self) -> np.ndarray:
     """`(num_samples, ceil(total / 8))` packed gate vectors."""
-    return self._bits[:self.num_samples]
+    return self._bits[: self.num_samples]
 
   def column(self, name: str) -> np.ndarray:
     """A per-sample array added under `name`, `(num_samples,)`."""
     parts = self._columns.get(name, [])
     return np.concatenate(parts) if parts else np.zeros((0,))
 
-  def add(self, labels: np.ndarray, gates: Optional[np.ndarray] = None,
-          **columns: np.ndarray):
+  def add(
+      self,
+      labels: np.ndarray,
+      gates: Optional[np.ndarray] = None,
+      **columns: np.ndarray,
+  ):
     """Adds a batch.
 
     Args:
@@ -325,16 +357,18 @@ class GateCollector:
       assert g.shape == (b, self.total), (g.shape, self.total)
       stop = self.num_samples + b
       if stop > len(self._bits):
-        grown = np.zeros((max(stop, 2 * len(self._bits)),
-                          self._bits.shape[1]), np.uint8)
-        grown[:self.num_samples] = self.bits
+        grown = np.zeros(
+            (max(stop, 2 * len(self._bits)), self._bits.shape[1]), np.uint8
+        )
+        grown[: self.num_samples] = self.bits
         self._bits = grown
-      self._bits[self.num_samples:stop] = np.packbits(g, axis=-1)
+      self._bits[self.num_samples : stop] = np.packbits(g, axis=-1)
       self.on_counts += g.sum(axis=0)
       order = np.argsort(labels, kind='stable')
       classes, starts = np.unique(labels[order], return_index=True)
       self.class_sums[classes] += np.add.reduceat(
-          g[order], starts, axis=0, dtype=np.int32)
+          g[order], starts, axis=0, dtype=np.int32
+      )
       columns['gates_on'] = g.sum(axis=1)
     np.add.at(self.class_counts, labels, 1)
     columns['label'] = labels
@@ -349,24 +383,33 @@ class GateCollector:
 # Streaming a split through a trained model.
 
 
-def analysis_step(state: steps_lib.TrainState, batch: Mapping[str, jax.Array],
-                  *, spec: GateSpec, mean, std,
-                  mac_counter: Optional[macs_lib.MacCounter]
-                  ) -> Dict[str, jax.Array]:
+def analysis_step(
+    state: steps_lib.TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    spec: GateSpec,
+    mean,
+    std,
+    mac_counter: Optional[macs_lib.MacCounter],
+) -> Dict[str, jax.Array]:
   """Per-sample loss, confidence, correctness, binary gates `(b, total)` and
   the MACs the closed gates save (`steps.example_metrics`, as eval), for one
   padded eval batch (with its labels and mask, so every process reads the
   global batch's rows)."""
   logits, out = steps_lib.predict(state, batch['image'], mean, std)
-  m = steps_lib.example_metrics(logits, out, batch['label'], spec,
-                                mac_counter)
+  m = steps_lib.example_metrics(logits, out, batch['label'], spec, mac_counter)
   m.pop('gate_l1', None)
   return dict(m, label=batch['label'], mask=batch['mask'] > 0)
 
 
-def collect(step_fn, state, batches: Iterable[Mapping[str, np.ndarray]],
-            data_sharding, collector: GateCollector,
-            mac_counter: Optional[macs_lib.MacCounter]) -> GateCollector:
+def collect(
+    step_fn,
+    state,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    data_sharding,
+    collector: GateCollector,
+    mac_counter: Optional[macs_lib.MacCounter],
+) -> GateCollector:
   """Runs `step_fn` (a jitted `analysis_step`) over padded eval batches and
   adds the unpadded rows to `collector`. The next batch is dispatched before
   the host reads the previous one, so device and host work overlap."""
@@ -382,8 +425,9 @@ def collect(step_fn, state, batches: Iterable[Mapping[str, np.ndarray]],
       # float64 on the host: exact for any network size.
       saved = cols.pop('macs_saved').astype(np.float64)
       cols['macs'] = mac_counter.dense_total - saved
-    collector.add(labels, None if gates is None else np.asarray(gates)[keep],
-                  **cols)
+    collector.add(
+        labels, None if gates is None else np.asarray(gates)[keep], **cols
+    )
 
   pending = None
   for i, batch in enumerate(batches):
@@ -392,8 +436,11 @@ def collect(step_fn, state, batches: Iterable[Mapping[str, np.ndarray]],
       add(pending)
     pending = nxt
     if i % 20 == 19:
-      logging.info('Analysed %d samples (%.0f/s).', collector.num_samples,
-                   collector.num_samples / max(time.time() - t0, 1e-9))
+      logging.info(
+          'Analysed %d samples (%.0f/s).',
+          collector.num_samples,
+          collector.num_samples / max(time.time() - t0, 1e-9),
+      )
   if pending is not None:
     add(pending)
   return collector
@@ -406,32 +453,43 @@ def collect(step_fn, state, batches: Iterable[Mapping[str, np.ndarray]],
 def _check_analysis_config(cfg: ml_collections.ConfigDict):
   """Raises a ConfigError for an `analysis` field out of range."""
   if cfg.split not in ('test', 'train'):
-    raise ConfigError(f"analysis.split must be 'test' or 'train'; got "
-                      f'{cfg.split!r}.')
+    raise ConfigError(
+        f"analysis.split must be 'test' or 'train'; got " f'{cfg.split!r}.'
+    )
   if not 0.0 <= cfg.frequent_low < cfg.frequent_high <= 1.0:
-    raise ConfigError(f'analysis.frequent_low and frequent_high must satisfy '
-                      f'0 <= low < high <= 1; got {cfg.frequent_low}, '
-                      f'{cfg.frequent_high}.')
-  for key in ('knn_k', 'pca_dims', 'histogram_bins', 'difficulty_bins',
-              'dpi'):
+    raise ConfigError(
+        f'analysis.frequent_low and frequent_high must satisfy '
+        f'0 <= low < high <= 1; got {cfg.frequent_low}, '
+        f'{cfg.frequent_high}.'
+    )
+  for key in ('knn_k', 'pca_dims', 'histogram_bins', 'difficulty_bins', 'dpi'):
     if cfg[key] < 1:
       raise ConfigError(f'analysis.{key} must be >= 1; got {cfg[key]}.')
   if cfg.tsne_samples < 0 or cfg.batch_size < 0:
-    raise ConfigError('analysis.tsne_samples and analysis.batch_size must be '
-                      '>= 0.')
+    raise ConfigError(
+        'analysis.tsne_samples and analysis.batch_size must be ' '>= 0.'
+    )
 
 
 def _split_batches(ds, split: str, batch_size: int):
   """(padded batches, split name, number of examples) of `split`."""
   if split == 'test':
-    return (ds.eval_batches(batch_size), ds.test_split_name,
-            ds.num_test_examples)
+    return (
+        ds.eval_batches(batch_size),
+        ds.test_split_name,
+        ds.num_test_examples,
+    )
   arrays = ds.train_arrays()
   if arrays is None:
-    raise ConfigError("analysis.split='train' needs an in-memory dataset "
-                      '(digits, CIFAR); this one is streamed.')
-  return (batching.eval_batches(arrays['image'], arrays['label'], batch_size),
-          'train', ds.num_train_examples)
+    raise ConfigError(
+        "analysis.split='train' needs an in-memory dataset "
+        '(digits, CIFAR); this one is streamed.'
+    )
+  return (
+      batching.eval_batches(arrays['image'], arrays['label'], batch_size),
+      'train',
+      ds.num_train_examples,
+  )
 
 
 def _clear_outputs(out_dir: str):
@@ -456,18 +514,24 @@ def _finite(obj: Any) -> Any:
 
 
 def _write_json(path: str, obj: Any):
-  paths_lib.write_text(path, json.dumps(_finite(obj), indent=2,
-                                        sort_keys=True, allow_nan=False))
+  paths_lib.write_text(
+      path, json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False)
+  )
 
 
-_GATING_NAMES = {'gater': 'GaterNet', 'local': 'batch-shaping (local gates)',
-                 'none': 'baseline'}
+_GATING_NAMES = {
+    'gater': 'GaterNet',
+    'local': 'batch-shaping (local gates)',
+    'none': 'baseline',
+}
 
 
-def gate_statistics(collector: GateCollector, spec: GateSpec,
-                    cfg: ml_collections.ConfigDict,
-                    mac_counter: Optional[macs_lib.MacCounter]
-                    ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def gate_statistics(
+    collector: GateCollector,
+    spec: GateSpec,
+    cfg: ml_collections.ConfigDict,
+    mac_counter: Optional[macs_lib.MacCounter],
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Every number of the analysis from a filled collector.
 
   Returns:
@@ -480,43 +544,51 @@ def gate_statistics(collector: GateCollector, spec: GateSpec,
   dep = input_dependent_on_counts(on_counts, n)
   frequent = frequent_gates(on_counts, n, cfg.frequent_low, cfg.frequent_high)
   out: Dict[str, Any] = {
-      'gate_types': dict(totals, **{f'{k}_fraction': totals[k] / total
-                                    for k in KINDS}),
+      'gate_types': dict(
+          totals, **{f'{k}_fraction': totals[k] / total for k in KINDS}
+      ),
       'gate_types_per_site': rows,
       'gate_types_per_group': group_rows(rows),
-      'on_count_histogram': on_count_histogram(on_counts, n,
-                                               cfg.histogram_bins),
+      'on_count_histogram': on_count_histogram(
+          on_counts, n, cfg.histogram_bins
+      ),
       'frequent_gates': {
-          'low': cfg.frequent_low, 'high': cfg.frequent_high,
+          'low': cfg.frequent_low,
+          'high': cfg.frequent_high,
           'count': frequent,
-          'fraction_of_input_dependent': frequent / max(len(dep), 1)},
+          'fraction_of_input_dependent': frequent / max(len(dep), 1),
+      },
   }
   gates_on = collector.column('gates_on')
-  out['gates_on_per_sample'] = dict(describe(gates_on),
-                                    fraction_mean=float(gates_on.mean() /
-                                                        total))
+  out['gates_on_per_sample'] = dict(
+      describe(gates_on), fraction_mean=float(gates_on.mean() / total)
+  )
   arrays: Dict[str, Any] = {'on_counts_dependent': dep, 'gates_on': gates_on}
 
   # Difficulty vs cost: conditional MACs where counted, else gates on.
-  cost = (collector.column('macs') if mac_counter is not None
-          else gates_on.astype(np.float64))
+  cost = (
+      collector.column('macs')
+      if mac_counter is not None
+      else gates_on.astype(np.float64)
+  )
   cost_name = 'macs' if mac_counter is not None else 'gates_on'
   loss, conf = collector.column('loss'), collector.column('confidence')
   correct = collector.column('correct').astype(np.float64)
-  values = {'cost': cost, 'loss': loss, 'confidence': conf,
-            'accuracy': correct}
+  values = {'cost': cost, 'loss': loss, 'confidence': conf, 'accuracy': correct}
   out['difficulty'] = {
       'cost': cost_name,
       'cost_vs_loss': correlations(cost, loss),
       'cost_vs_confidence': correlations(cost, conf),
-      'cost_correct_mean': float(cost[correct > 0].mean()) if np.any(
-          correct > 0) else None,
-      'cost_wrong_mean': float(cost[correct == 0].mean()) if np.any(
-          correct == 0) else None,
-      'loss_bins': equal_count_bins(loss, values, cfg.difficulty_bins,
-                                    'loss'),
-      'confidence_bins': equal_count_bins(conf, values, cfg.difficulty_bins,
-                                          'confidence'),
+      'cost_correct_mean': float(cost[correct > 0].mean())
+      if np.any(correct > 0)
+      else None,
+      'cost_wrong_mean': float(cost[correct == 0].mean())
+      if np.any(correct == 0)
+      else None,
+      'loss_bins': equal_count_bins(loss, values, cfg.difficulty_bins, 'loss'),
+      'confidence_bins': equal_count_bins(
+          conf, values, cfg.difficulty_bins, 'confidence'
+      ),
   }
 
   # Per class.
@@ -525,10 +597,15 @@ def gate_statistics(collector: GateCollector, spec: GateSpec,
   per_class = []
   for c in np.flatnonzero(collector.class_counts):
     sel = labels == c
-    per_class.append({'label': int(c), 'count': int(sel.sum()),
-                      'accuracy': float(correct[sel].mean()),
-                      'gates_on_mean': float(gates_on[sel].mean()),
-                      'cost_mean': float(cost[sel].mean())})
+    per_class.append(
+        {
+            'label': int(c),
+            'count': int(sel.sum()),
+            'accuracy': float(correct[sel].mean()),
+            'gates_on_mean': float(gates_on[sel].mean()),
+            'cost_mean': float(cost[sel].mean()),
+        }
+    )
   out['per_class'] = per_class
   arrays['class_means'] = means
 
@@ -542,21 +619,32 @@ def gate_statistics(collector: GateCollector, spec: GateSpec,
     t = time.time()
     xy, dims = embed_2d(x, cfg.pca_dims, cfg.tsne_perplexity, cfg.seed)
     out['embedding'] = {
-        'samples': int(m), 'seed': cfg.seed, 'informative_gates': int(
-            x.shape[1]), 'tsne_input_dims': dims, 'knn_k': int(min(
-                cfg.knn_k, m - 1)),
-        'knn_agreement': agreement, 'knn_chance': chance,
+        'samples': int(m),
+        'seed': cfg.seed,
+        'informative_gates': int(x.shape[1]),
+        'tsne_input_dims': dims,
+        'knn_k': int(min(cfg.knn_k, m - 1)),
+        'knn_agreement': agreement,
+        'knn_chance': chance,
         'knn_lift': agreement / chance if chance > 0 else None,
-        'tsne_seconds': time.time() - t}
+        'tsne_seconds': time.time() - t,
+    }
     arrays.update(xy=xy, xy_labels=sub_labels)
   return out, arrays
 
 
-def _draw(out_dir: str, result: Mapping[str, Any], arrays: Mapping[str, Any],
-          spec: GateSpec, num_classes: int, dpi: int, tag: str
-          ) -> Dict[str, str]:
+def _draw(
+    out_dir: str,
+    result: Mapping[str, Any],
+    arrays: Mapping[str, Any],
+    spec: GateSpec,
+    num_classes: int,
+    dpi: int,
+    tag: str,
+) -> Dict[str, str]:
   """Writes the figures; returns {figure key: path}."""
   from gaternet_jax import plots  # pylint: disable=g-import-not-at-top
+
   paths = {}
 
   def save(key, fig):
@@ -565,41 +653,84 @@ def _draw(out_dir: str, result: Mapping[str, Any], arrays: Mapping[str, Any],
   rows = result['gate_types_per_site']
   counts = {k: np.array([r[k] for r in rows]) for k in KINDS}
   names = [r['site'] for r in rows]
-  save('gate_types_fraction', plots.gate_types(
-      names, counts, True, f'Share of gate types per gated layer\n{tag}'))
-  save('gate_types_count', plots.gate_types(
-      names, counts, False, f'Number of gates of each type per gated layer\n'
-      f'{tag}'))
+  save(
+      'gate_types_fraction',
+      plots.gate_types(
+          names, counts, True, f'Share of gate types per gated layer\n{tag}'
+      ),
+  )
+  save(
+      'gate_types_count',
+      plots.gate_types(
+          names,
+          counts,
+          False,
+          f'Number of gates of each type per gated layer\n' f'{tag}',
+      ),
+  )
   n = result['num_examples']
   freq = result['frequent_gates']
-  save('on_count_histogram', plots.on_count_histogram(
-      arrays['on_counts_dependent'], n, len(
-          result['on_count_histogram']['counts']), freq['low'], freq['high'],
-      f'{len(arrays["on_counts_dependent"])} input-dependent gates, '
-      f'{freq["count"]} frequent\n{tag}'))
+  save(
+      'on_count_histogram',
+      plots.on_count_histogram(
+          arrays['on_counts_dependent'],
+          n,
+          len(result['on_count_histogram']['counts']),
+          freq['low'],
+          freq['high'],
+          f'{len(arrays["on_counts_dependent"])} input-dependent gates, '
+          f'{freq["count"]} frequent\n{tag}',
+      ),
+  )
   macs = arrays.get('macs')
-  save('per_sample_cost', plots.per_sample_cost(
-      arrays['gates_on'], spec.total, macs,
-      result['macs']['macs_dense'] if macs is not None else None, tag))
+  save(
+      'per_sample_cost',
+      plots.per_sample_cost(
+          arrays['gates_on'],
+          spec.total,
+          macs,
+          result['macs']['macs_dense'] if macs is not None else None,
+          tag,
+      ),
+  )
   diff = result['difficulty']
   rho = diff['cost_vs_loss']['spearman']
-  save('cost_vs_difficulty', plots.cost_vs_difficulty(
-      diff['loss_bins'], diff['confidence_bins'], diff['cost'] == 'macs',
-      f'Cost vs difficulty (Spearman cost-loss '
-      f'{_fmt(rho)})\n{tag}'))
-  save('class_mean_gates', plots.class_mean_gates(
-      arrays['class_means'], spec.sizes,
-      [(g['group'], g['gates']) for g in result['gate_types_per_group']],
-      f'Mean gate vector per class\n{tag}'))
+  save(
+      'cost_vs_difficulty',
+      plots.cost_vs_difficulty(
+          diff['loss_bins'],
+          diff['confidence_bins'],
+          diff['cost'] == 'macs',
+          f'Cost vs difficulty (Spearman cost-loss ' f'{_fmt(rho)})\n{tag}',
+      ),
+  )
+  save(
+      'class_mean_gates',
+      plots.class_mean_gates(
+          arrays['class_means'],
+          spec.sizes,
+          [(g['group'], g['gates']) for g in result['gate_types_per_group']],
+          f'Mean gate vector per class\n{tag}',
+      ),
+  )
   if 'embedding' in result:
     e = result['embedding']
-    note = (f'{e["knn_k"]}-NN label agreement {e["knn_agreement"]:.3f} '
-            f'(chance {e["knn_chance"]:.3f})')
+    note = (
+        f'{e["knn_k"]}-NN label agreement {e["knn_agreement"]:.3f} '
+        f'(chance {e["knn_chance"]:.3f})'
+    )
     if arrays['xy'] is None:
       note = 'every sampled gate vector is the same: nothing to embed'
-    save('tsne', plots.embedding(
-        arrays['xy'], arrays['xy_labels'], num_classes,
-        f'Gate vectors of {e["samples"]} samples, PCA + t-SNE\n{tag}', note))
+    save(
+        'tsne',
+        plots.embedding(
+            arrays['xy'],
+            arrays['xy_labels'],
+            num_classes,
+            f'Gate vectors of {e["samples"]} samples, PCA + t-SNE\n{tag}',
+            note,
+        ),
+    )
   return paths
 
 
@@ -607,28 +738,39 @@ def _fmt(x: Optional[float]) -> str:
   return 'undefined' if x is None else f'{x:+.3f}'
 
 
-def _write_tensorboard(out_dir: str, step: int, paths: Mapping[str, str],
-                       scalars: Mapping[str, float]):
+def _write_tensorboard(
+    out_dir: str,
+    step: int,
+    paths: Mapping[str, str],
+    scalars: Mapping[str, float],
+):
   """The figures as TensorBoard images (and the headline numbers), in
   `out_dir`; skipped when TensorFlow or TensorBoard is missing."""
   if not metrics_lib.tensorboard_available():
     return
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   writer = metric_writers.create_default_writer(out_dir, asynchronous=False)
   images = {}
   for key, path in paths.items():
     with paths_lib.resolve(path).open('rb') as f, Image.open(f) as im:
       images[f'analysis/{key}'] = np.asarray(im.convert('RGB'))[None]
   writer.write_images(step, images)
-  writer.write_scalars(step, {f'analysis/{k}': v for k, v in scalars.items()
-                              if isinstance(v, (int, float))
-                              and not isinstance(v, bool)})
+  writer.write_scalars(
+      step,
+      {
+          f'analysis/{k}': v
+          for k, v in scalars.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)
+      },
+  )
   writer.close()
 
 
-def run_analysis(config: ml_collections.ConfigDict,
-                 workdir: str) -> Dict[str, Any]:
+def run_analysis(
+    config: ml_collections.ConfigDict, workdir: str
+) -> Dict[str, Any]:
   """Analyses the gates of `workdir`'s latest checkpoint.
 
   Args:
@@ -655,35 +797,53 @@ def run_analysis(config: ml_collections.ConfigDict,
   batch_size = cfg.batch_size or config.eval_batch_size
   sharding.check_batch_size(batch_size, 'analysis.batch_size')
   batches, split, num_examples = _split_batches(ds, cfg.split, batch_size)
-  state = evaluation.restore_for_eval(config, workdir, model,
-                                      exp.image_shape, mesh, source)
+  state = evaluation.restore_for_eval(
+      config, workdir, model, exp.image_shape, mesh, source
+  )
   step = int(state.step)
   mac_counter = exp.mac_counter
   step_fn = jax.jit(
-      functools.partial(analysis_step, spec=spec, mean=tuple(ds.mean),
-                        std=tuple(ds.std), mac_counter=mac_counter),
+      functools.partial(
+          analysis_step,
+          spec=spec,
+          mean=tuple(ds.mean),
+          std=tuple(ds.std),
+          mac_counter=mac_counter,
+      ),
       in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-      out_shardings=sharding.replicated(mesh))
+      out_shardings=sharding.replicated(mesh),
+  )
   t0 = time.time()
-  collector = collect(step_fn, state, batches, sharding.batch_sharded(mesh),
-                      GateCollector(spec.total, ds.num_classes,
-                                    capacity=num_examples),
-                      mac_counter)
+  collector = collect(
+      step_fn,
+      state,
+      batches,
+      sharding.batch_sharded(mesh),
+      GateCollector(spec.total, ds.num_classes, capacity=num_examples),
+      mac_counter,
+  )
   seconds = time.time() - t0
   n = collector.num_samples
   gating = model.gating
   correct = collector.column('correct').astype(np.float64)
   result: Dict[str, Any] = {
-      'workdir': workdir, 'step': step, 'split': split, 'num_examples': n,
-      'dataset': ds.name, 'num_classes': ds.num_classes,
-      'gating': gating, 'gated_filters': spec.total, 'gated_sites': len(spec),
+      'workdir': workdir,
+      'step': step,
+      'split': split,
+      'num_examples': n,
+      'dataset': ds.name,
+      'num_classes': ds.num_classes,
+      'gating': gating,
+      'gated_filters': spec.total,
+      'gated_sites': len(spec),
       'accuracy': float(correct.mean()),
       'loss': float(collector.column('loss').mean()),
       'eval_seconds': seconds,
   }
   if mac_counter is not None:
-    result['macs'] = evaluation.summarize_macs(collector.column('macs'),
-                                               mac_counter)
+    result['macs'] = evaluation.summarize_macs(
+        collector.column('macs'), mac_counter
+    )
   arrays: Dict[str, Any] = {}
   if spec:
     sections, arrays = gate_statistics(collector, spec, cfg, mac_counter)
@@ -691,9 +851,11 @@ def run_analysis(config: ml_collections.ConfigDict,
     if mac_counter is not None:
       arrays['macs'] = collector.column('macs')
   else:
-    result['note'] = ('This model has no gates (a baseline): there are no '
-                      'gate statistics or figures, only its accuracy and '
-                      'dense MACs.')
+    result['note'] = (
+        'This model has no gates (a baseline): there are no '
+        'gate statistics or figures, only its accuracy and '
+        'dense MACs.'
+    )
   result['seconds'] = time.time() - t0
 
   out_dir = paths_lib.join(workdir, OUT_DIR)
@@ -702,12 +864,14 @@ def run_analysis(config: ml_collections.ConfigDict,
     paths_lib.resolve(out_dir).mkdir(parents=True, exist_ok=True)
     _clear_outputs(out_dir)
     if spec:
-      tag = (f'{_GATING_NAMES[gating]}, {ds.name} {split} ({n} samples), '
-             f'step {step}')
-      paths = _draw(out_dir, result, arrays, spec, ds.num_classes, cfg.dpi,
-                    tag)
-    result['figures'] = sorted(paths_lib.resolve(p).name
-                               for p in paths.values())
+      tag = (
+          f'{_GATING_NAMES[gating]}, {ds.name} {split} ({n} samples), '
+          f'step {step}'
+      )
+      paths = _draw(out_dir, result, arrays, spec, ds.num_classes, cfg.dpi, tag)
+    result['figures'] = sorted(
+        paths_lib.resolve(p).name for p in paths.values()
+    )
     _write_json(paths_lib.join(out_dir, JSON_NAME), result)
     if config.tensorboard:
       _write_tensorboard(out_dir, step, paths, headline(result))
@@ -717,8 +881,18 @@ def run_analysis(config: ml_collections.ConfigDict,
 
 def headline(result: Mapping[str, Any]) -> Dict[str, Any]:
   """The analysis' main numbers, flat (the mode's last JSON line)."""
-  h = {k: result[k] for k in ('split', 'num_examples', 'accuracy', 'loss',
-                              'gating', 'gated_filters', 'step')}
+  h = {
+      k: result[k]
+      for k in (
+          'split',
+          'num_examples',
+          'accuracy',
+          'loss',
+          'gating',
+          'gated_filters',
+          'step',
+      )
+  }
   if 'macs' in result:
     h['macs_dense'] = result['macs']['macs_dense']
     h['macs_mean'] = result['macs']['macs_mean']
@@ -731,13 +905,16 @@ def headline(result: Mapping[str, Any]) -> Dict[str, Any]:
     h['always_off_fraction_first_group'] = groups[0]['always_off_fraction']
     h['always_off_fraction_last_group'] = groups[-1]['always_off_fraction']
     h['input_dependent_fraction_first_group'] = groups[0][
-        'input_dependent_fraction']
+        'input_dependent_fraction'
+    ]
     h['input_dependent_fraction_last_group'] = groups[-1][
-        'input_dependent_fraction']
+        'input_dependent_fraction'
+    ]
     h['frequent_gates'] = result['frequent_gates']['count']
     g = result['gates_on_per_sample']
-    h.update(gates_on_min=g['min'], gates_on_mean=g['mean'],
-             gates_on_max=g['max'])
+    h.update(
+        gates_on_min=g['min'], gates_on_mean=g['mean'], gates_on_max=g['max']
+    )
     d = result['difficulty']
     h['cost'] = d['cost']
     h['cost_loss_pearson'] = d['cost_vs_loss']['pearson']
@@ -752,14 +929,18 @@ def headline(result: Mapping[str, Any]) -> Dict[str, Any]:
 
 def format_report(result: Mapping[str, Any]) -> str:
   """A few readable lines about the analysis."""
-  lines = [f'{_GATING_NAMES[result["gating"]]} at step {result["step"]}: '
-           f'{result["num_examples"]} {result["split"]} samples, accuracy '
-           f'{result["accuracy"]:.2%}, loss {result["loss"]:.4f}']
+  lines = [
+      f'{_GATING_NAMES[result["gating"]]} at step {result["step"]}: '
+      f'{result["num_examples"]} {result["split"]} samples, accuracy '
+      f'{result["accuracy"]:.2%}, loss {result["loss"]:.4f}'
+  ]
   if 'macs' in result:
     m = result['macs']
-    lines.append(f'MACs/image {macs_lib.format_macs(m["macs_mean"])} '
-                 f'(dense backbone {macs_lib.format_macs(m["macs_dense"])}, '
-                 f'{0.0 - m["macs_reduction"]:+.1%})')
+    lines.append(
+        f'MACs/image {macs_lib.format_macs(m["macs_mean"])} '
+        f'(dense backbone {macs_lib.format_macs(m["macs_dense"])}, '
+        f'{0.0 - m["macs_reduction"]:+.1%})'
+    )
   if 'note' in result:
     lines.append(result['note'])
   if 'gate_types' in result:
@@ -767,24 +948,35 @@ def format_report(result: Mapping[str, Any]) -> str:
     lines.append(
         f'{result["gated_filters"]} gates: {t["always_on"]} always on, '
         f'{t["always_off"]} always off, {t["input_dependent"]} '
-        f'input-dependent ({result["frequent_gates"]["count"]} frequent)')
+        f'input-dependent ({result["frequent_gates"]["count"]} frequent)'
+    )
     for g in result['gate_types_per_group']:
-      lines.append(f'  {g["group"]:<12} {g["gates"]:>6} gates: '
-                   f'{g["always_off_fraction"]:6.1%} always off, '
-                   f'{g["always_on_fraction"]:6.1%} always on, '
-                   f'{g["input_dependent_fraction"]:6.1%} input-dependent')
+      lines.append(
+          f'  {g["group"]:<12} {g["gates"]:>6} gates: '
+          f'{g["always_off_fraction"]:6.1%} always off, '
+          f'{g["always_on_fraction"]:6.1%} always on, '
+          f'{g["input_dependent_fraction"]:6.1%} input-dependent'
+      )
     g = result['gates_on_per_sample']
-    lines.append(f'gates on per sample: min {g["min"]:.0f}, mean '
-                 f'{g["mean"]:.1f}, max {g["max"]:.0f}')
+    lines.append(
+        f'gates on per sample: min {g["min"]:.0f}, mean '
+        f'{g["mean"]:.1f}, max {g["max"]:.0f}'
+    )
     if 'embedding' in result:
       e = result['embedding']
-      lines.append(f'{e["knn_k"]}-NN label agreement of gate vectors '
-                   f'{e["knn_agreement"]:.3f} (chance {e["knn_chance"]:.3f})')
+      lines.append(
+          f'{e["knn_k"]}-NN label agreement of gate vectors '
+          f'{e["knn_agreement"]:.3f} (chance {e["knn_chance"]:.3f})'
+      )
     d = result['difficulty']
-    lines.append(f'{d["cost"]} vs loss: Pearson '
-                 f'{_fmt(d["cost_vs_loss"]["pearson"])}, Spearman '
-                 f'{_fmt(d["cost_vs_loss"]["spearman"])}')
+    lines.append(
+        f'{d["cost"]} vs loss: Pearson '
+        f'{_fmt(d["cost_vs_loss"]["pearson"])}, Spearman '
+        f'{_fmt(d["cost_vs_loss"]["spearman"])}'
+    )
   if result.get('out_dir'):
-    lines.append(f'wrote {paths_lib.join(result["out_dir"], JSON_NAME)} and '
-                 f'{len(result.get("figures", []))} figures')
+    lines.append(
+        f'wrote {paths_lib.join(result["out_dir"], JSON_NAME)} and '
+        f'{len(result.get("figures", []))} figures'
+    )
   return '\n'.join(lines)

@@ -27,6 +27,7 @@ class Augmentation:
       the image's size; 0 for no crop.
     flip: random horizontal flips.
   """
+
   crop_padding: int = 0
   flip: bool = False
 
@@ -40,8 +41,9 @@ def random_crop(images: jax.Array, rng: jax.Array, padding: int) -> jax.Array:
   if padding <= 0:
     return images
   b, h, w, c = images.shape
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding),
-                            (0, 0)))
+  padded = jnp.pad(
+      images, ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  )
   offsets = jax.random.randint(rng, (b, 2), 0, 2 * padding + 1)
 
   def crop(img, off):
@@ -56,10 +58,16 @@ def random_flip(images: jax.Array, rng: jax.Array) -> jax.Array:
   return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
-def preprocess(images: jax.Array, *, mean: Sequence[float],
-               std: Sequence[float], train: bool = False,
-               rng: jax.Array | None = None, crop_padding: int = 0,
-               flip: bool = False) -> jax.Array:
+def preprocess(
+    images: jax.Array,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool = False,
+    rng: jax.Array | None = None,
+    crop_padding: int = 0,
+    flip: bool = False,
+) -> jax.Array:
   """`(batch, h, w, c)` uint8 -> normalised float32, augmented if `train`."""
   x = images.astype(jnp.float32) / 255.0
   if train and (crop_padding > 0 or flip):

@@ -19,9 +19,13 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
-                  seed: int, start_step: int = 0
-                  ) -> Iterator[Dict[str, np.ndarray]]:
+def train_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+) -> Iterator[Dict[str, np.ndarray]]:
   """Yields this process's rows of global batch `start_step`, then onwards.
 
   Epochs drop their last partial batch; examples are reshuffled each epoch.
@@ -37,13 +41,14 @@ def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
       epoch = step // steps_per_epoch
       perm = epoch_permutation(n, seed, epoch)
     i = step % steps_per_epoch
-    idx = perm[i * batch_size:(i + 1) * batch_size][rows]
+    idx = perm[i * batch_size : (i + 1) * batch_size][rows]
     yield {'image': images[idx], 'label': labels[idx].astype(np.int32)}
     step += 1
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
-                 ) -> Iterator[Dict[str, np.ndarray]]:
+def eval_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> Iterator[Dict[str, np.ndarray]]:
   """Yields the whole split in order, the last batch padded, with a mask."""
   n = len(images)
   rows = sharding.process_slice(batch_size)
@@ -51,8 +56,11 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
     idx = np.arange(start, start + batch_size)
     mask = (idx < n).astype(np.float32)
     idx = np.minimum(idx, n - 1)[rows]
-    yield {'image': images[idx], 'label': labels[idx].astype(np.int32),
-           'mask': mask[rows]}
+    yield {
+        'image': images[idx],
+        'label': labels[idx].astype(np.int32),
+        'mask': mask[rows],
+    }
 
 
 def num_eval_batches(n: int, batch_size: int) -> int:

@@ -20,8 +20,9 @@ from gaternet_jax import optim
 from gaternet_jax import sharding
 
 
-def _measure(config: ml_collections.ConfigDict, batch_size: int
-             ) -> Dict[str, float]:
+def _measure(
+    config: ml_collections.ConfigDict, batch_size: int
+) -> Dict[str, float]:
   exp = experiment.setup(config, load_data=False, count_macs=False)
   image_shape, num_classes, mesh = exp.image_shape, exp.num_classes, exp.mesh
   sharding.check_batch_size(batch_size, 'benchmark batch size')
@@ -32,11 +33,17 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int
   local = sharding.process_slice(batch_size)
   images = rng.integers(0, 256, (batch_size,) + image_shape, np.uint8)[local]
   labels = rng.integers(0, num_classes, (batch_size,), np.int32)[local]
-  batch = sharding.to_global({'image': images, 'label': labels},
-                             steps.data_sharding)
+  batch = sharding.to_global(
+      {'image': images, 'label': labels}, steps.data_sharding
+  )
   eval_batch = sharding.to_global(
-      {'image': images, 'label': labels,
-       'mask': np.ones(len(labels), np.float32)}, steps.data_sharding)
+      {
+          'image': images,
+          'label': labels,
+          'mask': np.ones(len(labels), np.float32),
+      },
+      steps.data_sharding,
+  )
   key = sharding.replicate(jax.random.key(1), mesh)
   out = {}
 
@@ -55,8 +62,9 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int
   for _ in range(bench.steps):
     state, m = train_fn(state, batch, key)
   jax.block_until_ready((state, m))
-  out['train_images_per_s'] = bench.steps * batch_size / (
-      time.perf_counter() - t)
+  out['train_images_per_s'] = (
+      bench.steps * batch_size / (time.perf_counter() - t)
+  )
 
   for _ in range(bench.warmup_steps):
     e = eval_fn(state, eval_batch)
@@ -65,13 +73,15 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int
   for _ in range(bench.steps):
     e = eval_fn(state, eval_batch)
   jax.block_until_ready(e)
-  out['eval_images_per_s'] = bench.steps * batch_size / (
-      time.perf_counter() - t)
+  out['eval_images_per_s'] = (
+      bench.steps * batch_size / (time.perf_counter() - t)
+  )
   return out
 
 
-def variants(config: ml_collections.ConfigDict
-             ) -> Dict[str, ml_collections.ConfigDict]:
+def variants(
+    config: ml_collections.ConfigDict,
+) -> Dict[str, ml_collections.ConfigDict]:
   """The configs to measure: {'gated': config, 'baseline': its ungated
   backbone} for a gated config (a gater or local gates), {'baseline':
   config} for an ungated one."""
@@ -87,15 +97,20 @@ def run_benchmark(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   of gating, >1 means the gated model is slower).
   """
   batch_size = config.benchmark.batch_size or config.batch_size
-  result = {'device': jax.devices()[0].device_kind,
-            'num_devices': jax.device_count(), 'batch_size': batch_size,
-            'gating': gating.method(config)}
+  result = {
+      'device': jax.devices()[0].device_kind,
+      'num_devices': jax.device_count(),
+      'batch_size': batch_size,
+      'gating': gating.method(config),
+  }
   cfgs = variants(config)
   for name, cfg in cfgs.items():
     logging.info('Benchmarking the %s model.', name)
     result[name] = _measure(cfg, batch_size)
   if 'gated' in cfgs:
     for kind in ('train', 'eval'):
-      result[f'{kind}_ratio'] = (result['baseline'][f'{kind}_images_per_s'] /
-                                 result['gated'][f'{kind}_images_per_s'])
+      result[f'{kind}_ratio'] = (
+          result['baseline'][f'{kind}_images_per_s']
+          / result['gated'][f'{kind}_images_per_s']
+      )
   return result

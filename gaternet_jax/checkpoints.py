@@ -27,28 +27,50 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   """Saves and restores a train state (as its flax state dict)."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3,
-               save_every_steps: int = 1000, read_only: bool = False):
+  def __init__(
+      self,
+      workdir: str,
+      *,
+      max_to_keep: int = 3,
+      save_every_steps: int = 1000,
+      read_only: bool = False,
+  ):
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=max(save_every_steps, 1),
-        create=not read_only, read_only=read_only)
+        max_to_keep=max_to_keep,
+        save_interval_steps=max(save_every_steps, 1),
+        create=not read_only,
+        read_only=read_only,
+    )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers=ocp.StandardCheckpointHandler())
+        self.directory,
+        options=options,
+        item_handlers=ocp.StandardCheckpointHandler(),
+    )
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, force: bool = False,
-           train_seconds: Optional[float] = None) -> bool:
+  def save(
+      self,
+      step: int,
+      state: Any,
+      force: bool = False,
+      train_seconds: Optional[float] = None,
+  ) -> bool:
     """Saves `state` at `step` if the interval says so (or `force`), with
     the training time so far (`train_seconds`) in the step's metadata."""
-    metadata = None if train_seconds is None else {
-        'train_seconds': float(train_seconds)}
+    metadata = (
+        None
+        if train_seconds is None
+        else {'train_seconds': float(train_seconds)}
+    )
     return self._manager.save(
-        int(step), args=ocp.args.StandardSave(flax.serialization.to_state_dict(
-            state)), force=force, custom_metadata=metadata)
+        int(step),
+        args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+        force=force,
+        custom_metadata=metadata,
+    )
 
   def train_seconds(self, step: Optional[int] = None) -> float:
     """Training time recorded with the checkpoint at `step` (0 if none)."""
@@ -63,17 +85,21 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     target = flax.serialization.to_state_dict(state)
     abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                       sharding=getattr(x, 'sharding', None)),
-        target)
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=getattr(x, 'sharding', None)
+        ),
+        target,
+    )
     try:
       restored = self._manager.restore(
-          step, args=ocp.args.StandardRestore(abstract))
+          step, args=ocp.args.StandardRestore(abstract)
+      )
     except (ValueError, KeyError, TypeError) as e:
       raise WorkdirError(
           f'The checkpoint at step {step} in {self.directory} does not match '
-          f'this config\'s model ({type(e).__name__}); use a new --workdir or '
-          f'the config that wrote it.') from e
+          f"this config's model ({type(e).__name__}); use a new --workdir or "
+          f'the config that wrote it.'
+      ) from e
     return flax.serialization.from_state_dict(state, restored)
 
   def restore_raw(self, step: Optional[int] = None) -> Mapping[str, Any]:
@@ -86,9 +112,11 @@ class Checkpointer:
     metadata = self._manager.item_metadata(step)
     abstract = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        getattr(metadata, "tree", metadata))
+        getattr(metadata, 'tree', metadata),
+    )
     restored = self._manager.restore(
-        step, args=ocp.args.StandardRestore(abstract))
+        step, args=ocp.args.StandardRestore(abstract)
+    )
     return jax.tree_util.tree_map(np.asarray, restored)
 
   def close(self):
@@ -119,8 +147,10 @@ def train_seconds(workdir: str) -> float:
 def load_variables(workdir: str) -> Mapping[str, Any]:
   """{'params', 'batch_stats', 'step'} of the latest checkpoint in `workdir`."""
   if not paths.resolve(checkpoint_dir(workdir)).is_dir():
-    raise WorkdirError(f'No checkpoints in {workdir!r} (expected '
-                       f'{checkpoint_dir(workdir)}); train that run first.')
+    raise WorkdirError(
+        f'No checkpoints in {workdir!r} (expected '
+        f'{checkpoint_dir(workdir)}); train that run first.'
+    )
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     if ckpt.latest_step() is None:
@@ -128,8 +158,11 @@ def load_variables(workdir: str) -> Mapping[str, Any]:
     raw = ckpt.restore_raw()
   finally:
     ckpt.close()
-  return {'params': raw['params'], 'batch_stats': raw.get('batch_stats', {}),
-          'step': int(np.asarray(raw['step']))}
+  return {
+      'params': raw['params'],
+      'batch_stats': raw.get('batch_stats', {}),
+      'step': int(np.asarray(raw['step'])),
+  }
 
 
 def graft(tree: Mapping[str, Any], path: tuple, subtree: Any, what: str):
@@ -143,17 +176,22 @@ def graft(tree: Mapping[str, Any], path: tuple, subtree: Any, what: str):
   new_struct = jax.tree_util.tree_structure(subtree)
   if old_struct != new_struct:
     raise WorkdirError(
-        f'The pretrained {what} does not have this model\'s layers '
+        f"The pretrained {what} does not have this model's layers "
         f'(expected {sorted(flax.traverse_util.flatten_dict(old, sep="/"))[:4]}'
         f'..., got {sorted(flax.traverse_util.flatten_dict(subtree, sep="/"))[:4]}'
-        f'...); check that its config matches.')
-  for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(old),
-                       jax.tree_util.tree_leaves(subtree)):
+        f'...); check that its config matches.'
+    )
+  for (p, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(old),
+      jax.tree_util.tree_leaves(subtree),
+  ):
     if tuple(a.shape) != tuple(np.shape(b)):
       raise WorkdirError(
           f'The pretrained {what} has shape {np.shape(b)} at '
           f'{jax.tree_util.keystr(p)} where this model has {a.shape}; check '
-          f'that its config matches.')
+          f'that its config matches.'
+      )
   node[path[-1]] = jax.tree_util.tree_map(
-      lambda a, b: np.asarray(b, dtype=a.dtype), old, subtree)
+      lambda a, b: np.asarray(b, dtype=a.dtype), old, subtree
+  )
   return tree

@@ -19,10 +19,12 @@ MODES = ('train', 'eval', 'summary', 'benchmark', 'analyze')
 def _gate_line(r: Dict[str, Any]) -> str:
   if 'gated_filters' not in r:
     return 'no gates (baseline)'
-  return (f'{r["gates_on_fraction"]:.1%} of gates on; of '
-          f'{r["gated_filters"]} gates {r["gates_always_on"]} always on, '
-          f'{r["gates_always_off"]} always off, '
-          f'{r["gates_input_dependent"]} input-dependent')
+  return (
+      f'{r["gates_on_fraction"]:.1%} of gates on; of '
+      f'{r["gated_filters"]} gates {r["gates_always_on"]} always on, '
+      f'{r["gates_always_off"]} always off, '
+      f'{r["gates_input_dependent"]} input-dependent'
+  )
 
 
 def _macs_cell(r: Dict[str, Any]) -> str:
@@ -30,26 +32,31 @@ def _macs_cell(r: Dict[str, Any]) -> str:
   against the dense backbone; '' when the eval counted no MACs."""
   if 'macs_mean' not in r:
     return ''
-  return (f'{format_macs(r["macs_mean"])} '
-          f"({0.0 - r['macs_reduction']:+.1%})")
+  return f'{format_macs(r["macs_mean"])} ' f"({0.0 - r['macs_reduction']:+.1%})"
 
 
 def print_training_report(results: Dict[str, Dict[str, Any]], seconds: float):
   """Baseline(s) vs gated accuracy, MACs per image and the gates, as a
   short table."""
   print()
-  print(f'{"run":<18} {"split":<6} {"accuracy":>9} {"loss":>8} '
-        f'{"MACs/image":>16}  gates')
+  print(
+      f'{"run":<18} {"split":<6} {"accuracy":>9} {"loss":>8} '
+      f'{"MACs/image":>16}  gates'
+  )
   for name, r in results.items():
     label = 'final' if name == 'final' else f'pretrain:{name}'
-    print(f'{label:<18} {r["split"]:<6} {r["accuracy"]:>9.2%} '
-          f'{r["loss"]:>8.4f} {_macs_cell(r):>16}  {_gate_line(r)}')
+    print(
+        f'{label:<18} {r["split"]:<6} {r["accuracy"]:>9.2%} '
+        f'{r["loss"]:>8.4f} {_macs_cell(r):>16}  {_gate_line(r)}'
+    )
   final = results.get('final', {})
   if 'macs_overhead' in final and final['macs_overhead'] > 0:
-    print(f'MACs/image include {format_macs(final["macs_overhead"])} of '
-          f'gating overhead over a {format_macs(final["macs_dense"])} dense '
-          f'backbone; the gates save '
-          f'{final["macs_backbone_reduction"]:.1%} of the backbone.')
+    print(
+        f'MACs/image include {format_macs(final["macs_overhead"])} of '
+        f'gating overhead over a {format_macs(final["macs_dense"])} dense '
+        f'backbone; the gates save '
+        f'{final["macs_backbone_reduction"]:.1%} of the backbone.'
+    )
   print(f'wall time {metrics_lib.format_seconds(seconds)}')
 
 
@@ -70,36 +77,46 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
     raise UserError(
         f'{jax.devices()[0].device_kind} ran out of memory ({first}); use a '
         f'smaller batch: --config.batch_size and --config.eval_batch_size, '
-        f'or --config.benchmark.batch_size for --mode=benchmark.') from e
+        f'or --config.benchmark.batch_size for --mode=benchmark.'
+    ) from e
 
 
 def _run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
   if mode == 'summary':
     from gaternet_jax import summary  # pylint: disable=g-import-not-at-top
+
     out = summary.model_summary(config)
   elif mode == 'benchmark':
     from gaternet_jax import benchmark  # pylint: disable=g-import-not-at-top
+
     out = benchmark.run_benchmark(config)
     for name in ('baseline', 'gated'):
       if name in out:
         r = out[name]
-        print(f'{name:<9} train {r["train_images_per_s"]:9.1f} images/s '
-              f'(compile {r["train_compile_s"]:.1f}s)  eval '
-              f'{r["eval_images_per_s"]:9.1f} images/s (compile '
-              f'{r["eval_compile_s"]:.1f}s)')
+        print(
+            f'{name:<9} train {r["train_images_per_s"]:9.1f} images/s '
+            f'(compile {r["train_compile_s"]:.1f}s)  eval '
+            f'{r["eval_images_per_s"]:9.1f} images/s (compile '
+            f'{r["eval_compile_s"]:.1f}s)'
+        )
     if 'train_ratio' in out:
-      print(f'baseline/gated images/s: train {out["train_ratio"]:.2f}x, '
-            f'eval {out["eval_ratio"]:.2f}x')
+      print(
+          f'baseline/gated images/s: train {out["train_ratio"]:.2f}x, '
+          f'eval {out["eval_ratio"]:.2f}x'
+      )
   elif mode == 'eval':
     from gaternet_jax import evaluation  # pylint: disable=g-import-not-at-top
+
     out = evaluation.evaluate(config, workdir)
   elif mode == 'train':
     from gaternet_jax import train  # pylint: disable=g-import-not-at-top
+
     t = time.time()
     out = train.train_and_evaluate(config, workdir)
     print_training_report(out, time.time() - t)
   elif mode == 'analyze':
     from gaternet_jax import analysis  # pylint: disable=g-import-not-at-top
+
     result = analysis.run_analysis(config, workdir)
     print(analysis.format_report(result))
     out = analysis.headline(result)

@@ -59,8 +59,13 @@ _GATER_SD = 'gater_state_dict'
 _IGNORED_SUFFIXES = ('num_batches_tracked',)
 
 # flax leaf name -> PyTorch parameter/buffer name.
-_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
-               'mean': 'running_mean', 'var': 'running_var'}
+_LEAF_NAMES = {
+    'kernel': 'weight',
+    'scale': 'weight',
+    'bias': 'bias',
+    'mean': 'running_mean',
+    'var': 'running_var',
+}
 
 StateDict = Mapping[str, Any]
 
@@ -70,13 +75,16 @@ def _check_depth(depth: int, what: str) -> int:
     raise UserError(f'{what} must be an integer like 20 or 56; got {depth!r}.')
   depth = int(depth)
   if depth < 8 or (depth - 2) % 6:
-    raise UserError(f'{what} must be 6n+2 (the official checkpoints are 20 '
-                    f'and 56); got {depth}.')
+    raise UserError(
+        f'{what} must be 6n+2 (the official checkpoints are 20 '
+        f'and 56); got {depth}.'
+    )
   return depth
 
 
-def official_model_config(backbone_depth: int = 20
-                         ) -> ml_collections.ConfigDict:
+def official_model_config(
+    backbone_depth: int = 20,
+) -> ml_collections.ConfigDict:
   """The `create_model` config of the official GaterNet (CIFAR-10).
 
   Args:
@@ -89,37 +97,40 @@ def official_model_config(backbone_depth: int = 20
     so the official checkpoints' gates come out exactly.
   """
   backbone_depth = _check_depth(backbone_depth, 'backbone_depth')
-  return ml_collections.ConfigDict({
-      'gating': 'gater',
-      'dtype': 'float32',
-      'backbone': {
-          'name': 'cifar_resnet',
-          'depth': backbone_depth,
-          'widths': OFFICIAL_WIDTHS,
-          'se_reduction': 0,
-      },
-      'gater': {
-          'name': 'cifar_resnet',
-          'depth': OFFICIAL_GATER_DEPTH,
-          'widths': OFFICIAL_WIDTHS,
-          'bottleneck': OFFICIAL_BOTTLENECK,
-          # The official gater is newfc -> ReLU -> fc, with no BatchNorm.
-          'batchnorm': False,
-      },
-      # The official training settings of Improved SemHash (gater_resnet.py:
-      # unit Gaussian noise, half the samples binary); unused at evaluation.
-      'semhash': {
-          'mix_prob': 0.5,
-          'noise_std': 1.0,
-          # saturating_sigmoid(logit) > 0.49999, as gater_resnet.py does.
-          'binarize': 'official',
-      },
-  })
+  return ml_collections.ConfigDict(
+      {
+          'gating': 'gater',
+          'dtype': 'float32',
+          'backbone': {
+              'name': 'cifar_resnet',
+              'depth': backbone_depth,
+              'widths': OFFICIAL_WIDTHS,
+              'se_reduction': 0,
+          },
+          'gater': {
+              'name': 'cifar_resnet',
+              'depth': OFFICIAL_GATER_DEPTH,
+              'widths': OFFICIAL_WIDTHS,
+              'bottleneck': OFFICIAL_BOTTLENECK,
+              # The official gater is newfc -> ReLU -> fc, with no BatchNorm.
+              'batchnorm': False,
+          },
+          # The official training settings of Improved SemHash (gater_resnet.py:
+          # unit Gaussian noise, half the samples binary); unused at evaluation.
+          'semhash': {
+              'mix_prob': 0.5,
+              'noise_std': 1.0,
+              # saturating_sigmoid(logit) > 0.49999, as gater_resnet.py does.
+              'binarize': 'official',
+          },
+      }
+  )
 
 
 def _official_model(backbone_depth: int) -> GaterNet:
-  return create_model(official_model_config(backbone_depth),
-                      num_classes=OFFICIAL_NUM_CLASSES)
+  return create_model(
+      official_model_config(backbone_depth), num_classes=OFFICIAL_NUM_CLASSES
+  )
 
 
 def _expected_variables(model: GaterNet) -> Dict[str, Any]:
@@ -173,18 +184,22 @@ def _torch_key(path: Tuple[str, ...]) -> Tuple[str, str]:
 def _strip_module_prefix(state_dict: StateDict, which: str) -> Dict[str, Any]:
   """Drops the 'module.' prefix(es) that `nn.DataParallel` adds to keys."""
   if not isinstance(state_dict, Mapping):
-    raise UserError(f'{which} must be a dict of tensors or arrays; got '
-                    f'{type(state_dict).__name__}.')
+    raise UserError(
+        f'{which} must be a dict of tensors or arrays; got '
+        f'{type(state_dict).__name__}.'
+    )
   out = {}
   for key, value in state_dict.items():
     if not isinstance(key, str):
       raise UserError(f'{which} has a non-string key {key!r}.')
     name = key
     while name.startswith('module.'):
-      name = name[len('module.'):]
+      name = name[len('module.') :]
     if name in out:
-      raise UserError(f'{which} holds {name!r} twice, with and without the '
-                      f"'module.' prefix.")
+      raise UserError(
+          f'{which} holds {name!r} twice, with and without the '
+          f"'module.' prefix."
+      )
     out[name] = value
   return out
 
@@ -198,8 +213,9 @@ def _to_numpy(value: Any, which: str, key: str) -> np.ndarray:
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'{which} key {key!r} is not an array ({e}).') from e
   if not np.issubdtype(array.dtype, np.number):
-    raise UserError(f'{which} key {key!r} holds {array.dtype} values, not '
-                    'numbers.')
+    raise UserError(
+        f'{which} key {key!r} holds {array.dtype} values, not ' 'numbers.'
+    )
   return array
 
 
@@ -230,8 +246,9 @@ def _infer_backbone_depth(backbone_sd: Mapping[str, Any]) -> Optional[int]:
   return 6 * n + 2 if n else None
 
 
-def convert_state_dicts(backbone_sd: StateDict, gater_sd: StateDict,
-                        backbone_depth: int = 20) -> Dict[str, Any]:
+def convert_state_dicts(
+    backbone_sd: StateDict, gater_sd: StateDict, backbone_depth: int = 20
+) -> Dict[str, Any]:
   """Official state dicts -> our GaterNet's variables.
 
   Args:
@@ -251,13 +268,17 @@ def convert_state_dicts(backbone_sd: StateDict, gater_sd: StateDict,
     UserError: a key is missing, unexpected or of the wrong shape.
   """
   backbone_depth = _check_depth(backbone_depth, 'backbone_depth')
-  sds = {_BACKBONE_SD: _strip_module_prefix(backbone_sd, _BACKBONE_SD),
-         _GATER_SD: _strip_module_prefix(gater_sd, _GATER_SD)}
+  sds = {
+      _BACKBONE_SD: _strip_module_prefix(backbone_sd, _BACKBONE_SD),
+      _GATER_SD: _strip_module_prefix(gater_sd, _GATER_SD),
+  }
   ckpt_depth = _infer_backbone_depth(sds[_BACKBONE_SD])
   depth_hint = ''
   if ckpt_depth is not None and ckpt_depth != backbone_depth:
-    depth_hint = (f' (the checkpoint\'s backbone looks like depth '
-                  f'{ckpt_depth}: pass backbone_depth={ckpt_depth})')
+    depth_hint = (
+        f" (the checkpoint's backbone looks like depth "
+        f'{ckpt_depth}: pass backbone_depth={ckpt_depth})'
+    )
 
   expected = _expected_variables(_official_model(backbone_depth))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
@@ -268,24 +289,31 @@ def convert_state_dicts(backbone_sd: StateDict, gater_sd: StateDict,
   # (e.g. the depth), which a shape error further down would only imply.
   for path, (which, key) in zip(paths, keys):
     if key not in sds[which]:
-      raise UserError(f'{which} lacks key {key!r}, needed for '
-                      f'{"/".join(path)}{depth_hint}.')
+      raise UserError(
+          f'{which} lacks key {key!r}, needed for '
+          f'{"/".join(path)}{depth_hint}.'
+      )
   for which, sd in sds.items():
     used = {key for w, key in keys if w == which}
-    extra = [k for k in sd
-             if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+    extra = [
+        k for k in sd if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+    ]
     if extra:
       more = f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''
-      raise UserError(f'{which} has unexpected key {extra[0]!r}{more} for a '
-                      f'depth-{backbone_depth} GaterNet{depth_hint}.')
+      raise UserError(
+          f'{which} has unexpected key {extra[0]!r}{more} for a '
+          f'depth-{backbone_depth} GaterNet{depth_hint}.'
+      )
 
   arrays = []
   for path, (which, key), (_, struct) in zip(paths, keys, leaves):
     array = _to_numpy(sds[which][key], which, key)
     want = _torch_shape(tuple(struct.shape), path[-1])
     if array.shape != want:
-      raise UserError(f'{which} key {key!r} has shape {array.shape}, but '
-                      f'{"/".join(path)} needs {want}{depth_hint}.')
+      raise UserError(
+          f'{which} key {key!r} has shape {array.shape}, but '
+          f'{"/".join(path)} needs {want}{depth_hint}.'
+      )
     array = _to_flax_layout(array, path[-1])
     arrays.append(jnp.asarray(array, dtype=struct.dtype))
   return jax.tree_util.tree_unflatten(treedef, arrays)
@@ -297,14 +325,16 @@ def _load_torch_file(path: Union[str, os.PathLike]) -> Any:
   if not os.path.exists(path):
     raise UserError(f'Checkpoint file {path!r} does not exist.')
   if os.path.isdir(path):
-    raise UserError(f'Checkpoint path {path!r} is a directory, not a '
-                    'torch.save file.')
+    raise UserError(
+        f'Checkpoint path {path!r} is a directory, not a ' 'torch.save file.'
+    )
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise UserError('Reading an official PyTorch checkpoint needs torch: '
-                    'pip install torch (or pip install gaternet-jax[torch]).'
-                    ) from e
+    raise UserError(
+        'Reading an official PyTorch checkpoint needs torch: '
+        'pip install torch (or pip install gaternet-jax[torch]).'
+    ) from e
   try:
     # weights_only: the file is a pickle, and this refuses arbitrary code.
     return torch.load(path, map_location='cpu', weights_only=True)
@@ -313,12 +343,14 @@ def _load_torch_file(path: Union[str, os.PathLike]) -> Any:
     raise UserError(
         f'Could not read {path!r} with torch.load(map_location="cpu", '
         f'weights_only=True): it is not a torch.save file of plain state '
-        f'dicts ({type(e).__name__}: {reason}).') from e
+        f'dicts ({type(e).__name__}: {reason}).'
+    ) from e
 
 
 def load_official_checkpoint(
     path_or_state_dict: Union[str, os.PathLike, Mapping[str, Any]],
-    backbone_depth: int = 20) -> Tuple[GaterNet, Dict[str, Any]]:
+    backbone_depth: int = 20,
+) -> Tuple[GaterNet, Dict[str, Any]]:
   """Loads an official GaterNet checkpoint as our model and variables.
 
   Args:
@@ -345,23 +377,35 @@ def load_official_checkpoint(
   elif isinstance(path_or_state_dict, (str, os.PathLike)):
     checkpoint = _load_torch_file(path_or_state_dict)
   else:
-    raise UserError('load_official_checkpoint takes a checkpoint path or the '
-                    'dict it holds; got '
-                    f'{type(path_or_state_dict).__name__}.')
+    raise UserError(
+        'load_official_checkpoint takes a checkpoint path or the '
+        'dict it holds; got '
+        f'{type(path_or_state_dict).__name__}.'
+    )
   if not isinstance(checkpoint, Mapping):
-    raise UserError('The checkpoint holds a '
-                    f'{type(checkpoint).__name__}, not a dict with '
-                    f"'{_BACKBONE_SD}' and '{_GATER_SD}'.")
+    raise UserError(
+        'The checkpoint holds a '
+        f'{type(checkpoint).__name__}, not a dict with '
+        f"'{_BACKBONE_SD}' and '{_GATER_SD}'."
+    )
   for key in (_BACKBONE_SD, _GATER_SD):
     if key not in checkpoint:
-      raise UserError(f'The checkpoint lacks {key!r} (it has '
-                      f'{sorted(map(str, checkpoint))[:5]}); expected an '
-                      'official GaterNet checkpoint.')
-  variables = convert_state_dicts(checkpoint[_BACKBONE_SD],
-                                  checkpoint[_GATER_SD], backbone_depth)
+      raise UserError(
+          f'The checkpoint lacks {key!r} (it has '
+          f'{sorted(map(str, checkpoint))[:5]}); expected an '
+          'official GaterNet checkpoint.'
+      )
+  variables = convert_state_dicts(
+      checkpoint[_BACKBONE_SD], checkpoint[_GATER_SD], backbone_depth
+  )
   return _official_model(backbone_depth), variables
 
 
-__all__ = ['OFFICIAL_MEAN', 'OFFICIAL_STD', 'OFFICIAL_NUM_CLASSES',
-           'official_model_config', 'convert_state_dicts',
-           'load_official_checkpoint']
+__all__ = [
+    'OFFICIAL_MEAN',
+    'OFFICIAL_STD',
+    'OFFICIAL_NUM_CLASSES',
+    'official_model_config',
+    'convert_state_dicts',
+    'load_official_checkpoint',
+]

@@ -37,8 +37,13 @@ from gaternet_jax import sharding
 from gaternet_jax import sources
 from gaternet_jax.errors import ConfigError, DataError
 
-__all__ = ['FakeDataset', 'InMemoryDataset', 'dataset_info', 'load_dataset',
-           'train_augmentation']
+__all__ = [
+    'FakeDataset',
+    'InMemoryDataset',
+    'dataset_info',
+    'load_dataset',
+    'train_augmentation',
+]
 
 _NUM_CLASSES = {'digits': 10, 'cifar10': 10, 'cifar100': 100}
 _SOURCES = ('folder', 'python_archive', 'tfds')
@@ -65,6 +70,7 @@ class InMemoryDataset:
     augmentation: the pad-crop and flip the train step applies
       (`train_augmentation` of the dataset's config).
   """
+
   name: str
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -95,13 +101,13 @@ class InMemoryDataset:
 
   def train_batches(self, batch_size: int, seed: int, start_step: int = 0):
     """This process's rows of global train batches from `start_step` on."""
-    return batching.train_batches(self.train_images, self.train_labels,
-                                  batch_size, seed, start_step)
+    return batching.train_batches(
+        self.train_images, self.train_labels, batch_size, seed, start_step
+    )
 
   def eval_batches(self, batch_size: int):
     """The test split in padded global batches with a 'mask'."""
-    return batching.eval_batches(self.test_images, self.test_labels,
-                                 batch_size)
+    return batching.eval_batches(self.test_images, self.test_labels, batch_size)
 
   def train_arrays(self) -> Dict[str, np.ndarray]:
     """The whole train split: {'image': (N, H, W, C) uint8, 'label': (N,)
@@ -112,13 +118,18 @@ class InMemoryDataset:
 def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
   steps = num_examples // batch_size if batch_size > 0 else 0
   if steps < 1:
-    raise ConfigError(f'batch_size={batch_size} exceeds the {num_examples} '
-                      'training examples.')
+    raise ConfigError(
+        f'batch_size={batch_size} exceeds the {num_examples} '
+        'training examples.'
+    )
   return steps
 
 
-_IMAGE_SHAPES = {'digits': (8, 8, 1), 'cifar10': (32, 32, 3),
-                 'cifar100': (32, 32, 3)}
+_IMAGE_SHAPES = {
+    'digits': (8, 8, 1),
+    'cifar10': (32, 32, 3),
+    'cifar100': (32, 32, 3),
+}
 # Streamed through tf.data (gaternet_jax.input_pipeline), or synthetic.
 _STREAMED = ('imagenet2012', 'image_folder')
 _FAKE = 'fake'
@@ -149,17 +160,22 @@ def train_augmentation(data_cfg) -> augment.Augmentation:
   name = data_cfg.name
   crop_padding = data_cfg.crop_padding or 0  # None counts as 0.
   flip = bool(data_cfg.flip)
-  if isinstance(crop_padding, bool) or not isinstance(
-      crop_padding, (int, np.integer)) or crop_padding < 0:
-    raise ConfigError(f'data.crop_padding={crop_padding!r} must be a '
-                      'non-negative integer.')
+  if (
+      isinstance(crop_padding, bool)
+      or not isinstance(crop_padding, (int, np.integer))
+      or crop_padding < 0
+  ):
+    raise ConfigError(
+        f'data.crop_padding={crop_padding!r} must be a ' 'non-negative integer.'
+    )
   if name in _STREAMED:
     if crop_padding or flip:
       raise ConfigError(
           f'data.crop_padding and data.flip are for in-memory datasets; '
           f'{name} crops and flips in its tf.data pipeline '
           '(data.crop_area_range, data.aspect_ratio_range), so leave them '
-          'unset.')
+          'unset.'
+      )
     return augment.NO_AUGMENTATION
   return augment.Augmentation(crop_padding=int(crop_padding), flip=flip)
 
@@ -182,9 +198,11 @@ def dataset_info(data_cfg):
     classes = 1000 if name == 'imagenet2012' else int(data_cfg.num_classes)
     return (size, size, 3), classes
   if name not in _NUM_CLASSES:
-    raise DataError(f'Unknown dataset name {name!r}; expected one of '
-                    f'{", ".join(sorted(_NUM_CLASSES) + list(_STREAMED))}, '
-                    f'{_FAKE}.')
+    raise DataError(
+        f'Unknown dataset name {name!r}; expected one of '
+        f'{", ".join(sorted(_NUM_CLASSES) + list(_STREAMED))}, '
+        f'{_FAKE}.'
+    )
   return _IMAGE_SHAPES[name], _NUM_CLASSES[name]
 
 
@@ -195,6 +213,7 @@ class FakeDataset:
 
   Batches are a function of (seed, step), so resuming repeats them.
   """
+
   name: str
   image_shape: tuple
   num_classes: int
@@ -256,17 +275,23 @@ def load_dataset(data_cfg) -> datasets.Dataset:
   augmentation = train_augmentation(data_cfg)
   if name in _STREAMED:
     from gaternet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
     return input_pipeline.load_imagenet(data_cfg)
   if name == _FAKE:
     shape, classes = dataset_info(data_cfg)
-    return FakeDataset(name, shape, classes,
-                       _get_count(data_cfg, 'num_train_examples') or 1_281_167,
-                       _get_count(data_cfg, 'num_test_examples') or 50_000,
-                       augmentation=augmentation)
+    return FakeDataset(
+        name,
+        shape,
+        classes,
+        _get_count(data_cfg, 'num_train_examples') or 1_281_167,
+        _get_count(data_cfg, 'num_test_examples') or 50_000,
+        augmentation=augmentation,
+    )
   if name not in _NUM_CLASSES:
     raise DataError(
         f'Unknown dataset data.name={name!r}; use one of '
-        f'{", ".join(sorted(_NUM_CLASSES) + list(_STREAMED))}, {_FAKE}.')
+        f'{", ".join(sorted(_NUM_CLASSES) + list(_STREAMED))}, {_FAKE}.'
+    )
   num_classes = _NUM_CLASSES[name]
   holdout = _get_count(data_cfg, 'validation_holdout')
   holdout_seed = _get_count(data_cfg, 'holdout_seed')
@@ -287,7 +312,8 @@ def load_dataset(data_cfg) -> datasets.Dataset:
     else:
       raise DataError(
           f'Unknown data.source={source!r} for {name}; use one of '
-          f'{", ".join(_SOURCES)}.')
+          f'{", ".join(_SOURCES)}.'
+      )
 
   test_split_name = 'test'
   if holdout:
@@ -313,7 +339,8 @@ def load_dataset(data_cfg) -> datasets.Dataset:
   if any(s <= 0 for s in std):
     raise DataError(
         f'Per-channel std {std} must be positive; set data.std or check '
-        'that the training images are not constant.')
+        'that the training images are not constant.'
+    )
   return InMemoryDataset(
       name=name,
       train_images=train_images,
@@ -324,7 +351,8 @@ def load_dataset(data_cfg) -> datasets.Dataset:
       mean=mean,
       std=std,
       test_split_name=test_split_name,
-      augmentation=augmentation)
+      augmentation=augmentation,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -353,7 +381,8 @@ def _check_stats(key, values, channels):
   if len(values) != channels:
     raise DataError(
         f'data.{key} has {len(values)} values but the images have '
-        f'{channels} channels; give one value per channel or leave it unset.')
+        f'{channels} channels; give one value per channel or leave it unset.'
+    )
   return values
 
 
@@ -364,7 +393,8 @@ def _hold_out(train, holdout, seed):
   if holdout >= n:
     raise DataError(
         f'data.validation_holdout={holdout} must be smaller than the '
-        f'{n} training images.')
+        f'{n} training images.'
+    )
   order = np.random.default_rng(seed).permutation(n)
   # Sorted indices keep both parts in the source's order.
   held, kept = np.sort(order[:holdout]), np.sort(order[holdout:])
@@ -396,7 +426,8 @@ def _check_labels(labels, num_classes, what):
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise DataError(
         f'{what} has labels in [{labels.min()}, {labels.max()}] but '
-        f'{num_classes} classes are expected; check data.name and the files.')
+        f'{num_classes} classes are expected; check data.name and the files.'
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -415,7 +446,8 @@ def _load_digits():
   images = images[..., None]
   labels = digits.target.astype(np.int32)
   x_train, x_test, y_train, y_test = model_selection.train_test_split(
-      images, labels, test_size=0.2, random_state=0, stratify=labels)
+      images, labels, test_size=0.2, random_state=0, stratify=labels
+  )
   return (x_train, y_train), (x_test, y_test)
 
 
@@ -469,17 +501,20 @@ def _load_folder(name, num_classes, data_dir):
     raise DataError(
         f'{path}: train/ and test/ have different class folders '
         f'(only in train: {only_train[:5]}, only in test: {only_test[:5]}); '
-        'both splits need the same classes.')
+        'both splits need the same classes.'
+    )
   classes = sorted(train_classes)
   if len(classes) != num_classes:
     raise DataError(
         f'{path} has {len(classes)} class folders but {name} has '
-        f'{num_classes} classes; check data.name and data.data_dir.')
+        f'{num_classes} classes; check data.name and data.data_dir.'
+    )
   for split in _SPLITS:
     for cls in classes:
       if not tree[split][cls]:
         raise DataError(
-            f'{path}: {split}/{cls}/ holds no .png/.jpg/.jpeg images.')
+            f'{path}: {split}/{cls}/ holds no .png/.jpg/.jpeg images.'
+        )
 
   # One decode pass over both splits, so the one-shape check spans both.
   items, labels = [], []
@@ -500,11 +535,13 @@ def _scan_directory(root):
     if not _isdir(split_dir):
       raise DataError(
           f'{root} has no {split}/ subfolder; expected the layout '
-          'train/<class>/*.png and test/<class>/*.png.')
+          'train/<class>/*.png and test/<class>/*.png.'
+      )
     # (display name, source) pairs, as _scan_tar gives.
-    tree[split] = {cls: [(p, p) for p in files]
-                   for cls, files in sources.scan_image_folder(
-                       split_dir).items()}
+    tree[split] = {
+        cls: [(p, p) for p in files]
+        for cls, files in sources.scan_image_folder(split_dir).items()
+    }
   return tree
 
 
@@ -524,7 +561,8 @@ def _scan_tar(path):
     raise DataError(
         f'data.data_dir {path} is neither a directory nor a readable tar '
         f'archive ({type(e).__name__}: {e}); give the dataset folder or an '
-        'intact .tar/.tar.gz of it.') from e
+        'intact .tar/.tar.gz of it.'
+    ) from e
 
   # The layout may sit under a top-level folder: find where 'train'/'test'
   # sit as the third-to-last path component.
@@ -532,7 +570,8 @@ def _scan_tar(path):
   if not roots:
     raise DataError(
         f'{path} holds no train/<class>/<image> or test/<class>/<image> '
-        'files; expected the layout train/<class>/*.png and test/<class>/*.')
+        'files; expected the layout train/<class>/*.png and test/<class>/*.'
+    )
   if () in roots:
     root = ()
   elif len(roots) == 1:
@@ -540,25 +579,35 @@ def _scan_tar(path):
   else:
     raise DataError(
         f'{path} holds several train/test trees ({sorted(roots)[:3]}); '
-        'keep one dataset per archive.')
+        'keep one dataset per archive.'
+    )
 
   depth = len(root)
   tree = {split: {} for split in _SPLITS}
   for parts in dirs:
-    if (len(parts) == depth + 2 and parts[:depth] == root
-        and parts[depth] in _SPLITS and not parts[-1].startswith('.')):
+    if (
+        len(parts) == depth + 2
+        and parts[:depth] == root
+        and parts[depth] in _SPLITS
+        and not parts[-1].startswith('.')
+    ):
       tree[parts[depth]].setdefault(parts[-1], [])
   for parts in sorted(files):
-    if (len(parts) == depth + 3 and parts[:depth] == root
-        and parts[depth] in _SPLITS):
+    if (
+        len(parts) == depth + 3
+        and parts[:depth] == root
+        and parts[depth] in _SPLITS
+    ):
       display = f'{path}:{"/".join(parts)}'
       tree[parts[depth]].setdefault(parts[-2], []).append(
-          (display, files[parts]))
+          (display, files[parts])
+      )
   for split in _SPLITS:
     if not tree[split]:
       raise DataError(
           f'{path} has no {split}/<class>/ folders; expected the layout '
-          'train/<class>/*.png and test/<class>/*.png.')
+          'train/<class>/*.png and test/<class>/*.png.'
+      )
   return tree
 
 
@@ -575,7 +624,8 @@ def _decode_one(display, source):
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise DataError(
         f'Cannot decode image {display} ({type(e).__name__}: {e}); '
-        'replace or remove the file.') from e
+        'replace or remove the file.'
+    ) from e
 
 
 def _decode_all(items):
@@ -590,7 +640,8 @@ def _decode_all(items):
     if image.shape != first.shape:
       raise DataError(
           f'{items[i][0]} is {_shape_str(image.shape)} but {items[0][0]} is '
-          f'{_shape_str(first.shape)}; all images must have one shape.')
+          f'{_shape_str(first.shape)}; all images must have one shape.'
+      )
     out[i] = image
   return out
 
@@ -618,13 +669,15 @@ _CIFAR_PYTHON = {
         folder='cifar-10-batches-py',
         train_files=tuple(f'data_batch_{i}' for i in range(1, 6)),
         test_files=('test_batch',),
-        label_key='labels'),
+        label_key='labels',
+    ),
     'cifar100': _CifarPythonLayout(
         archive='cifar-100-python.tar.gz',
         folder='cifar-100-python',
         train_files=('train',),
         test_files=('test',),
-        label_key='fine_labels'),
+        label_key='fine_labels',
+    ),
 }
 
 
@@ -639,9 +692,11 @@ def _latin1_encode(text, encoding='latin1'):
 # Everything a CIFAR batch needs to rebuild its numpy arrays, and no more.
 _PICKLE_GLOBALS = {
     ('numpy.core.multiarray', '_reconstruct'): np.ndarray.__reduce__(
-        np.empty(0))[0],
+        np.empty(0)
+    )[0],
     ('numpy._core.multiarray', '_reconstruct'): np.ndarray.__reduce__(
-        np.empty(0))[0],
+        np.empty(0)
+    )[0],
     ('numpy', 'ndarray'): np.ndarray,
     ('numpy', 'dtype'): np.dtype,
     ('_codecs', 'encode'): _latin1_encode,
@@ -676,16 +731,23 @@ def _load_python_archive(name, num_classes, data_dir):
       raise DataError(
           f'{path} holds neither {layout.archive} nor {layout.folder}/; '
           f'download {layout.archive} from '
-          'https://www.cs.toronto.edu/~kriz/cifar.html.')
+          'https://www.cs.toronto.edu/~kriz/cifar.html.'
+      )
   else:
     blobs = _read_pickle_archive(path, needed)
 
   splits = []
   for files in (layout.train_files, layout.test_files):
-    batches = [_unpickle_batch(blobs[f], f, layout.label_key, num_classes)
-               for f in files]
-    splits.append((np.concatenate([b[0] for b in batches]),
-                   np.concatenate([b[1] for b in batches])))
+    batches = [
+        _unpickle_batch(blobs[f], f, layout.label_key, num_classes)
+        for f in files
+    ]
+    splits.append(
+        (
+            np.concatenate([b[0] for b in batches]),
+            np.concatenate([b[1] for b in batches]),
+        )
+    )
   return splits[0], splits[1]
 
 
@@ -694,9 +756,9 @@ def _read_pickle_folder(folder, needed):
   if missing:
     raise DataError(
         f'{folder} lacks {", ".join(missing)}; re-extract or re-download '
-        'the official archive.')
-  return {f: paths.resolve(paths.join(folder, f)).read_bytes()
-          for f in needed}
+        'the official archive.'
+    )
+  return {f: paths.resolve(paths.join(folder, f)).read_bytes() for f in needed}
 
 
 def _read_pickle_archive(path, needed):
@@ -711,20 +773,24 @@ def _read_pickle_archive(path, needed):
   except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
     raise DataError(
         f'Cannot read the archive {path} ({type(e).__name__}: {e}); it is '
-        'truncated or not a tar archive, so re-download it.') from e
+        'truncated or not a tar archive, so re-download it.'
+    ) from e
   missing = [f for f in needed if f not in blobs]
   if missing:
     raise DataError(
         f'{path} lacks {", ".join(missing)}; it is truncated or not the '
-        'official CIFAR python archive for this data.name.')
+        'official CIFAR python archive for this data.name.'
+    )
   return blobs
 
 
 def _unpickle_batch(blob, what, label_key, num_classes):
   """(images (n, 32, 32, 3) uint8, labels (n,) int32) from one batch."""
+
   def bad(reason):
     return DataError(
-        f'CIFAR batch {what} {reason}; re-download the official archive.')
+        f'CIFAR batch {what} {reason}; re-download the official archive.'
+    )
 
   try:
     batch = _RestrictedUnpickler(io.BytesIO(blob), encoding='bytes').load()
@@ -733,22 +799,28 @@ def _unpickle_batch(blob, what, label_key, num_classes):
   except Exception as e:  # pylint: disable=broad-except
     # Truncated or foreign pickles fail in many ways (EOFError,
     # UnpicklingError, struct/Value/Type errors...): all mean a bad file.
-    raise bad(f'is truncated or not a pickle ({type(e).__name__}: {e})'
-             ) from e
+    raise bad(f'is truncated or not a pickle ({type(e).__name__}: {e})') from e
   if not isinstance(batch, dict):
     raise bad(f'holds a {type(batch).__name__}, not a dict')
-  batch = {(k.decode('latin1') if isinstance(k, bytes) else k): v
-           for k, v in batch.items()}
+  batch = {
+      (k.decode('latin1') if isinstance(k, bytes) else k): v
+      for k, v in batch.items()
+  }
   data = batch.get('data')
-  if (not isinstance(data, np.ndarray) or data.dtype != np.uint8
-      or data.ndim != 2 or data.shape[1] != 3 * 32 * 32):
+  if (
+      not isinstance(data, np.ndarray)
+      or data.dtype != np.uint8
+      or data.ndim != 2
+      or data.shape[1] != 3 * 32 * 32
+  ):
     raise bad("has no uint8 (n, 3072) 'data' array")
   labels = batch.get(label_key)
   if labels is None:
     raise bad(f"has no '{label_key}' entry")
   labels = np.asarray(labels)
   if labels.shape != (data.shape[0],) or (
-      labels.size and not np.issubdtype(labels.dtype, np.integer)):
+      labels.size and not np.issubdtype(labels.dtype, np.integer)
+  ):
     raise bad(f"has {labels.shape} '{label_key}' for {data.shape[0]} images")
   labels = labels.astype(np.int32)
   _check_labels(labels, num_classes, f'CIFAR batch {what}')
@@ -768,9 +840,14 @@ def _load_tfds(name, num_classes, data_dir):
   alternative = "use data.source='folder' or 'python_archive'"
   # Downloads and prepares the dataset if needed, as tfds.load does.
   tfds, builder = sources.tfds_builder(
-      name, data_dir, _SPLITS, needs="data.source='tfds' needs",
-      alternative=alternative, hint=f'prepare it with tfds or {alternative}',
-      download=True)
+      name,
+      data_dir,
+      _SPLITS,
+      needs="data.source='tfds' needs",
+      alternative=alternative,
+      hint=f'prepare it with tfds or {alternative}',
+      download=True,
+  )
   try:
     splits = []
     for split in _SPLITS:
@@ -778,20 +855,26 @@ def _load_tfds(name, num_classes, data_dir):
       # in the dataset info, and where those are unknown
       # (tfds.testing.mock_data) it asks TensorFlow for a sys.maxsize batch,
       # which aborts the process.
-      ds = builder.as_dataset(split=split, batch_size=_TFDS_BATCH,
-                              as_supervised=True)
+      ds = builder.as_dataset(
+          split=split, batch_size=_TFDS_BATCH, as_supervised=True
+      )
       batches = list(tfds.as_numpy(ds))
       if not batches:
         raise ValueError('the split is empty')
-      splits.append((np.concatenate([b[0] for b in batches]),
-                     np.concatenate([b[1] for b in batches])))
+      splits.append(
+          (
+              np.concatenate([b[0] for b in batches]),
+              np.concatenate([b[1] for b in batches]),
+          )
+      )
   except Exception as e:  # pylint: disable=broad-except
     # tfds raises many types (missing files, bad records).
     first_line = str(e).strip().split('\n', 1)[0]
     raise DataError(
         f'TensorFlow Datasets could not load {name} from data_dir='
         f'{data_dir!r} ({type(e).__name__}: {first_line}); prepare it with '
-        f'tfds or {alternative}.') from e
+        f'tfds or {alternative}.'
+    ) from e
 
   result = []
   for split, (images, labels) in zip(_SPLITS, splits):
@@ -799,7 +882,8 @@ def _load_tfds(name, num_classes, data_dir):
     if images.ndim != 4 or images.dtype != np.uint8:
       raise DataError(
           f'tfds {name}/{split} gave {images.dtype} images of shape '
-          f'{images.shape}, not uint8 (N, H, W, C).')
+          f'{images.shape}, not uint8 (N, H, W, C).'
+      )
     labels = labels.astype(np.int32)
     _check_labels(labels, num_classes, f'tfds {name}/{split}')
     result.append((images, labels))

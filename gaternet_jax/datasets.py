@@ -13,8 +13,16 @@ global batch (`batch_size // jax.process_count()` of them):
 
 from __future__ import annotations
 
-from typing import (Any, Dict, Iterator, Mapping, Optional, Protocol, Tuple,
-                    runtime_checkable)
+from typing import (
+    Any,
+    Dict,
+    Iterator,
+    Mapping,
+    Optional,
+    Protocol,
+    Tuple,
+    runtime_checkable,
+)
 
 import ml_collections
 import numpy as np
@@ -63,8 +71,9 @@ DATA_DEFAULTS: Dict[str, Any] = dict(
 )
 
 
-def data_config(data_cfg: Optional[Mapping[str, Any]] = None
-                ) -> ml_collections.ConfigDict:
+def data_config(
+    data_cfg: Optional[Mapping[str, Any]] = None,
+) -> ml_collections.ConfigDict:
   """The complete data config: DATA_DEFAULTS overridden by `data_cfg`.
 
   Args:
@@ -81,8 +90,10 @@ def data_config(data_cfg: Optional[Mapping[str, Any]] = None
   unknown = sorted(set(fields) - set(DATA_DEFAULTS))
   if unknown:
     names = ', '.join('data.' + key for key in unknown)
-    raise ConfigError(f'Unknown data config field(s) {names}; '
-                      'gaternet_jax.datasets.DATA_DEFAULTS lists the fields.')
+    raise ConfigError(
+        f'Unknown data config field(s) {names}; '
+        'gaternet_jax.datasets.DATA_DEFAULTS lists the fields.'
+    )
   # Merged as a plain dict so that the values are not type-checked against
   # the defaults': the loaders check them and say what is wrong.
   return ml_collections.ConfigDict({**DATA_DEFAULTS, **fields})
@@ -100,6 +111,7 @@ class Dataset(Protocol):
     test_split_name: the eval split's name in metrics ('test', 'validation',
       'val', ...).
   """
+
   name: str
   num_classes: int
   mean: Tuple[float, ...]
@@ -128,8 +140,9 @@ class Dataset(Protocol):
     """Full global batches of `batch_size` per epoch, the same on every
     process; raises ConfigError if there is not one."""
 
-  def train_batches(self, batch_size: int, seed: int,
-                    start_step: int = 0) -> Iterator[Batch]:
+  def train_batches(
+      self, batch_size: int, seed: int, start_step: int = 0
+  ) -> Iterator[Batch]:
     """This process's rows of global train batches `start_step`, ...
 
     The stream is a function of (seed, start_step, the processes): a run

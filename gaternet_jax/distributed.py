@@ -30,9 +30,11 @@ from gaternet_jax.errors import ConfigError
 ERROR_KEY = 'gaternet_jax/error'
 ACK_KEY = 'gaternet_jax/error_ack/'
 DONE_KEY = 'gaternet_jax/error_done'
-ENV_VARS = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
-            'num_processes': 'JAX_NUM_PROCESSES',
-            'process_id': 'JAX_PROCESS_ID'}
+ENV_VARS = {
+    'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
+    'num_processes': 'JAX_NUM_PROCESSES',
+    'process_id': 'JAX_PROCESS_ID',
+}
 # How often the other processes look for a published error, and how long
 # the failing one waits for them to have read it before it exits.
 POLL_SECS = 0.5
@@ -53,8 +55,9 @@ def _from_env(name: str, value):
   try:
     return int(raw)
   except ValueError:
-    raise ConfigError(f'{ENV_VARS[name]}={raw!r} must be a whole number.'
-                      ) from None
+    raise ConfigError(
+        f'{ENV_VARS[name]}={raw!r} must be a whole number.'
+    ) from None
 
 
 def _detected_cluster():
@@ -65,6 +68,7 @@ def _detected_cluster():
   environments that are not opt-in are tried.
   """
   from jax._src import clusters  # pylint: disable=g-import-not-at-top
+
   for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
     if getattr(env, 'opt_in_only_method', False):
       continue
@@ -76,10 +80,12 @@ def _detected_cluster():
   return None
 
 
-def initialize(coordinator_address: Optional[str] = None,
-               num_processes: Optional[int] = None,
-               process_id: Optional[int] = None,
-               heartbeat_timeout_seconds: int = 100) -> bool:
+def initialize(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    heartbeat_timeout_seconds: int = 100,
+) -> bool:
   """Starts JAX's distributed runtime if the job has several processes.
 
   Returns whether it did. Call it before any other JAX call.
@@ -95,28 +101,45 @@ def initialize(coordinator_address: Optional[str] = None,
       raise ConfigError(f'--num_processes must be >= 1; got {count}.')
     if count == 1 and index in (None, 0):
       return False  # One process: nothing to coordinate.
-    missing = [f'--{k} (or {ENV_VARS[k]})' for k, v in (
-        ('coordinator_address', address), ('num_processes', count),
-        ('process_id', index)) if v is None]
+    missing = [
+        f'--{k} (or {ENV_VARS[k]})'
+        for k, v in (
+            ('coordinator_address', address),
+            ('num_processes', count),
+            ('process_id', index),
+        )
+        if v is None
+    ]
     if missing:
-      raise ConfigError(f'A multi-process run needs --coordinator_address, '
-                        f'--num_processes and --process_id together; '
-                        f'{", ".join(missing)} not set.')
+      raise ConfigError(
+          f'A multi-process run needs --coordinator_address, '
+          f'--num_processes and --process_id together; '
+          f'{", ".join(missing)} not set.'
+      )
     if not 0 <= index < count:
-      raise ConfigError(f'--process_id must be in [0, {count - 1}] for '
-                        f'--num_processes={count}; got {index}.')
+      raise ConfigError(
+          f'--process_id must be in [0, {count - 1}] for '
+          f'--num_processes={count}; got {index}.'
+      )
     logging.info('Process %d of %d, coordinator %s.', index, count, address)
     jax.distributed.initialize(
-        coordinator_address=address, num_processes=count, process_id=index,
-        heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        coordinator_address=address,
+        num_processes=count,
+        process_id=index,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+    )
   else:
     env = _detected_cluster()
     if env is None or env.get_process_count() <= 1:
       return False
-    logging.info('%s detected: starting %d processes.', env.__name__,
-                 env.get_process_count())
+    logging.info(
+        '%s detected: starting %d processes.',
+        env.__name__,
+        env.get_process_count(),
+    )
     jax.distributed.initialize(
-        heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds
+    )
   _state['initialized'] = True
   watch_for_errors()
   return True
@@ -130,6 +153,7 @@ def _client():
   if not _state['initialized']:
     return None
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+
   return jax_distributed.global_state.client
 
 
@@ -170,8 +194,11 @@ def _watch(client, stop: threading.Event):
       # Process 0 hosts the runtime's service: it leaves last, or the
       # others' runtime clients abort the moment it is gone.
       _wait_for(lambda: _try_get(client, DONE_KEY) is not None)
-    _exit(f'{message} (raised on process {origin} of '
-          f'{jax.process_count()}; process {me} stopped too)', 1)
+    _exit(
+        f'{message} (raised on process {origin} of '
+        f'{jax.process_count()}; process {me} stopped too)',
+        1,
+    )
 
 
 def _wait_for(predicate, timeout: float = ACK_TIMEOUT_SECS):
@@ -186,8 +213,12 @@ def watch_for_errors():
   if client is None or _state['watcher'] is not None:
     return
   stop = threading.Event()
-  thread = threading.Thread(target=_watch, args=(client, stop), daemon=True,
-                            name='gaternet_jax-error-watch')
+  thread = threading.Thread(
+      target=_watch,
+      args=(client, stop),
+      daemon=True,
+      name='gaternet_jax-error-watch',
+  )
   thread.start()
   _state.update(watcher=thread, stop=stop)
 
@@ -210,8 +241,13 @@ def fail(message: str, code: int = 1):
   except Exception:  # pylint: disable=broad-except
     pass  # Another process published first: its watcher may stop us.
   _print(message)
-  _wait_for(lambda: all(_try_get(client, f'{ACK_KEY}{p}') is not None
-                        for p in range(count) if p != me))
+  _wait_for(
+      lambda: all(
+          _try_get(client, f'{ACK_KEY}{p}') is not None
+          for p in range(count)
+          if p != me
+      )
+  )
   try:
     client.key_value_set(DONE_KEY, '1')
   except Exception:  # pylint: disable=broad-except
@@ -219,7 +255,6 @@ def fail(message: str, code: int = 1):
   if me == 0:
     time.sleep(POLL_SECS)  # The others are on their way out.
   _exit(None, code)
-
 
 
 def is_multiprocess() -> bool:

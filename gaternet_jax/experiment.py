@@ -42,6 +42,7 @@ class Experiment:
     augmentation: what the train step adds to each batch: the dataset's
       own (`Dataset.augmentation`).
   """
+
   config: ml_collections.ConfigDict
   ds: Optional[datasets.Dataset]
   model: Any
@@ -56,16 +57,25 @@ class Experiment:
 
   def new_state(self, lr_fn, rng: jax.Array) -> steps_lib.TrainState:
     """Freshly initialised parameters and optimiser state, replicated."""
-    return steps_lib.create_train_state(self.config, self.model,
-                                        self.image_shape, lr_fn, rng,
-                                        self.mesh)
+    return steps_lib.create_train_state(
+        self.config, self.model, self.image_shape, lr_fn, rng, self.mesh
+    )
 
-  def steps(self, num_train_steps: int = 1, steps_per_epoch: int = 1
-            ) -> steps_lib.Steps:
+  def steps(
+      self, num_train_steps: int = 1, steps_per_epoch: int = 1
+  ) -> steps_lib.Steps:
     """The jitted train and eval steps of this model on this mesh."""
-    return steps_lib.Steps(self.config, self.spec, self.mesh, self.mean,
-                           self.std, num_train_steps, steps_per_epoch,
-                           self.mac_counter, augmentation=self.augmentation)
+    return steps_lib.Steps(
+        self.config,
+        self.spec,
+        self.mesh,
+        self.mean,
+        self.std,
+        num_train_steps,
+        steps_per_epoch,
+        self.mac_counter,
+        augmentation=self.augmentation,
+    )
 
 
 def num_steps(config, ds):
@@ -82,8 +92,9 @@ def num_steps(config, ds):
   return steps_per_epoch, total
 
 
-def create_mac_counter(model: Any, image_shape) -> Optional[
-    macs_lib.MacCounter]:
+def create_mac_counter(
+    model: Any, image_shape
+) -> Optional[macs_lib.MacCounter]:
   """The model's MAC counter, or None (logged) if its backbone cannot say
   which convs its gates switch off."""
   try:
@@ -93,9 +104,12 @@ def create_mac_counter(model: Any, image_shape) -> Optional[
     return None
 
 
-def setup(config: ml_collections.ConfigDict,
-          dataset: Optional[datasets.Dataset] = None,
-          load_data: bool = True, count_macs: bool = True) -> Experiment:
+def setup(
+    config: ml_collections.ConfigDict,
+    dataset: Optional[datasets.Dataset] = None,
+    load_data: bool = True,
+    count_macs: bool = True,
+) -> Experiment:
   """Builds `config`'s data, model, gate spec, mesh and MAC counter.
 
   Args:
@@ -109,8 +123,7 @@ def setup(config: ml_collections.ConfigDict,
       the eval step counts no MACs).
   """
   if dataset is not None or load_data:
-    ds = dataset if dataset is not None else data_lib.load_dataset(
-        config.data)
+    ds = dataset if dataset is not None else data_lib.load_dataset(config.data)
     image_shape, num_classes = tuple(ds.image_shape), ds.num_classes
     mean, std = tuple(ds.mean), tuple(ds.std)
     augmentation = ds.augmentation
@@ -121,9 +134,18 @@ def setup(config: ml_collections.ConfigDict,
     mean, std = (0.5,) * image_shape[-1], (0.25,) * image_shape[-1]
     augmentation = data_lib.train_augmentation(config.data)
   model = create_model(config.model, num_classes)
-  return Experiment(config=config, ds=ds, model=model,
-                    spec=model.gate_spec(), mesh=sharding.create_mesh(),
-                    mac_counter=(create_mac_counter(model, image_shape)
-                                 if count_macs else None),
-                    image_shape=image_shape, num_classes=num_classes,
-                    mean=mean, std=std, augmentation=augmentation)
+  return Experiment(
+      config=config,
+      ds=ds,
+      model=model,
+      spec=model.gate_spec(),
+      mesh=sharding.create_mesh(),
+      mac_counter=(
+          create_mac_counter(model, image_shape) if count_macs else None
+      ),
+      image_shape=image_shape,
+      num_classes=num_classes,
+      mean=mean,
+      std=std,
+      augmentation=augmentation,
+  )

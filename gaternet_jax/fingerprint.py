@@ -35,8 +35,9 @@ from gaternet_jax.models import create_model
 _COLLECTIONS = ('params', 'batch_stats')
 
 
-def data_fingerprint(data_cfg: ml_collections.ConfigDict,
-                     dataset: Any = None) -> Dict[str, Any]:
+def data_fingerprint(
+    data_cfg: ml_collections.ConfigDict, dataset: Any = None
+) -> Dict[str, Any]:
   """`{'name', 'image_shape', 'num_classes'}` of `data_cfg`'s dataset: of
   `dataset` where one is already loaded, else as `data.dataset_info` says.
   Fields `data_cfg` leaves out take their datasets.DATA_DEFAULTS value."""
@@ -45,13 +46,16 @@ def data_fingerprint(data_cfg: ml_collections.ConfigDict,
     image_shape, num_classes = dataset.image_shape, dataset.num_classes
   else:
     image_shape, num_classes = data_lib.dataset_info(data_cfg)
-  return {'name': data_cfg.name,
-          'image_shape': [int(n) for n in image_shape],
-          'num_classes': int(num_classes)}
+  return {
+      'name': data_cfg.name,
+      'image_shape': [int(n) for n in image_shape],
+      'num_classes': int(num_classes),
+  }
 
 
-def model_fingerprint(model_cfg: ml_collections.ConfigDict, image_shape,
-                      num_classes: int) -> Dict[str, Any]:
+def model_fingerprint(
+    model_cfg: ml_collections.ConfigDict, image_shape, num_classes: int
+) -> Dict[str, Any]:
   """The network `model_cfg` builds for `(height, width, channels)` images
   of `num_classes` classes.
 
@@ -62,26 +66,35 @@ def model_fingerprint(model_cfg: ml_collections.ConfigDict, image_shape,
   model = create_model(model_cfg, num_classes)
   x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
   rngs = {'params': jax.random.key(0), 'gates': jax.random.key(1)}
-  variables = jax.eval_shape(lambda r, x: model.init(r, x, train=False),
-                             rngs, x)
+  variables = jax.eval_shape(
+      lambda r, x: model.init(r, x, train=False), rngs, x
+  )
   flat = traverse_util.flatten_dict(
-      {k: dict(variables[k]) for k in _COLLECTIONS if k in variables},
-      sep='/')
-  return {'gating': model.gating,
-          'gate_sites': [[name, int(n)] for name, n in model.gate_spec()],
-          'variables': {path: [list(v.shape), str(v.dtype)]
-                        for path, v in sorted(flat.items())}}
+      {k: dict(variables[k]) for k in _COLLECTIONS if k in variables}, sep='/'
+  )
+  return {
+      'gating': model.gating,
+      'gate_sites': [[name, int(n)] for name, n in model.gate_spec()],
+      'variables': {
+          path: [list(v.shape), str(v.dtype)]
+          for path, v in sorted(flat.items())
+      },
+  }
 
 
-def fingerprint(config: ml_collections.ConfigDict,
-                dataset: Any = None) -> Dict[str, Any]:
+def fingerprint(
+    config: ml_collections.ConfigDict, dataset: Any = None
+) -> Dict[str, Any]:
   """`{'model': model_fingerprint(...), 'data': data_fingerprint(...)}` of
   an experiment config (on `dataset` if given), its model built for its
   dataset."""
   data = data_fingerprint(config.data, dataset)
-  return {'model': model_fingerprint(config.model, data['image_shape'],
-                                     data['num_classes']),
-          'data': data}
+  return {
+      'model': model_fingerprint(
+          config.model, data['image_shape'], data['num_classes']
+      ),
+      'data': data,
+  }
 
 
 def _as_config(value: Any) -> Any:
@@ -93,9 +106,9 @@ def _as_config(value: Any) -> Any:
   return value
 
 
-def stored_model_config(stored: Dict[str, Any],
-                        config: ml_collections.ConfigDict
-                        ) -> ml_collections.ConfigDict:
+def stored_model_config(
+    stored: Dict[str, Any], config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
   """The `model` config of a workdir's config.json, in today's terms.
 
   An older version's fields are upgraded (gating.upgrade_model_dict); a
@@ -118,8 +131,10 @@ def _first_difference(old: Dict[str, Any], new: Dict[str, Any]) -> str:
   for site in list(old_sites) + [s for s in new_sites if s not in old_sites]:
     was, now = old_sites.get(site), new_sites.get(site)
     if was != now:
-      return (f"its gate site {site} has {was or 'no'} filters, this "
-              f"config's {now or 'no'}")
+      return (
+          f"its gate site {site} has {was or 'no'} filters, this "
+          f"config's {now or 'no'}"
+      )
   for path in sorted(set(old['variables']) | set(new['variables'])):
     was, now = old['variables'].get(path), new['variables'].get(path)
     if was != now:
@@ -131,8 +146,11 @@ def _variable(entry: Optional[list]) -> str:
   return 'absent' if entry is None else f'{tuple(entry[0])} {entry[1]}'
 
 
-def difference(config: ml_collections.ConfigDict, stored: Dict[str, Any],
-               dataset: Any = None) -> Optional[Tuple[str, str]]:
+def difference(
+    config: ml_collections.ConfigDict,
+    stored: Dict[str, Any],
+    dataset: Any = None,
+) -> Optional[Tuple[str, str]]:
   """Whether a workdir's run (its config.json, `stored`) differs from
   `config`'s (on `dataset`, if one is already loaded) in what its
   checkpoints depend on.
@@ -150,8 +168,9 @@ def difference(config: ml_collections.ConfigDict, stored: Dict[str, Any],
   new = fingerprint(config, dataset)
   shape, classes = new['data']['image_shape'], new['data']['num_classes']
   try:
-    old_model = model_fingerprint(stored_model_config(stored, config), shape,
-                                  classes)
+    old_model = model_fingerprint(
+        stored_model_config(stored, config), shape, classes
+    )
   except (TypeError, ValueError) as e:  # UserErrors are ValueErrors.
     # Today's code cannot build it: a network of another version.
     return 'model', f"its model does not build here: {str(e).rstrip('.')}"
@@ -160,8 +179,12 @@ def difference(config: ml_collections.ConfigDict, stored: Dict[str, Any],
   # A workdir's config may hold data fields of an older version; the
   # fingerprint reads only today's.
   old_data_cfg = datasets.data_config(
-      {k: v for k, v in _as_config(stored.get('data', {})).items()
-       if k in datasets.DATA_DEFAULTS})
+      {
+          k: v
+          for k, v in _as_config(stored.get('data', {})).items()
+          if k in datasets.DATA_DEFAULTS
+      }
+  )
   try:
     old_data = data_fingerprint(old_data_cfg)
   except DataError as e:
@@ -169,7 +192,9 @@ def difference(config: ml_collections.ConfigDict, stored: Dict[str, Any],
       return 'data', f"its dataset is unknown here: {str(e).rstrip('.')}"
     old_data = data_fingerprint(old_data_cfg, dataset)
   if old_data != new['data']:
-    return 'data', (f"its dataset is {old_data['name']}, "
-                    f"{tuple(old_data['image_shape'])} images of "
-                    f"{old_data['num_classes']} classes")
+    return 'data', (
+        f"its dataset is {old_data['name']}, "
+        f"{tuple(old_data['image_shape'])} images of "
+        f"{old_data['num_classes']} classes"
+    )
   return None

@@ -78,6 +78,7 @@ class GateSpec:
     """All-open gates: the backbone then computes its dense function."""
     return {name: jnp.ones((batch, n), dtype) for name, n in self.sites}
 
+
 def saturating_sigmoid(x: jax.Array) -> jax.Array:
   """sigma'(x) = max(0, min(1, 1.2 * sigmoid(x) - 0.1))."""
   return jnp.clip(1.2 * jax.nn.sigmoid(x) - 0.1, 0.0, 1.0)
@@ -108,8 +109,9 @@ def binarize(x: jax.Array, rule: str = 'paper') -> jax.Array:
   elif rule == 'paper':
     on = x > 0
   else:
-    raise ValueError(f'binarize rule must be one of {BINARIZE_RULES}; got '
-                     f'{rule!r}.')
+    raise ValueError(
+        f'binarize rule must be one of {BINARIZE_RULES}; got ' f'{rule!r}.'
+    )
   return on.astype(x.dtype)
 
 
@@ -165,7 +167,8 @@ def improved_semhash(
     raise ValueError('improved_semhash needs an rng in training mode.')
   noise_rng, mix_rng = jax.random.split(rng)
   noisy = logits + noise_std * jax.random.normal(
-      noise_rng, logits.shape, logits.dtype)
+      noise_rng, logits.shape, logits.dtype
+  )
   g_alpha = saturating_sigmoid(noisy)
   g_beta = hard_gate(noisy, rule)
   # One Bernoulli draw per sample, broadcast over that sample's gates.
@@ -234,13 +237,17 @@ def gate_l1(gates: Mapping[str, jax.Array], spec: GateSpec) -> jax.Array:
   """||G(x)||_1 / c averaged over the batch; 0 for an empty spec."""
   if not spec:
     return jnp.zeros((), jnp.float32)
-  total = sum(jnp.sum(gates[name].astype(jnp.float32), axis=-1)
-              for name in spec.names)
+  total = sum(
+      jnp.sum(gates[name].astype(jnp.float32), axis=-1) for name in spec.names
+  )
   return jnp.mean(total) / spec.total
 
 
-def gate_on_counts(gates: Mapping[str, jax.Array], spec: GateSpec,
-                   mask: Optional[jax.Array] = None) -> jax.Array:
+def gate_on_counts(
+    gates: Mapping[str, jax.Array],
+    spec: GateSpec,
+    mask: Optional[jax.Array] = None,
+) -> jax.Array:
   """Per gate, how many (unmasked) samples have it on: `(total,)` int32."""
   flat = is_on(spec.flatten(gates))
   if mask is not None:
@@ -248,8 +255,9 @@ def gate_on_counts(gates: Mapping[str, jax.Array], spec: GateSpec,
   return jnp.sum(flat, axis=0, dtype=jnp.int32)
 
 
-def gate_type_counts(on_counts: np.ndarray, num_samples: int,
-                     spec: GateSpec) -> Dict[str, Dict[str, int]]:
+def gate_type_counts(
+    on_counts: np.ndarray, num_samples: int, spec: GateSpec
+) -> Dict[str, Dict[str, int]]:
   """Always-on / always-off / input-dependent counts, per site and in total.
 
   Args:
@@ -266,16 +274,23 @@ def gate_type_counts(on_counts: np.ndarray, num_samples: int,
   def kinds(c):
     on = int(np.sum(c == num_samples))
     off = int(np.sum(c == 0))
-    return {'always_on': on, 'always_off': off,
-            'input_dependent': int(c.size) - on - off}
+    return {
+        'always_on': on,
+        'always_off': off,
+        'input_dependent': int(c.size) - on - off,
+    }
 
   out = {name: kinds(on_counts[a:b]) for name, (a, b) in spec.offsets().items()}
   out['total'] = kinds(on_counts)
   return out
 
 
-def drop_gates(gates: Mapping[str, jax.Array], spec: GateSpec,
-               rate: jax.Array, rng: jax.Array) -> Gates:
+def drop_gates(
+    gates: Mapping[str, jax.Array],
+    spec: GateSpec,
+    rate: jax.Array,
+    rng: jax.Array,
+) -> Gates:
   """Dropout on the gate vector (GaterNet Appendix B's scheduled dropout).
 
   Each gate is closed with probability `rate` (a scalar, possibly traced).

@@ -31,8 +31,10 @@ METHODS = (NONE, GATER, LOCAL)
 def check(value: Any, field: str = 'model.gating') -> str:
   """`value` if it names a method, else a ConfigError naming the field."""
   if value not in METHODS:
-    raise ConfigError(f'{field} must be one of {", ".join(map(repr, METHODS))}'
-                      f'; got {value!r}.')
+    raise ConfigError(
+        f'{field} must be one of {", ".join(map(repr, METHODS))}'
+        f'; got {value!r}.'
+    )
   return value
 
 
@@ -40,11 +42,15 @@ def method(config: ml_collections.ConfigDict) -> str:
   """The gating method of an experiment config (or of its `model` part)."""
   model_cfg = config.model if 'model' in config else config
   if 'gated' in model_cfg:
-    raise ConfigError("model.gated was replaced by model.gating: 'gater' for "
-                      "GaterNet, 'none' for the baseline.")
+    raise ConfigError(
+        "model.gated was replaced by model.gating: 'gater' for "
+        "GaterNet, 'none' for the baseline."
+    )
   if 'local_gating' in model_cfg.backbone:
-    raise ConfigError("model.backbone.local_gating was replaced by "
-                      "model.gating='local' and model.local_gating.")
+    raise ConfigError(
+        'model.backbone.local_gating was replaced by '
+        "model.gating='local' and model.local_gating."
+    )
   return check(model_cfg.gating)
 
 

@@ -68,8 +68,13 @@ from gaternet_jax import sources
 from gaternet_jax.errors import ConfigError, DataError
 
 __all__ = [
-    'IMAGENET_MEAN', 'IMAGENET_STD', 'Preprocessing', 'TfdataDataset',
-    'from_file_lists', 'load_imagenet', 'make_eval_preprocess',
+    'IMAGENET_MEAN',
+    'IMAGENET_STD',
+    'Preprocessing',
+    'TfdataDataset',
+    'from_file_lists',
+    'load_imagenet',
+    'make_eval_preprocess',
     'make_train_preprocess',
 ]
 
@@ -95,7 +100,8 @@ def _import_tf():
   except ImportError as e:
     raise DataError(
         f'The streaming ImageNet input pipeline needs TensorFlow ({e}); '
-        f'{_INSTALL_HINT}.') from e
+        f'{_INSTALL_HINT}.'
+    ) from e
   sources.hide_accelerators(tf)
   return tf
 
@@ -129,11 +135,14 @@ class Preprocessing:
     antialias: low-pass filter when downscaling, as PIL (and so torchvision)
       always does.
   """
+
   image_size: int = datasets.DATA_DEFAULTS['image_size']
   crop_area_range: Tuple[float, float] = datasets.DATA_DEFAULTS[
-      'crop_area_range']
+      'crop_area_range'
+  ]
   aspect_ratio_range: Tuple[float, float] = datasets.DATA_DEFAULTS[
-      'aspect_ratio_range']
+      'aspect_ratio_range'
+  ]
   eval_crop_fraction: float = datasets.DATA_DEFAULTS['eval_crop_fraction']
   resize_method: str = datasets.DATA_DEFAULTS['resize_method']
   antialias: bool = datasets.DATA_DEFAULTS['antialias']
@@ -148,29 +157,41 @@ class Preprocessing:
     """
     data_cfg = datasets.data_config(data_cfg)
     size = data_cfg.image_size
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
-        size < 1):
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, (int, np.integer))
+        or (size < 1)
+    ):
       raise ConfigError(f'data.image_size={size!r} must be a positive int.')
     area = _float_range(data_cfg, 'crop_area_range')
     if not 0 < area[0] <= area[1] <= 1:
-      raise ConfigError(f'data.crop_area_range={area} must satisfy '
-                        '0 < low <= high <= 1.')
+      raise ConfigError(
+          f'data.crop_area_range={area} must satisfy ' '0 < low <= high <= 1.'
+      )
     ratio = _float_range(data_cfg, 'aspect_ratio_range')
     if not 0 < ratio[0] <= ratio[1]:
-      raise ConfigError(f'data.aspect_ratio_range={ratio} must satisfy '
-                        '0 < low <= high.')
+      raise ConfigError(
+          f'data.aspect_ratio_range={ratio} must satisfy ' '0 < low <= high.'
+      )
     fraction = float(data_cfg.eval_crop_fraction)
     if not 0 < fraction <= 1:
       raise ConfigError(
-          f'data.eval_crop_fraction={fraction} must be in (0, 1].')
+          f'data.eval_crop_fraction={fraction} must be in (0, 1].'
+      )
     method = data_cfg.resize_method
     if method not in _RESIZE_METHODS:
-      raise ConfigError(f'data.resize_method={method!r} must be one of '
-                        f'{", ".join(_RESIZE_METHODS)}.')
-    return cls(image_size=int(size), crop_area_range=area,
-               aspect_ratio_range=ratio, eval_crop_fraction=fraction,
-               resize_method=method,
-               antialias=bool(data_cfg.antialias))
+      raise ConfigError(
+          f'data.resize_method={method!r} must be one of '
+          f'{", ".join(_RESIZE_METHODS)}.'
+      )
+    return cls(
+        image_size=int(size),
+        crop_area_range=area,
+        aspect_ratio_range=ratio,
+        eval_crop_fraction=fraction,
+        resize_method=method,
+        antialias=bool(data_cfg.antialias),
+    )
 
 
 def _float_range(data_cfg, key):
@@ -188,8 +209,9 @@ def _float_range(data_cfg, key):
 def _resize_to_uint8(tf, image, prep: Preprocessing):
   """(h, w, 3) uint8 -> (size, size, 3) uint8."""
   size = prep.image_size
-  image = tf.image.resize(image, [size, size], method=prep.resize_method,
-                          antialias=prep.antialias)
+  image = tf.image.resize(
+      image, [size, size], method=prep.resize_method, antialias=prep.antialias
+  )
   # Bicubic and lanczos overshoot [0, 255]; round rather than truncate.
   image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
   return tf.ensure_shape(image, [size, size, 3])
@@ -203,6 +225,7 @@ def _decode_window(tf, encoded, window_fn):
   has PNGs named .JPEG) decode whole and are sliced. channels=3 turns
   grayscale and CMYK into RGB.
   """
+
   def jpeg():
     window = window_fn(tf.image.extract_jpeg_shape(encoded))
     return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
@@ -210,8 +233,11 @@ def _decode_window(tf, encoded, window_fn):
   def other():
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     window = window_fn(tf.shape(image))
-    return tf.slice(image, tf.stack([window[0], window[1], 0]),
-                    tf.stack([window[2], window[3], 3]))
+    return tf.slice(
+        image,
+        tf.stack([window[0], window[1], 0]),
+        tf.stack([window[2], window[3], 3]),
+    )
 
   return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
 
@@ -234,21 +260,26 @@ def make_train_preprocess(prep: Preprocessing):
     crop_h = tf.where(ratio < low_ratio, tf.round(w / low_ratio), h)
     crop_h = tf.clip_by_value(tf.cast(crop_h, tf.int32), 1, height)
     crop_w = tf.clip_by_value(tf.cast(crop_w, tf.int32), 1, width)
-    return tf.stack([(height - crop_h) // 2, (width - crop_w) // 2, crop_h,
-                     crop_w])
+    return tf.stack(
+        [(height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w]
+    )
 
   def preprocess(encoded, seed):
     crop_seed, flip_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 2))
+        tf.random.experimental.stateless_split(seed, 2)
+    )
 
     def window_fn(shape):
       begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-          shape, bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
-          seed=crop_seed, min_object_covered=0.0,
+          shape,
+          bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
+          seed=crop_seed,
+          min_object_covered=0.0,
           aspect_ratio_range=prep.aspect_ratio_range,
           area_range=prep.crop_area_range,
           max_attempts=_MAX_CROP_ATTEMPTS,
-          use_image_if_no_bounding_boxes=True)
+          use_image_if_no_bounding_boxes=True,
+      )
       # After max_attempts misses the op returns the whole image; a whole
       # image outside the ratio range becomes its clamped central crop.
       whole = (size[0] == shape[0]) & (size[1] == shape[1])
@@ -277,8 +308,8 @@ def make_eval_preprocess(prep: Preprocessing):
     height, width = shape[0], shape[1]
     short = tf.minimum(height, width)
     side = tf.cast(
-        tf.round(tf.cast(short, tf.float32) * (size / resized_short)),
-        tf.int32)
+        tf.round(tf.cast(short, tf.float32) * (size / resized_short)), tf.int32
+    )
     side = tf.clip_by_value(side, 1, short)
     return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
@@ -294,15 +325,16 @@ def make_eval_preprocess(prep: Preprocessing):
 
 @dataclasses.dataclass(frozen=True)
 class _EpochSeeds:
-  order: int    # permutation of the files / TFDS file shuffle
-  buffer: int   # tf.data shuffle buffer
+  order: int  # permutation of the files / TFDS file shuffle
+  buffer: int  # tf.data shuffle buffer
   augment: int  # first word of every example's stateless seed
 
 
 def _epoch_seeds(seed: int, epoch: int, process_index: int) -> _EpochSeeds:
   # SeedSequence mixes the words well and takes no negative ints.
   words = np.random.SeedSequence(
-      [int(seed) % 2**64, epoch, process_index]).generate_state(3, np.uint32)
+      [int(seed) % 2**64, epoch, process_index]
+  ).generate_state(3, np.uint32)
   return _EpochSeeds(*(int(w) for w in words))
 
 
@@ -313,12 +345,24 @@ def _epoch_seeds(seed: int, epoch: int, process_index: int) -> _EpochSeeds:
 class _FileSource:
   """Image files listed up front; process i reads files i, i + P, ..."""
 
-  def __init__(self, train_files, train_labels, eval_files, eval_labels,
-               process_index, process_count, num_parallel_calls):
-    self._train = (np.asarray(train_files, dtype=object),
-                   np.asarray(train_labels, np.int32))
-    self._eval = (np.asarray(eval_files, dtype=object),
-                  np.asarray(eval_labels, np.int32))
+  def __init__(
+      self,
+      train_files,
+      train_labels,
+      eval_files,
+      eval_labels,
+      process_index,
+      process_count,
+      num_parallel_calls,
+  ):
+    self._train = (
+        np.asarray(train_files, dtype=object),
+        np.asarray(train_labels, np.int32),
+    )
+    self._eval = (
+        np.asarray(eval_files, dtype=object),
+        np.asarray(eval_labels, np.int32),
+    )
     self._index, self._count = process_index, process_count
     self._parallel = num_parallel_calls
     self._cached_train = None
@@ -336,13 +380,15 @@ class _FileSource:
     return files[sl], labels[sl]
 
   def _read(self, tf, files, labels):
-    ds = tf.data.Dataset.from_tensor_slices(
-        (files.astype(str), labels))
-    return ds.map(lambda path, label: (tf.io.read_file(path), label),
-                  num_parallel_calls=self._parallel)
+    ds = tf.data.Dataset.from_tensor_slices((files.astype(str), labels))
+    return ds.map(
+        lambda path, label: (tf.io.read_file(path), label),
+        num_parallel_calls=self._parallel,
+    )
 
-  def train_records(self, tf, seeds: _EpochSeeds, skip: int, cache: bool,
-                    shuffle_buffer: int):
+  def train_records(
+      self, tf, seeds: _EpochSeeds, skip: int, cache: bool, shuffle_buffer: int
+  ):
     """(encoded, label) in epoch order, from position `skip` on."""
     del shuffle_buffer  # The permutation below is a full shuffle.
     files, labels = self._shard('train')
@@ -352,8 +398,8 @@ class _FileSource:
       if self._cached_train is None:
         self._cached_train = self._read(tf, files, labels).cache()
       return self._cached_train.shuffle(
-          max(len(files), 1), seed=seeds.buffer,
-          reshuffle_each_iteration=False).skip(skip)
+          max(len(files), 1), seed=seeds.buffer, reshuffle_each_iteration=False
+      ).skip(skip)
     order = np.random.default_rng(seeds.order).permutation(len(files))[skip:]
     return self._read(tf, files[order], labels[order])
 
@@ -369,8 +415,16 @@ class _FileSource:
 class _TfdsSource:
   """A prepared TFDS dataset; process i reads split_for_jax_process's i."""
 
-  def __init__(self, tfds, builder, train_split, eval_split, process_index,
-               process_count, num_parallel_calls):
+  def __init__(
+      self,
+      tfds,
+      builder,
+      train_split,
+      eval_split,
+      process_index,
+      process_count,
+      num_parallel_calls,
+  ):
     self._tfds = tfds
     self._builder = builder
     self._index, self._count = process_index, process_count
@@ -380,11 +434,13 @@ class _TfdsSource:
     for key, split in self._splits.items():
       # Even splits: shards of the records (whole files where the sizes
       # allow), sizes differing by at most one.
-      shards = [tfds.split_for_jax_process(split, process_index=i,
-                                           process_count=process_count)
-                for i in range(process_count)]
-      self._sizes[key] = [builder.info.splits[s].num_examples
-                          for s in shards]
+      shards = [
+          tfds.split_for_jax_process(
+              split, process_index=i, process_count=process_count
+          )
+          for i in range(process_count)
+      ]
+      self._sizes[key] = [builder.info.splits[s].num_examples for s in shards]
       self._splits[key] = shards[process_index]
     self._cached_train = None
 
@@ -396,29 +452,39 @@ class _TfdsSource:
 
   def _read(self, tf, split, shuffle_files, shuffle_seed=None):
     read_config = self._tfds.ReadConfig(
-        options=_data_options(tf), try_autocache=False,
-        shuffle_seed=shuffle_seed, shuffle_reshuffle_each_iteration=False)
+        options=_data_options(tf),
+        try_autocache=False,
+        shuffle_seed=shuffle_seed,
+        shuffle_reshuffle_each_iteration=False,
+    )
     ds = self._builder.as_dataset(
-        split=self._splits[split], shuffle_files=shuffle_files,
+        split=self._splits[split],
+        shuffle_files=shuffle_files,
         read_config=read_config,
-        decoders={'image': self._tfds.decode.SkipDecoding()})
+        decoders={'image': self._tfds.decode.SkipDecoding()},
+    )
     return ds.map(
         lambda ex: (ex['image'], tf.cast(ex['label'], tf.int32)),
-        num_parallel_calls=self._parallel)
+        num_parallel_calls=self._parallel,
+    )
 
-  def train_records(self, tf, seeds: _EpochSeeds, skip: int, cache: bool,
-                    shuffle_buffer: int):
+  def train_records(
+      self, tf, seeds: _EpochSeeds, skip: int, cache: bool, shuffle_buffer: int
+  ):
     if cache:
       if self._cached_train is None:
         self._cached_train = self._read(tf, 'train', False).cache()
       ds = self._cached_train.shuffle(
-          max(self._sizes['train'][self._index], 1), seed=seeds.buffer,
-          reshuffle_each_iteration=False)
+          max(self._sizes['train'][self._index], 1),
+          seed=seeds.buffer,
+          reshuffle_each_iteration=False,
+      )
     else:
       ds = self._read(tf, 'train', True, seeds.order)
       if shuffle_buffer > 1:
-        ds = ds.shuffle(shuffle_buffer, seed=seeds.buffer,
-                        reshuffle_each_iteration=False)
+        ds = ds.shuffle(
+            shuffle_buffer, seed=seeds.buffer, reshuffle_each_iteration=False
+        )
     # Reads the skipped records, before they are decoded.
     return ds.skip(skip)
 
@@ -439,8 +505,9 @@ class _InBackground:
   def __init__(self, fn, *args):
     self._value, self._error = None, None
     # A daemon thread: an abandoned iterator must not hold up the exit.
-    self._thread = threading.Thread(target=self._run, args=(fn, args),
-                                    name='next_epoch_input', daemon=True)
+    self._thread = threading.Thread(
+        target=self._run, args=(fn, args), name='next_epoch_input', daemon=True
+    )
     self._thread.start()
 
   def _run(self, fn, args):
@@ -481,10 +548,20 @@ class TfdataDataset:
     process_count: number of processes (shards).
   """
 
-  def __init__(self, *, name: str, source, num_classes: int,
-               preprocessing: Preprocessing, options: _PipelineOptions,
-               mean: Sequence[float], std: Sequence[float],
-               test_split_name: str, process_index: int, process_count: int):
+  def __init__(
+      self,
+      *,
+      name: str,
+      source,
+      num_classes: int,
+      preprocessing: Preprocessing,
+      options: _PipelineOptions,
+      mean: Sequence[float],
+      std: Sequence[float],
+      test_split_name: str,
+      process_index: int,
+      process_count: int,
+  ):
     self.name = name
     self.num_classes = int(num_classes)
     self.mean = tuple(float(m) for m in mean)
@@ -524,7 +601,8 @@ class TfdataDataset:
     if batch_size < 1 or batch_size % self.process_count:
       raise ConfigError(
           f'{what}={batch_size} must be a positive multiple of the number '
-          f'of processes ({self.process_count}).')
+          f'of processes ({self.process_count}).'
+      )
     return batch_size // self.process_count
 
   def steps_per_epoch(self, batch_size: int) -> int:
@@ -535,20 +613,23 @@ class TfdataDataset:
       raise ConfigError(
           f'batch_size={batch_size} exceeds the {self.num_train_examples} '
           f'training examples ({min(self._source.shard_sizes("train"))} per '
-          'process).')
+          'process).'
+      )
     return steps
 
   # -- train ------------------------------------------------------------------
 
-  def _epoch_dataset(self, rows: int, seed: int, epoch: int, first_step: int,
-                     steps: int):
+  def _epoch_dataset(
+      self, rows: int, seed: int, epoch: int, first_step: int, steps: int
+  ):
     """Batches `first_step`..steps-1 of epoch `epoch` as a tf.data pipeline."""
     tf = _import_tf()
     opts = self._options
     seeds = _epoch_seeds(seed, epoch, self.process_index)
     skip = first_step * rows
-    records = self._source.train_records(tf, seeds, skip, opts.cache,
-                                         opts.shuffle_buffer)
+    records = self._source.train_records(
+        tf, seeds, skip, opts.cache, opts.shuffle_buffer
+    )
     records = records.take(steps * rows - skip)
     preprocess = self._train_preprocess()
     augment_seed = tf.constant(seeds.augment, tf.int64)
@@ -561,7 +642,8 @@ class TfdataDataset:
       return {'image': image, 'label': label}
 
     ds = records.enumerate(start=skip).map(
-        example, num_parallel_calls=opts.num_parallel_calls)
+        example, num_parallel_calls=opts.num_parallel_calls
+    )
     ds = _prefetch(ds.batch(rows, drop_remainder=True), opts.prefetch)
     return ds.with_options(_data_options(tf))
 
@@ -572,22 +654,28 @@ class TfdataDataset:
       # Each epoch builds a new pipeline; calling one traced function keeps
       # that cheap (tracing the preprocessing takes about a second).
       self._train_fn = tf.function(
-          make_train_preprocess(self.preprocessing), autograph=False,
-          input_signature=[tf.TensorSpec([], tf.string),
-                           tf.TensorSpec([2], tf.int64)])
+          make_train_preprocess(self.preprocessing),
+          autograph=False,
+          input_signature=[
+              tf.TensorSpec([], tf.string),
+              tf.TensorSpec([2], tf.int64),
+          ],
+      )
     return self._train_fn
 
   def _start_epoch(self, rows, seed, epoch, first_step, steps):
     """An iterator over the epoch's numpy batches, its first one fetched."""
-    it = self._epoch_dataset(rows, seed, epoch, first_step,
-                             steps).as_numpy_iterator()
+    it = self._epoch_dataset(
+        rows, seed, epoch, first_step, steps
+    ).as_numpy_iterator()
     # Fetching one batch starts the reading threads and fills the shuffle
     # buffer; done in the background near the end of the previous epoch.
     first = next(it)
     return itertools.chain([first], it)
 
-  def train_batches(self, batch_size: int, seed: int, start_step: int = 0
-                    ) -> Iterator[Dict[str, np.ndarray]]:
+  def train_batches(
+      self, batch_size: int, seed: int, start_step: int = 0
+  ) -> Iterator[Dict[str, np.ndarray]]:
     """This process's rows of global train batches `start_step`, ... forever.
 
     Yields:
@@ -602,8 +690,9 @@ class TfdataDataset:
       raise ConfigError(f'start_step={start_step} must be >= 0.')
     # Building an epoch's pipeline and filling its shuffle buffer take a
     # while; the next one starts this many batches before the current ends.
-    fill = self._source.shuffle_fill(self._options.cache,
-                                     self._options.shuffle_buffer)
+    fill = self._source.shuffle_fill(
+        self._options.cache, self._options.shuffle_buffer
+    )
     lookahead = min(steps, max(2, -(-fill // rows)))
     return self._chain_epochs(rows, int(seed), start_step, steps, lookahead)
 
@@ -614,8 +703,9 @@ class TfdataDataset:
       upcoming = None
       for step in range(first_step, steps):
         if upcoming is None and steps - step <= lookahead:
-          upcoming = _InBackground(self._start_epoch, rows, seed, epoch + 1,
-                                   0, steps)
+          upcoming = _InBackground(
+              self._start_epoch, rows, seed, epoch + 1, 0, steps
+          )
         yield next(batches)
       batches = upcoming.result()
       epoch, first_step = epoch + 1, 0
@@ -633,10 +723,13 @@ class TfdataDataset:
       opts = self._options
       preprocess = make_eval_preprocess(self.preprocessing)
       ds = self._source.eval_records(tf).map(
-          lambda encoded, label: {'image': preprocess(encoded),
-                                  'label': label,
-                                  'mask': tf.constant(1.0, tf.float32)},
-          num_parallel_calls=opts.num_parallel_calls)
+          lambda encoded, label: {
+              'image': preprocess(encoded),
+              'label': label,
+              'mask': tf.constant(1.0, tf.float32),
+          },
+          num_parallel_calls=opts.num_parallel_calls,
+      )
       # One dataset object for all calls, so the cache filled by the first
       # full pass serves the later ones.
       self._eval_examples_ds = ds.cache() if opts.cache else ds
@@ -650,14 +743,16 @@ class TfdataDataset:
     size = self.preprocessing.image_size
     shard = self._source.shard_sizes('eval')[self.process_index]
     padding = self.num_eval_batches(batch_size) * rows - shard
-    pad = tf.data.Dataset.from_tensors({
-        'image': tf.zeros([size, size, 3], tf.uint8),
-        'label': tf.constant(0, tf.int32),
-        'mask': tf.constant(0.0, tf.float32)}).repeat(padding)
+    pad = tf.data.Dataset.from_tensors(
+        {
+            'image': tf.zeros([size, size, 3], tf.uint8),
+            'label': tf.constant(0, tf.int32),
+            'mask': tf.constant(0.0, tf.float32),
+        }
+    ).repeat(padding)
     ds = self._eval_examples()
     ds = ds.concatenate(pad).batch(rows, drop_remainder=True)
-    return _prefetch(ds, self._options.prefetch).with_options(
-        _data_options(tf))
+    return _prefetch(ds, self._options.prefetch).with_options(_data_options(tf))
 
   def eval_batches(self, batch_size: int) -> Iterator[Dict[str, np.ndarray]]:
     """The eval split once, in padded global batches with a 'mask'.
@@ -676,22 +771,28 @@ class TfdataDataset:
 
 def _pipeline_options(data_cfg, tf) -> _PipelineOptions:
   """The tf.data options of the complete `data_cfg`."""
+
   def count(key, allow_autotune):
     value = data_cfg[key]
     if value is None or (allow_autotune and value == tf.data.AUTOTUNE):
       return tf.data.AUTOTUNE
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-        value < 0):
-      raise ConfigError(f'data.{key}={value!r} must be a non-negative int'
-                        + (' or None (autotune).' if allow_autotune else '.'))
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or (value < 0)
+    ):
+      raise ConfigError(
+          f'data.{key}={value!r} must be a non-negative int'
+          + (' or None (autotune).' if allow_autotune else '.')
+      )
     return int(value)
 
   return _PipelineOptions(
       shuffle_buffer=count('shuffle_buffer', False),
       cache=bool(data_cfg.cache),
       prefetch=count('prefetch', True),
-      num_parallel_calls=count('num_parallel_calls', True) or
-      tf.data.AUTOTUNE)
+      num_parallel_calls=count('num_parallel_calls', True) or tf.data.AUTOTUNE,
+  )
 
 
 def _process(process_index, process_count):
@@ -707,17 +808,26 @@ def _stats(data_cfg):
   mean = data_cfg.mean or IMAGENET_MEAN
   std = data_cfg.std or IMAGENET_STD
   if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-    raise ConfigError(f'data.mean={mean} and data.std={std} need 3 values '
-                      'each, the stds positive.')
+    raise ConfigError(
+        f'data.mean={mean} and data.std={std} need 3 values '
+        'each, the stds positive.'
+    )
   return mean, std
 
 
-def from_file_lists(train_files: Sequence[str], train_labels: Sequence[int],
-                    eval_files: Sequence[str], eval_labels: Sequence[int],
-                    num_classes: int, data_cfg, *, name: str = 'image_folder',
-                    test_split_name: str = 'val',
-                    process_index: Optional[int] = None,
-                    process_count: Optional[int] = None) -> TfdataDataset:
+def from_file_lists(
+    train_files: Sequence[str],
+    train_labels: Sequence[int],
+    eval_files: Sequence[str],
+    eval_labels: Sequence[int],
+    num_classes: int,
+    data_cfg,
+    *,
+    name: str = 'image_folder',
+    test_split_name: str = 'val',
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> TfdataDataset:
   """A dataset over explicit lists of image files and their labels.
 
   Reads the preprocessing and pipeline fields of `data_cfg` (see
@@ -727,17 +837,32 @@ def from_file_lists(train_files: Sequence[str], train_labels: Sequence[int],
   tf = _import_tf()
   index, count = _process(process_index, process_count)
   if len(train_files) != len(train_labels) or len(eval_files) != len(
-      eval_labels):
+      eval_labels
+  ):
     raise DataError('Every image file needs one label.')
   options = _pipeline_options(data_cfg, tf)
-  source = _FileSource(train_files, train_labels, eval_files, eval_labels,
-                       index, count, options.num_parallel_calls)
+  source = _FileSource(
+      train_files,
+      train_labels,
+      eval_files,
+      eval_labels,
+      index,
+      count,
+      options.num_parallel_calls,
+  )
   mean, std = _stats(data_cfg)
   return TfdataDataset(
-      name=name, source=source, num_classes=num_classes,
-      preprocessing=Preprocessing.from_config(data_cfg), options=options,
-      mean=mean, std=std, test_split_name=test_split_name,
-      process_index=index, process_count=count)
+      name=name,
+      source=source,
+      num_classes=num_classes,
+      preprocessing=Preprocessing.from_config(data_cfg),
+      options=options,
+      mean=mean,
+      std=std,
+      test_split_name=test_split_name,
+      process_index=index,
+      process_count=count,
+  )
 
 
 def _folder_split(root, split, classes=None):
@@ -746,14 +871,16 @@ def _folder_split(root, split, classes=None):
   if not tree or not any(tree.values()):
     raise DataError(
         f'{paths.join(root, split)} holds no <class>/*.JPEG|jpg|png '
-        'images; expected the layout <data_dir>/<split>/<class>/<image>.')
+        'images; expected the layout <data_dir>/<split>/<class>/<image>.'
+    )
   if classes is None:
     classes = list(tree)
   unknown = sorted(set(tree) - set(classes))
   if unknown:
     raise DataError(
         f'{paths.join(root, split)} has class folders {unknown[:5]} that '
-        'the train split lacks; both splits need the same classes.')
+        'the train split lacks; both splits need the same classes.'
+    )
   files, labels = sources.label_files(tree, classes)
   return files, labels, classes
 
@@ -762,32 +889,46 @@ def _load_image_folder(data_cfg, index, count):
   """The image folder dataset of the complete `data_cfg`."""
   data_dir = data_cfg.data_dir
   if not data_dir:
-    raise DataError("data.name='image_folder' needs data.data_dir, the "
-                    'folder holding <split>/<class>/<image> files.')
+    raise DataError(
+        "data.name='image_folder' needs data.data_dir, the "
+        'folder holding <split>/<class>/<image> files.'
+    )
   root = os.fspath(data_dir)
   root = root if paths.is_remote(root) else os.path.expanduser(root)
   if not paths.resolve(root).is_dir():
-    raise DataError(f'data.data_dir {root} is not a directory; check the '
-                    'path.')
+    raise DataError(
+        f'data.data_dir {root} is not a directory; check the ' 'path.'
+    )
   train_split = data_cfg.train_split
   if not paths.resolve(paths.join(root, train_split)).is_dir():
-    raise DataError(f'{root} has no {train_split}/ subfolder; expected the '
-                    'layout <data_dir>/train/<class>/<image>.')
+    raise DataError(
+        f'{root} has no {train_split}/ subfolder; expected the '
+        'layout <data_dir>/train/<class>/<image>.'
+    )
   eval_split = data_cfg.eval_split
   candidates = [eval_split] if eval_split else []
   if not eval_split or eval_split in _EVAL_SPLIT_FALLBACKS:
     candidates += [s for s in _EVAL_SPLIT_FALLBACKS if s not in candidates]
-  found = [s for s in candidates
-           if paths.resolve(paths.join(root, s)).is_dir()]
+  found = [s for s in candidates if paths.resolve(paths.join(root, s)).is_dir()]
   if not found:
-    raise DataError(f'{root} has none of the eval subfolders '
-                    f'{", ".join(candidates)}; add one laid out like train/.')
+    raise DataError(
+        f'{root} has none of the eval subfolders '
+        f'{", ".join(candidates)}; add one laid out like train/.'
+    )
   train_files, train_labels, classes = _folder_split(root, train_split)
   eval_files, eval_labels, _ = _folder_split(root, found[0], classes)
   return from_file_lists(
-      train_files, train_labels, eval_files, eval_labels, len(classes),
-      data_cfg, name='image_folder', test_split_name=found[0],
-      process_index=index, process_count=count)
+      train_files,
+      train_labels,
+      eval_files,
+      eval_labels,
+      len(classes),
+      data_cfg,
+      name='image_folder',
+      test_split_name=found[0],
+      process_index=index,
+      process_count=count,
+  )
 
 
 def _load_tfds(data_cfg, index, count):
@@ -796,33 +937,56 @@ def _load_tfds(data_cfg, index, count):
   name = data_cfg.tfds_name
   data_dir = data_cfg.data_dir or None  # '' is TFDS's default too.
   if data_dir and not tf.io.gfile.exists(data_dir):
-    raise DataError(f'data.data_dir {data_dir} does not exist; check the '
-                    'path.')
+    raise DataError(
+        f'data.data_dir {data_dir} does not exist; check the ' 'path.'
+    )
   train_split = data_cfg.train_split
   eval_split = data_cfg.eval_split or 'validation'  # '': TFDS's eval split.
   tfds, builder = sources.tfds_builder(
-      name, data_dir, (train_split, eval_split),
+      name,
+      data_dir,
+      (train_split, eval_split),
       needs='data.name=imagenet2012 reads',
       alternative="use data.name='image_folder'",
-      hint=(f'prepare it with `tfds build {name} --data_dir=<dir> '
-            '--manual_dir=<dir with the ILSVRC2012 tars>` or use '
-            "data.name='image_folder'"),
-      split_hint='set data.train_split / data.eval_split')
+      hint=(
+          f'prepare it with `tfds build {name} --data_dir=<dir> '
+          '--manual_dir=<dir with the ILSVRC2012 tars>` or use '
+          "data.name='image_folder'"
+      ),
+      split_hint='set data.train_split / data.eval_split',
+  )
   features = builder.info.features
   options = _pipeline_options(data_cfg, tf)
-  source = _TfdsSource(tfds, builder, train_split, eval_split, index, count,
-                       options.num_parallel_calls)
+  source = _TfdsSource(
+      tfds,
+      builder,
+      train_split,
+      eval_split,
+      index,
+      count,
+      options.num_parallel_calls,
+  )
   mean, std = _stats(data_cfg)
   return TfdataDataset(
-      name=data_cfg.name, source=source,
+      name=data_cfg.name,
+      source=source,
       num_classes=features['label'].num_classes,
-      preprocessing=Preprocessing.from_config(data_cfg), options=options,
-      mean=mean, std=std, test_split_name=eval_split, process_index=index,
-      process_count=count)
+      preprocessing=Preprocessing.from_config(data_cfg),
+      options=options,
+      mean=mean,
+      std=std,
+      test_split_name=eval_split,
+      process_index=index,
+      process_count=count,
+  )
 
 
-def load_imagenet(data_cfg, *, process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> TfdataDataset:
+def load_imagenet(
+    data_cfg,
+    *,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> TfdataDataset:
   """The streamed dataset `data_cfg` describes (a ConfigDict or mapping).
 
   Fields read, with their defaults (datasets.DATA_DEFAULTS, which fill in
@@ -859,5 +1023,7 @@ def load_imagenet(data_cfg, *, process_index: Optional[int] = None,
   if name == 'image_folder':
     _import_tf()
     return _load_image_folder(data_cfg, index, count)
-  raise DataError(f'Unknown streaming dataset data.name={name!r}; use '
-                  "'imagenet2012' (TFDS) or 'image_folder'.")
+  raise DataError(
+      f'Unknown streaming dataset data.name={name!r}; use '
+      "'imagenet2012' (TFDS) or 'image_folder'."
+  )

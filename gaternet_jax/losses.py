@@ -26,17 +26,22 @@ from gaternet_jax.errors import ConfigError
 from gaternet_jax.gates import GateSpec, gate_l1
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array,
-                  weights: Optional[jax.Array] = None,
-                  label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    weights: Optional[jax.Array] = None,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
   """Mean softmax cross-entropy of `(batch, classes)` logits and int labels.
 
   `weights` `(batch,)` masks padded examples (the mean is over the weights).
   """
   num_classes = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
-                                label_smoothing) if label_smoothing else (
-                                    jax.nn.one_hot(labels, num_classes))
+  targets = (
+      optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+      if label_smoothing
+      else (jax.nn.one_hot(labels, num_classes))
+  )
   losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
   if weights is None:
     return jnp.mean(losses)
@@ -50,16 +55,20 @@ def decayed(path) -> bool:
 
 def weight_l2(params: Any) -> jax.Array:
   """0.5 * sum of squared kernels."""
-  leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
-            if decayed(path)]
+  leaves = [
+      x
+      for path, x in jax.tree_util.tree_leaves_with_path(params)
+      if decayed(path)
+  ]
   return 0.5 * jnp.asarray(
       sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves),
-      jnp.float32)
+      jnp.float32,
+  )
 
 
-def objective(config: ml_collections.ConfigDict, spec: GateSpec,
-              steps_per_epoch: int = 1) -> Callable[..., Tuple[jax.Array,
-                                                               Dict[str, Any]]]:
+def objective(
+    config: ml_collections.ConfigDict, spec: GateSpec, steps_per_epoch: int = 1
+) -> Callable[..., Tuple[jax.Array, Dict[str, Any]]]:
   """The training loss of `config`: the one place it is composed.
 
   L = CE (label-smoothed by `label_smoothing`)
@@ -86,13 +95,21 @@ def objective(config: ml_collections.ConfigDict, spec: GateSpec,
   weight_decay, l1_weight = config.weight_decay, config.gate_l1_weight
   aux_weight = config.aux_loss_weight
   shaping = gating.gate_losses_enabled(config)
-  if shaping and not (config.batch_shaping.a > 0 and
-                      config.batch_shaping.b > 0):
-    raise ConfigError(f'batch_shaping.a and .b must be > 0; got '
-                      f'{config.batch_shaping.a}, {config.batch_shaping.b}.')
+  if shaping and not (
+      config.batch_shaping.a > 0 and config.batch_shaping.b > 0
+  ):
+    raise ConfigError(
+        f'batch_shaping.a and .b must be > 0; got '
+        f'{config.batch_shaping.a}, {config.batch_shaping.b}.'
+    )
 
-  def loss_fn(params: Any, logits: jax.Array, out: Mapping[str, Any],
-              labels: jax.Array, step: jax.Array):
+  def loss_fn(
+      params: Any,
+      logits: jax.Array,
+      out: Mapping[str, Any],
+      labels: jax.Array,
+      step: jax.Array,
+  ):
     ce = cross_entropy(logits, labels, label_smoothing=smoothing)
     l2 = weight_l2(params)
     l1 = gate_l1(out['gates'], spec)
@@ -100,18 +117,24 @@ def objective(config: ml_collections.ConfigDict, spec: GateSpec,
     terms = {'cross_entropy': ce, 'weight_l2': l2, 'gate_l1': l1}
     if 'aux_logits' in out:
       terms['aux_cross_entropy'] = cross_entropy(
-          out['aux_logits'], labels, label_smoothing=smoothing)
+          out['aux_logits'], labels, label_smoothing=smoothing
+      )
       loss = loss + aux_weight * terms['aux_cross_entropy']
     if shaping:
       weights = gate_loss_weights(config, step, steps_per_epoch)
       terms['batch_shaping'] = batch_shaping_loss(
-          spec.flatten(out['gate_values']), config.batch_shaping.a,
-          config.batch_shaping.b)
+          spec.flatten(out['gate_values']),
+          config.batch_shaping.a,
+          config.batch_shaping.b,
+      )
       terms['l0'] = l0_loss(spec.flatten(out['gate_probs']))
       terms['batch_shaping_weight'] = weights['batch_shaping']
       terms['l0_weight'] = weights['l0']
-      loss = (loss + weights['batch_shaping'] * terms['batch_shaping'] +
-              weights['l0'] * terms['l0'])
+      loss = (
+          loss
+          + weights['batch_shaping'] * terms['batch_shaping']
+          + weights['l0'] * terms['l0']
+      )
     return loss, dict(terms, loss=loss)
 
   return loss_fn
@@ -136,15 +159,18 @@ def _beta_cdf_jvp(a, b, primals, tangents):
   (x,), (dx,) = primals, tangents
   xc = jnp.clip(x, 0.0, 1.0)
   # xlogy/xlog1py: 0 * log(0) = 0 when a or b is 1.
-  log_pdf = (jax.scipy.special.xlogy(a - 1.0, xc) +
-             jax.scipy.special.xlog1py(b - 1.0, -xc) -
-             jax.scipy.special.betaln(a, b))
+  log_pdf = (
+      jax.scipy.special.xlogy(a - 1.0, xc)
+      + jax.scipy.special.xlog1py(b - 1.0, -xc)
+      - jax.scipy.special.betaln(a, b)
+  )
   pdf = jnp.clip(jnp.exp(log_pdf), *PDF_CLIP)
   return beta_cdf(x, a, b), pdf * dx
 
 
-def batch_shaping_loss(values: jax.Array, a: float = 0.6,
-                       b: float = 0.4) -> jax.Array:
+def batch_shaping_loss(
+    values: jax.Array, a: float = 0.6, b: float = 0.4
+) -> jax.Array:
   """Distance of each gate's distribution over the batch to a Beta prior.
 
   For every gate (column), sorts its values x_(1) <= ... <= x_(N) over the
@@ -181,8 +207,9 @@ def _ramp(step: jax.Array, start: float, end: float) -> jax.Array:
   return jnp.clip((step - start) / (end - start), 0.0, 1.0)
 
 
-def gate_loss_weights(cfg: ml_collections.ConfigDict, step: jax.Array,
-                      steps_per_epoch: int) -> Dict[str, jax.Array]:
+def gate_loss_weights(
+    cfg: ml_collections.ConfigDict, step: jax.Array, steps_per_epoch: int
+) -> Dict[str, jax.Array]:
   """Batch-shaping's and L0's weights at `step` (epochs in the config).
 
   batch_shaping.weight holds from the start until `decay_start_epoch`, then
@@ -196,6 +223,7 @@ def gate_loss_weights(cfg: ml_collections.ConfigDict, step: jax.Array,
   fall = _ramp(step, bs.decay_start_epoch * e, bs.decay_end_epoch * e)
   bs_w = bs.weight + (bs.final_weight - bs.weight) * fall
   l0 = cfg.l0
-  l0_w = l0.weight * _ramp(step, l0.start_epoch * e,
-                           (l0.start_epoch + l0.ramp_epochs) * e)
+  l0_w = l0.weight * _ramp(
+      step, l0.start_epoch * e, (l0.start_epoch + l0.ramp_epochs) * e
+  )
   return {'batch_shaping': bs_w, 'l0': l0_w}

@@ -36,6 +36,7 @@ LOCAL_GATE_MODULE = 'gate'
 @dataclasses.dataclass(frozen=True)
 class GateSlice:
   """Gates `[start, stop)` of `site` act on channels from `offset` on."""
+
   site: str
   start: int
   stop: int
@@ -45,6 +46,7 @@ class GateSlice:
 @dataclasses.dataclass
 class Layer:
   """One conv or dense call and the gates acting on its channels."""
+
   path: Tuple[str, ...]
   kind: str  # 'conv' | 'dense'
   cin: int
@@ -59,8 +61,9 @@ class Layer:
     return self.coef * self.cin * self.cout
 
 
-def _record_layers(model: nn.Module, image_shape: Sequence[int]
-                   ) -> List[Tuple[Tuple[str, ...], str, tuple, tuple, Any]]:
+def _record_layers(
+    model: nn.Module, image_shape: Sequence[int]
+) -> List[Tuple[Tuple[str, ...], str, tuple, tuple, Any]]:
   """(path, kind, input shape, output shape, module) of every conv/dense."""
   calls = []
 
@@ -68,16 +71,27 @@ def _record_layers(model: nn.Module, image_shape: Sequence[int]
     out = next_fun(*args, **kwargs)
     module = context.module
     if context.method_name == '__call__' and isinstance(
-        module, (nn.Conv, nn.Dense)):
+        module, (nn.Conv, nn.Dense)
+    ):
       kind = 'conv' if isinstance(module, nn.Conv) else 'dense'
-      calls.append((tuple(module.path), kind, tuple(args[0].shape),
-                    tuple(out.shape), module))
+      calls.append(
+          (
+              tuple(module.path),
+              kind,
+              tuple(args[0].shape),
+              tuple(out.shape),
+              module,
+          )
+      )
     return out
 
   def run():
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    variables = model.init({'params': jax.random.key(0),
-                            'gates': jax.random.key(1)}, x, train=False)
+    variables = model.init(
+        {'params': jax.random.key(0), 'gates': jax.random.key(1)},
+        x,
+        train=False,
+    )
     calls.clear()  # Keep only the apply's calls, not init's.
     return model.apply(variables, x, train=False)
 
@@ -134,7 +148,7 @@ class MacCounter:
     def num_closed(s: GateSlice) -> jax.Array:
       key = (s.site, s.start, s.stop)
       if key not in closed:
-        g = gates[s.site][:, s.start:s.stop].astype(jnp.float32)
+        g = gates[s.site][:, s.start : s.stop].astype(jnp.float32)
         closed[key] = jnp.sum(1.0 - is_on(g), axis=-1)
       return closed[key]
 
@@ -159,13 +173,23 @@ class MacCounter:
 
   def per_layer(self) -> List[Dict[str, Any]]:
     """Dense MACs of each layer, as rows for a report."""
-    return [{'path': '/'.join(l.path), 'kind': l.kind, 'cin': l.cin,
-             'cout': l.cout, 'macs': l.macs, 'overhead': l.overhead,
-             'gated': bool(l.gated_in or l.gated_out)} for l in self.layers]
+    return [
+        {
+            'path': '/'.join(l.path),
+            'kind': l.kind,
+            'cin': l.cin,
+            'cout': l.cout,
+            'macs': l.macs,
+            'overhead': l.overhead,
+            'gated': bool(l.gated_in or l.gated_out),
+        }
+        for l in self.layers
+    ]
 
 
-def _wire(layers: List[Layer], wiring: Wiring, spec: GateSpec,
-          prefix: Tuple[str, ...]):
+def _wire(
+    layers: List[Layer], wiring: Wiring, spec: GateSpec, prefix: Tuple[str, ...]
+):
   by_path: Dict[Tuple[str, ...], List[Layer]] = {}
   for l in layers:
     by_path.setdefault(l.path, []).append(l)
@@ -179,13 +203,19 @@ def _wire(layers: List[Layer], wiring: Wiring, spec: GateSpec,
       for l in by_path[full]:
         limit = l.cin if wire.side == 'in' else l.cout
         assert wire.offset + stop - wire.start <= limit, (
-            full, wire.side, wire.offset, limit)
+            full,
+            wire.side,
+            wire.offset,
+            limit,
+        )
         (l.gated_in if wire.side == 'in' else l.gated_out).append(
-            GateSlice(site, wire.start, stop, wire.offset))
+            GateSlice(site, wire.start, stop, wire.offset)
+        )
 
 
-def count(model: nn.Module, image_shape: Sequence[int],
-          conditional: bool = True) -> MacCounter:
+def count(
+    model: nn.Module, image_shape: Sequence[int], conditional: bool = True
+) -> MacCounter:
   """Traces `model` (a `GaterNet`) on one `image_shape` input.
 
   Args:

@@ -36,8 +36,12 @@ class JsonlWriter:
   record up to its checkpoint) and at most every `remote_flush_secs`.
   """
 
-  def __init__(self, path: str, resume_step: Optional[int] = None,
-               remote_flush_secs: float = 60.0):
+  def __init__(
+      self,
+      path: str,
+      resume_step: Optional[int] = None,
+      remote_flush_secs: float = 60.0,
+  ):
     self._path = path
     self._remote = bool(path) and paths.is_remote(path)
     self._lines: List[str] = []
@@ -52,8 +56,11 @@ class JsonlWriter:
       _drop_records_after(path, resume_step)
     if self._remote:
       if exists:
-        self._lines = paths.resolve(path).read_text(
-            encoding='utf-8').splitlines(keepends=True)
+        self._lines = (
+            paths.resolve(path)
+            .read_text(encoding='utf-8')
+            .splitlines(keepends=True)
+        )
     else:
       self._file = open(path, 'a', encoding='utf-8')
 
@@ -96,8 +103,9 @@ class JsonlWriter:
 
 def _drop_records_after(path: str, step: int):
   """Rewrites `path` (atomically) without the records of steps > `step`."""
-  lines = paths.resolve(path).read_text(encoding='utf-8').splitlines(
-      keepends=True)
+  lines = (
+      paths.resolve(path).read_text(encoding='utf-8').splitlines(keepends=True)
+  )
   kept = []
   for line in lines:
     try:
@@ -108,8 +116,12 @@ def _drop_records_after(path: str, step: int):
       kept.append(line if line.endswith('\n') else line + '\n')
   if len(kept) == len(lines):
     return
-  logging.info('Dropped %d records after step %d from %s.',
-               len(lines) - len(kept), step, path)
+  logging.info(
+      'Dropped %d records after step %d from %s.',
+      len(lines) - len(kept),
+      step,
+      path,
+  )
   paths.write_text(path, ''.join(kept))
 
 
@@ -117,8 +129,9 @@ class LoggingWriter:
   """Logs scalars through absl, as clu's LoggingWriter does."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    values = ', '.join(f'{k}={_scalar(v):.6g}' for k, v in sorted(
-        scalars.items()))
+    values = ', '.join(
+        f'{k}={_scalar(v):.6g}' for k, v in sorted(scalars.items())
+    )
     logging.info('[%d] %s', step, values)
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
@@ -164,8 +177,11 @@ def tensorboard_available() -> bool:
   return True
 
 
-def create_writer(workdir: str, use_tensorboard: bool = True,
-                  resume_step: Optional[int] = None) -> MultiWriter:
+def create_writer(
+    workdir: str,
+    use_tensorboard: bool = True,
+    resume_step: Optional[int] = None,
+) -> MultiWriter:
   """The run's writer: JSON lines always, TensorBoard when available.
 
   Only process 0 writes files; every process logs. `resume_step`: the step
@@ -175,12 +191,17 @@ def create_writer(workdir: str, use_tensorboard: bool = True,
   lead = jax.process_index() == 0
   writers: List[Any] = []
   if lead:
-    writers.append(JsonlWriter(paths.join(workdir, 'metrics.jsonl'),
-                               resume_step))
+    writers.append(
+        JsonlWriter(paths.join(workdir, 'metrics.jsonl'), resume_step)
+    )
   if use_tensorboard and tensorboard_available():
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    writers.append(metric_writers.create_default_writer(
-        workdir, just_logging=not lead, asynchronous=False))
+
+    writers.append(
+        metric_writers.create_default_writer(
+            workdir, just_logging=not lead, asynchronous=False
+        )
+    )
   else:
     writers.append(LoggingWriter())
   return MultiWriter(writers)
@@ -197,9 +218,14 @@ class ProgressLogger:
   ones.
   """
 
-  def __init__(self, num_train_steps: int, batch_size: int,
-               writer: Optional[Any] = None, every_secs: float = 30.0,
-               first_step: int = 0):
+  def __init__(
+      self,
+      num_train_steps: int,
+      batch_size: int,
+      writer: Optional[Any] = None,
+      every_secs: float = 30.0,
+      first_step: int = 0,
+  ):
     self._total = num_train_steps
     self._batch = batch_size
     self._writer = writer
@@ -208,8 +234,12 @@ class ProgressLogger:
     self._last_step = first_step
     self._first = None  # (t, step) of the first report
 
-  def __call__(self, step: int, t: Optional[float] = None,
-               sync: Optional[Callable[[], Any]] = None) -> bool:
+  def __call__(
+      self,
+      step: int,
+      t: Optional[float] = None,
+      sync: Optional[Callable[[], Any]] = None,
+  ) -> bool:
     t = time.time() if t is None else t
     if t - self._last_t < self._every and step != self._total:
       return False
@@ -227,12 +257,19 @@ class ProgressLogger:
       t0, step0 = self._first
       mean_rate = (step - step0) / (t - t0)
     eta = (self._total - step) / mean_rate
-    logging.info('step %d/%d (%.1f%%): %.2f steps/s, %.0f images/s, ETA %s',
-                 step, self._total, 100.0 * step / max(self._total, 1), rate,
-                 rate * self._batch, format_seconds(eta))
+    logging.info(
+        'step %d/%d (%.1f%%): %.2f steps/s, %.0f images/s, ETA %s',
+        step,
+        self._total,
+        100.0 * step / max(self._total, 1),
+        rate,
+        rate * self._batch,
+        format_seconds(eta),
+    )
     if self._writer is not None:
-      self._writer.write_scalars(step, {'steps_per_sec': rate,
-                                        'images_per_sec': rate * self._batch})
+      self._writer.write_scalars(
+          step, {'steps_per_sec': rate, 'images_per_sec': rate * self._batch}
+      )
     self._last_t, self._last_step = t, step
     return True
 
@@ -250,12 +287,19 @@ def average(metrics: List[Dict[str, Any]]) -> Dict[str, float]:
   if not metrics:
     return {}
   fetched = jax.device_get(metrics)
-  return {k: float(np.mean(np.concatenate(
-      [np.atleast_1d(m[k]) for m in fetched]))) for k in fetched[0]}
+  return {
+      k: float(np.mean(np.concatenate([np.atleast_1d(m[k]) for m in fetched])))
+      for k in fetched[0]
+  }
 
 
-def create_progress(num_train_steps: int, batch_size: int, writer: Any,
-                    every_secs: float, first_step: int = 0):
+def create_progress(
+    num_train_steps: int,
+    batch_size: int,
+    writer: Any,
+    every_secs: float,
+    first_step: int = 0,
+):
   """clu's ReportProgress (steps/s and ETA) when clu imports; else ours.
 
   Both are called as `progress(step, sync=...)` after each step.
@@ -267,15 +311,18 @@ def create_progress(num_train_steps: int, batch_size: int, writer: Any,
       pass
     else:
       report = periodic_actions.ReportProgress(
-          num_train_steps=num_train_steps, writer=writer,
-          every_secs=every_secs)
-      ours = ProgressLogger(num_train_steps, batch_size, None, every_secs,
-                            first_step)
+          num_train_steps=num_train_steps, writer=writer, every_secs=every_secs
+      )
+      ours = ProgressLogger(
+          num_train_steps, batch_size, None, every_secs, first_step
+      )
 
       def both(step, t=None, sync=None):
         reported = ours(step, t, sync)  # first: it syncs before reporting
         report(step, t=t)
         return reported
+
       return both
-  return ProgressLogger(num_train_steps, batch_size, writer, every_secs,
-                        first_step)
+  return ProgressLogger(
+      num_train_steps, batch_size, writer, every_secs, first_step
+  )

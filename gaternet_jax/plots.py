@@ -24,22 +24,37 @@ from gaternet_jax import paths  # pylint: disable=g-import-not-at-top
 FIGSIZE = (8.0, 4.5)
 
 # Okabe & Ito (2008), "Color universal design".
-OKABE_ITO = ('#E69F00', '#56B4E9', '#009E73', '#F0E442', '#0072B2',
-             '#D55E00', '#CC79A7', '#000000')
+OKABE_ITO = (
+    '#E69F00',
+    '#56B4E9',
+    '#009E73',
+    '#F0E442',
+    '#0072B2',
+    '#D55E00',
+    '#CC79A7',
+    '#000000',
+)
 GREY = '#999999'
 # Up to ten classes get a colour and a marker each; more share a colour map.
 CLASS_COLORS = OKABE_ITO + (GREY, '#004D40')
 CLASS_MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*', '<', '>')
-KIND_COLORS = {'always_on': OKABE_ITO[4], 'input_dependent': OKABE_ITO[0],
-               'always_off': GREY}
-KIND_LABELS = {'always_on': 'always on', 'input_dependent': 'input-dependent',
-               'always_off': 'always off'}
+KIND_COLORS = {
+    'always_on': OKABE_ITO[4],
+    'input_dependent': OKABE_ITO[0],
+    'always_off': GREY,
+}
+KIND_LABELS = {
+    'always_on': 'always on',
+    'input_dependent': 'input-dependent',
+    'always_off': 'always off',
+}
 KINDS = ('always_off', 'always_on', 'input_dependent')
 
 
 def _figure(ncols: int = 1):
-  fig, axes = plt.subplots(1, ncols, figsize=FIGSIZE, layout='constrained',
-                           squeeze=False)
+  fig, axes = plt.subplots(
+      1, ncols, figsize=FIGSIZE, layout='constrained', squeeze=False
+  )
   return fig, axes[0]
 
 
@@ -57,12 +72,17 @@ def _site_ticks(ax, names: Sequence[str], max_labels: int = 24):
   step = max(1, int(np.ceil(len(names) / max_labels)))
   ticks = np.arange(0, len(names), step)
   ax.set_xticks(ticks)
-  ax.set_xticklabels([names[i] for i in ticks], rotation=60, ha='right',
-                     fontsize=7)
+  ax.set_xticklabels(
+      [names[i] for i in ticks], rotation=60, ha='right', fontsize=7
+  )
 
 
-def gate_types(names: Sequence[str], counts: Mapping[str, np.ndarray],
-               fraction: bool, title: str):
+def gate_types(
+    names: Sequence[str],
+    counts: Mapping[str, np.ndarray],
+    fraction: bool,
+    title: str,
+):
   """Stacked bars of always-off / always-on / input-dependent gates per site.
 
   Args:
@@ -80,8 +100,15 @@ def gate_types(names: Sequence[str], counts: Mapping[str, np.ndarray],
     y = np.asarray(counts[kind], np.float64)
     if fraction:
       y = 100.0 * y / np.maximum(sizes, 1)
-    ax.bar(x, y, bottom=bottom, width=0.85, color=KIND_COLORS[kind],
-           label=KIND_LABELS[kind], edgecolor='none')
+    ax.bar(
+        x,
+        y,
+        bottom=bottom,
+        width=0.85,
+        color=KIND_COLORS[kind],
+        label=KIND_LABELS[kind],
+        edgecolor='none',
+    )
     bottom += y
   ax.set_xlim(-0.6, len(names) - 0.4)
   ax.set_ylabel('gates (%)' if fraction else 'gates')
@@ -91,13 +118,20 @@ def gate_types(names: Sequence[str], counts: Mapping[str, np.ndarray],
   ax.set_xlabel('gated layer (depth order)')
   _site_ticks(ax, names)
   ax.set_title(title)
-  ax.legend(loc='upper left', bbox_to_anchor=(1.0, 1.0), frameon=False,
-            fontsize=8)
+  ax.legend(
+      loc='upper left', bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8
+  )
   return fig
 
 
-def on_count_histogram(on_counts: np.ndarray, num_samples: int, bins: int,
-                       low: float, high: float, title: str):
+def on_count_histogram(
+    on_counts: np.ndarray,
+    num_samples: int,
+    bins: int,
+    low: float,
+    high: float,
+    title: str,
+):
   """How many samples switch each input-dependent gate on (GaterNet Fig. 3).
 
   Args:
@@ -110,16 +144,32 @@ def on_count_histogram(on_counts: np.ndarray, num_samples: int, bins: int,
   """
   fig, (ax,) = _figure()
   for i, edge in enumerate((low, high)):
-    ax.axvline(edge * num_samples, color=OKABE_ITO[5], linestyle='--',
-               linewidth=1, label=None if i else
-               f'frequent: {low:.0%} to {high:.0%} of samples')
+    ax.axvline(
+        edge * num_samples,
+        color=OKABE_ITO[5],
+        linestyle='--',
+        linewidth=1,
+        label=None if i else f'frequent: {low:.0%} to {high:.0%} of samples',
+    )
   if len(on_counts):
-    ax.hist(on_counts, bins=bins, range=(1, max(num_samples - 1, 2)),
-            color=OKABE_ITO[0], edgecolor='white', linewidth=0.3,
-            label='input-dependent gates')
+    ax.hist(
+        on_counts,
+        bins=bins,
+        range=(1, max(num_samples - 1, 2)),
+        color=OKABE_ITO[0],
+        edgecolor='white',
+        linewidth=0.3,
+        label='input-dependent gates',
+    )
   else:
-    ax.text(0.5, 0.5, 'no input-dependent gates', transform=ax.transAxes,
-            ha='center', va='center')
+    ax.text(
+        0.5,
+        0.5,
+        'no input-dependent gates',
+        transform=ax.transAxes,
+        ha='center',
+        va='center',
+    )
   ax.set_xlim(0, num_samples)
   ax.set_xlabel(f'samples (of {num_samples}) for which the gate is on')
   ax.set_ylabel('input-dependent gates')
@@ -129,22 +179,30 @@ def on_count_histogram(on_counts: np.ndarray, num_samples: int, bins: int,
   return fig
 
 
-def per_sample_cost(gates_on: np.ndarray, total: int,
-                    macs: Optional[np.ndarray], macs_dense: Optional[float],
-                    title: str):
+def per_sample_cost(
+    gates_on: np.ndarray,
+    total: int,
+    macs: Optional[np.ndarray],
+    macs_dense: Optional[float],
+    title: str,
+):
   """Histograms of gates on per sample (GaterNet Fig. 4) and, when counted,
   of conditional MACs per sample (dense cost marked)."""
   fig, axes = _figure(2 if macs is not None else 1)
   ax = axes[0]
   lo, hi = int(gates_on.min()), int(gates_on.max())
   bins = np.arange(lo, hi + 2) - 0.5 if hi - lo < 60 else 60
-  ax.hist(gates_on, bins=bins, color=OKABE_ITO[4], edgecolor='white',
-          linewidth=0.3)
+  ax.hist(
+      gates_on, bins=bins, color=OKABE_ITO[4], edgecolor='white', linewidth=0.3
+  )
   ax.set_xlabel(f'gates on (of {total})')
   ax.set_ylabel('samples')
   ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-  ax.set_title(f'gates on per sample: min {lo}, mean '
-               f'{gates_on.mean():.1f}, max {hi}', fontsize=9)
+  ax.set_title(
+      f'gates on per sample: min {lo}, mean '
+      f'{gates_on.mean():.1f}, max {hi}',
+      fontsize=9,
+  )
   if macs is not None:
     ax = axes[1]
     macs = np.asarray(macs, np.float64)
@@ -154,8 +212,12 @@ def per_sample_cost(gates_on: np.ndarray, total: int,
     label = 'MACs per sample (gater or gating modules included)'
     span = max(hi - lo, 1e-9 * max(hi, 1.0))
     if macs_dense and lo - span <= macs_dense <= hi + span:
-      ax.axvline(macs_dense / scale, color=OKABE_ITO[5], linestyle='--',
-                 label='dense backbone')
+      ax.axvline(
+          macs_dense / scale,
+          color=OKABE_ITO[5],
+          linestyle='--',
+          label='dense backbone',
+      )
       ax.legend(frameon=False, fontsize=8)
     elif macs_dense:  # Far off the histogram: name it instead.
       label += f'\ndense backbone: {macs_dense / scale:.4g} {unit}'
@@ -173,8 +235,13 @@ def _macs_unit(n: float):
   return 1.0, 'MACs'
 
 
-def embedding(xy: Optional[np.ndarray], labels: np.ndarray, num_classes: int,
-              title: str, note: str = ''):
+def embedding(
+    xy: Optional[np.ndarray],
+    labels: np.ndarray,
+    num_classes: int,
+    title: str,
+    note: str = '',
+):
   """The 2-D t-SNE embedding of gate vectors, coloured by label (Fig. 5).
 
   Args:
@@ -187,37 +254,67 @@ def embedding(xy: Optional[np.ndarray], labels: np.ndarray, num_classes: int,
   """
   fig, (ax,) = _figure()
   if xy is None:
-    ax.text(0.5, 0.5, note, transform=ax.transAxes, ha='center', va='center',
-            wrap=True)
+    ax.text(
+        0.5,
+        0.5,
+        note,
+        transform=ax.transAxes,
+        ha='center',
+        va='center',
+        wrap=True,
+    )
     ax.set_axis_off()
   else:
     if num_classes <= len(CLASS_COLORS):
       for c in range(num_classes):
         pts = xy[labels == c]
         if len(pts):
-          ax.scatter(pts[:, 0], pts[:, 1], s=7, alpha=0.75,
-                     color=CLASS_COLORS[c], marker=CLASS_MARKERS[c],
-                     linewidths=0, label=str(c))
-      ax.legend(title='label', loc='upper left', bbox_to_anchor=(1.0, 1.0),
-                frameon=False, fontsize=8, markerscale=2)
+          ax.scatter(
+              pts[:, 0],
+              pts[:, 1],
+              s=7,
+              alpha=0.75,
+              color=CLASS_COLORS[c],
+              marker=CLASS_MARKERS[c],
+              linewidths=0,
+              label=str(c),
+          )
+      ax.legend(
+          title='label',
+          loc='upper left',
+          bbox_to_anchor=(1.0, 1.0),
+          frameon=False,
+          fontsize=8,
+          markerscale=2,
+      )
     else:
-      sc = ax.scatter(xy[:, 0], xy[:, 1], s=5, c=labels, cmap='viridis',
-                      vmin=0, vmax=num_classes - 1, linewidths=0)
+      sc = ax.scatter(
+          xy[:, 0],
+          xy[:, 1],
+          s=5,
+          c=labels,
+          cmap='viridis',
+          vmin=0,
+          vmax=num_classes - 1,
+          linewidths=0,
+      )
       fig.colorbar(sc, ax=ax, label='label')
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel('t-SNE 1')
     ax.set_ylabel('t-SNE 2')
     if note:
-      ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=8,
-              va='bottom')
+      ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=8, va='bottom')
   ax.set_title(title)
   return fig
 
 
-def cost_vs_difficulty(bins: Sequence[Dict[str, float]],
-                       conf_bins: Sequence[Dict[str, float]], macs: bool,
-                       title: str):
+def cost_vs_difficulty(
+    bins: Sequence[Dict[str, float]],
+    conf_bins: Sequence[Dict[str, float]],
+    macs: bool,
+    title: str,
+):
   """Mean cost (+- its standard error) per equal-count bin of the samples
   sorted by loss, and by confidence.
 
@@ -238,24 +335,42 @@ def cost_vs_difficulty(bins: Sequence[Dict[str, float]],
   conf_fmt = lambda v: f'{v:.3f}' if v < 0.999 else '>.999'
   for ax, rows, key, what, fmt, color, marker in (
       (axes[0], bins, 'loss', 'per-sample loss', loss_fmt, OKABE_ITO[5], 'o'),
-      (axes[1], conf_bins, 'confidence', 'top softmax probability', conf_fmt,
-       OKABE_ITO[4], 's')):
+      (
+          axes[1],
+          conf_bins,
+          'confidence',
+          'top softmax probability',
+          conf_fmt,
+          OKABE_ITO[4],
+          's',
+      ),
+  ):
     x = np.arange(1, len(rows) + 1)
     mean = np.array([b['cost_mean'] for b in rows]) / scale
     err = np.array([b['cost_std'] / np.sqrt(b['count']) for b in rows]) / scale
     ax.errorbar(x, mean, yerr=err, color=color, marker=marker, capsize=3)
-    ax.set_xticks(x, labels=[fmt(b[f'{key}_median']) for b in rows],
-                  rotation=45, fontsize=7)
+    ax.set_xticks(
+        x,
+        labels=[fmt(b[f'{key}_median']) for b in rows],
+        rotation=45,
+        fontsize=7,
+    )
     ax.set_xlabel(f'{what} (median of each bin)')
     ax.set_ylabel(cost_label)
-    ax.set_title(f'cost by {key}: {len(rows)} equal-count bins, mean '
-                 f'\u00b1 s.e.', fontsize=9)
+    ax.set_title(
+        f'cost by {key}: {len(rows)} equal-count bins, mean ' f'\u00b1 s.e.',
+        fontsize=9,
+    )
   fig.suptitle(title)
   return fig
 
 
-def class_mean_gates(means: np.ndarray, sizes: Sequence[int],
-                     groups: Sequence[Tuple[str, int]], title: str):
+def class_mean_gates(
+    means: np.ndarray,
+    sizes: Sequence[int],
+    groups: Sequence[Tuple[str, int]],
+    title: str,
+):
   """Heat map of each class' mean gate vector: classes x gates in depth
   order.
 
@@ -268,22 +383,32 @@ def class_mean_gates(means: np.ndarray, sizes: Sequence[int],
     title: the figure's title.
   """
   fig, (ax,) = _figure()
-  im = ax.imshow(np.ma.masked_invalid(means), aspect='auto',
-                 interpolation='nearest', cmap='viridis', vmin=0.0, vmax=1.0)
+  im = ax.imshow(
+      np.ma.masked_invalid(means),
+      aspect='auto',
+      interpolation='nearest',
+      cmap='viridis',
+      vmin=0.0,
+      vmax=1.0,
+  )
   for edge in np.cumsum(sizes)[:-1]:
     ax.axvline(edge - 0.5, color='white', linewidth=0.5)
   edges = np.concatenate([[0], np.cumsum([n for _, n in groups])])
   for edge in edges[1:-1]:
     ax.axvline(edge - 0.5, color='white', linewidth=2.0)
   top = ax.secondary_xaxis('top')
-  top.set_xticks((edges[:-1] + edges[1:]) / 2 - 0.5,
-                 labels=[name for name, _ in groups], fontsize=7,
-                 rotation=30 if len(groups) > 6 else 0)
+  top.set_xticks(
+      (edges[:-1] + edges[1:]) / 2 - 0.5,
+      labels=[name for name, _ in groups],
+      fontsize=7,
+      rotation=30 if len(groups) > 6 else 0,
+  )
   ax.set_xlabel('gate, in depth order (thin lines: layers; thick: stages)')
   ax.set_ylabel('class')
   if means.shape[0] <= 20:
     ax.set_yticks(np.arange(means.shape[0]))
-  fig.colorbar(im, ax=ax, label='fraction of the class\' samples with the '
-               'gate on')
+  fig.colorbar(
+      im, ax=ax, label="fraction of the class' samples with the " 'gate on'
+  )
   ax.set_title(title)
   return fig

@@ -39,8 +39,9 @@ def _arch(cfg: ml_collections.ConfigDict) -> dict:
   return d
 
 
-def stage_config(config: ml_collections.ConfigDict, arch: dict,
-                 gater_only: bool = False) -> ml_collections.ConfigDict:
+def stage_config(
+    config: ml_collections.ConfigDict, arch: dict, gater_only: bool = False
+) -> ml_collections.ConfigDict:
   """The ungated classifier run that pretrains a part of `config`'s model:
   `config` with `arch` as its network and `pretrain.overrides` applied, then
   `pretrain.gater_overrides` for a run that pretrains the gater alone."""
@@ -58,8 +59,9 @@ def stage_config(config: ml_collections.ConfigDict, arch: dict,
   return c
 
 
-def pretraining_stages(config: ml_collections.ConfigDict,
-                       workdir: str) -> List[Stage]:
+def pretraining_stages(
+    config: ml_collections.ConfigDict, workdir: str
+) -> List[Stage]:
   """The stages a gated config needs before joint training (may be none)."""
   if gating.method(config) != gating.GATER or not config.pretrain.enabled:
     return []
@@ -71,15 +73,30 @@ def pretraining_stages(config: ml_collections.ConfigDict,
   default = lambda name: paths.join(workdir, 'pretrain', name)
   if backbone_arch == gater_arch and pre.backbone_workdir == pre.gater_workdir:
     wd = pre.backbone_workdir or default('baseline')
-    return [Stage('baseline', stage_config(config, backbone_arch), wd,
-                  ('backbone', 'gater'), train=not pre.backbone_workdir)]
+    return [
+        Stage(
+            'baseline',
+            stage_config(config, backbone_arch),
+            wd,
+            ('backbone', 'gater'),
+            train=not pre.backbone_workdir,
+        )
+    ]
   return [
-      Stage('backbone', stage_config(config, backbone_arch),
-            pre.backbone_workdir or default('backbone'), ('backbone',),
-            train=not pre.backbone_workdir),
-      Stage('gater', stage_config(config, gater_arch, gater_only=True),
-            pre.gater_workdir or default('gater'), ('gater',),
-            train=not pre.gater_workdir),
+      Stage(
+          'backbone',
+          stage_config(config, backbone_arch),
+          pre.backbone_workdir or default('backbone'),
+          ('backbone',),
+          train=not pre.backbone_workdir,
+      ),
+      Stage(
+          'gater',
+          stage_config(config, gater_arch, gater_only=True),
+          pre.gater_workdir or default('gater'),
+          ('gater',),
+          train=not pre.gater_workdir,
+      ),
   ]
 
 
@@ -91,18 +108,35 @@ def stage_init(stage: Stage) -> Callable:
     params, stats = state.params, state.batch_stats
     net, net_stats = pre['params']['backbone'], pre['batch_stats']['backbone']
     if 'backbone' in stage.targets:
-      params = checkpoints.graft(params, ('backbone',), net,
-                                 f'backbone from {stage.workdir}')
-      stats = checkpoints.graft(stats, ('backbone',), net_stats,
-                                f'backbone statistics from {stage.workdir}')
+      params = checkpoints.graft(
+          params, ('backbone',), net, f'backbone from {stage.workdir}'
+      )
+      stats = checkpoints.graft(
+          stats,
+          ('backbone',),
+          net_stats,
+          f'backbone statistics from {stage.workdir}',
+      )
     if 'gater' in stage.targets:
       features = {k: v for k, v in net.items() if k != 'fc'}
-      params = checkpoints.graft(params, ('gater', 'features'), features,
-                                 f'gater features from {stage.workdir}')
-      stats = checkpoints.graft(stats, ('gater', 'features'), net_stats,
-                                f'gater statistics from {stage.workdir}')
-    return state.replace(params=flax.core.freeze(params) if isinstance(
-        state.params, flax.core.FrozenDict) else params, batch_stats=stats)
+      params = checkpoints.graft(
+          params,
+          ('gater', 'features'),
+          features,
+          f'gater features from {stage.workdir}',
+      )
+      stats = checkpoints.graft(
+          stats,
+          ('gater', 'features'),
+          net_stats,
+          f'gater statistics from {stage.workdir}',
+      )
+    return state.replace(
+        params=flax.core.freeze(params)
+        if isinstance(state.params, flax.core.FrozenDict)
+        else params,
+        batch_stats=stats,
+    )
 
   return init
 
@@ -116,14 +150,22 @@ def official_init(config: ml_collections.ConfigDict) -> Callable:
 
   def init(state):
     from gaternet_jax import convert  # pylint: disable=g-import-not-at-top
+
     _, variables = convert.load_official_checkpoint(
-        official_checkpoint(config),
-        backbone_depth=config.model.backbone.depth)
-    params = checkpoints.graft({'root': state.params}, ('root',),
-                               variables['params'], 'official checkpoint')
-    stats = checkpoints.graft({'root': state.batch_stats}, ('root',),
-                              variables['batch_stats'],
-                              'official checkpoint statistics')
+        official_checkpoint(config), backbone_depth=config.model.backbone.depth
+    )
+    params = checkpoints.graft(
+        {'root': state.params},
+        ('root',),
+        variables['params'],
+        'official checkpoint',
+    )
+    stats = checkpoints.graft(
+        {'root': state.batch_stats},
+        ('root',),
+        variables['batch_stats'],
+        'official checkpoint statistics',
+    )
     return state.replace(params=params['root'], batch_stats=stats['root'])
 
   return init

@@ -44,8 +44,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         return x
       if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         impl = jax.random.key_impl(x)
-        return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl),
-                       out_shardings=repl)(np.asarray(jax.random.key_data(x)))
+        return jax.jit(
+            lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=repl
+        )(np.asarray(jax.random.key_data(x)))
     return jax.device_put(np.asarray(x), repl)
 
   return jax.tree_util.tree_map(put, tree)
@@ -60,8 +61,10 @@ def check_batch_size(global_batch: int, what: str = 'batch_size') -> int:
   """Returns the per-process batch; a user error if it does not divide."""
   devices, processes = jax.device_count(), jax.process_count()
   if global_batch % devices:
-    raise ConfigError(f'{what}={global_batch} must be divisible by the number '
-                      f'of devices ({devices}).')
+    raise ConfigError(
+        f'{what}={global_batch} must be divisible by the number '
+        f'of devices ({devices}).'
+    )
   return global_batch // processes
 
 
@@ -75,4 +78,5 @@ def process_slice(global_batch: int) -> slice:
 def to_global(batch: Any, sharding: NamedSharding) -> Any:
   """Per-process numpy arrays -> global jax.Arrays sharded on the batch."""
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch
+  )

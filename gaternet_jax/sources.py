@@ -19,8 +19,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from gaternet_jax import paths
 from gaternet_jax.errors import DataError
 
-__all__ = ['IMAGE_EXTENSIONS', 'hide_accelerators', 'is_image_name',
-           'label_files', 'scan_image_folder', 'tfds_builder']
+__all__ = [
+    'IMAGE_EXTENSIONS',
+    'hide_accelerators',
+    'is_image_name',
+    'label_files',
+    'scan_image_folder',
+    'tfds_builder',
+]
 
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png')
 _INSTALL = 'run `pip install tensorflow-cpu tensorflow-datasets`'
@@ -49,26 +55,37 @@ def scan_image_folder(split_dir: str) -> Dict[str, List[str]]:
   """
   if paths.is_remote(split_dir):
     root = paths.resolve(split_dir)
-    classes = sorted(d.name for d in root.iterdir()
-                     if d.is_dir() and not d.name.startswith('.'))
-    return {cls: sorted(str(f) for f in (root / cls).iterdir()
-                        if is_image_name(f.name) and not f.is_dir())
-            for cls in classes}
+    classes = sorted(
+        d.name
+        for d in root.iterdir()
+        if d.is_dir() and not d.name.startswith('.')
+    )
+    return {
+        cls: sorted(
+            str(f)
+            for f in (root / cls).iterdir()
+            if is_image_name(f.name) and not f.is_dir()
+        )
+        for cls in classes
+    }
   # os.scandir: no stat per file on a local disk.
   with os.scandir(split_dir) as entries:
-    classes = sorted(e.name for e in entries
-                     if e.is_dir() and not e.name.startswith('.'))
+    classes = sorted(
+        e.name for e in entries if e.is_dir() and not e.name.startswith('.')
+    )
   tree = {}
   for cls in classes:
     with os.scandir(os.path.join(split_dir, cls)) as entries:
-      names = sorted(e.name for e in entries
-                     if e.is_file() and is_image_name(e.name))
+      names = sorted(
+          e.name for e in entries if e.is_file() and is_image_name(e.name)
+      )
     tree[cls] = [os.path.join(split_dir, cls, n) for n in names]
   return tree
 
 
-def label_files(tree: Mapping[str, Sequence[Any]], classes: Sequence[str]
-                ) -> Tuple[List[Any], List[int]]:
+def label_files(
+    tree: Mapping[str, Sequence[Any]], classes: Sequence[str]
+) -> Tuple[List[Any], List[int]]:
   """The files of a split with their labels.
 
   Args:
@@ -103,9 +120,17 @@ def hide_accelerators(tf):
     pass  # TF's devices were already initialised (and hidden) earlier.
 
 
-def tfds_builder(name: str, data_dir: Optional[str], splits: Sequence[str],
-                 *, needs: str, alternative: str, hint: str,
-                 split_hint: str = '', download: bool = False):
+def tfds_builder(
+    name: str,
+    data_dir: Optional[str],
+    splits: Sequence[str],
+    *,
+    needs: str,
+    alternative: str,
+    hint: str,
+    split_hint: str = '',
+    download: bool = False,
+):
   """The TFDS builder of the image classification dataset `name`, checked.
 
   Args:
@@ -137,21 +162,26 @@ def tfds_builder(name: str, data_dir: Optional[str], splits: Sequence[str],
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise DataError(f'{needs} TensorFlow Datasets ({e}); {_INSTALL} or '
-                    f'{alternative}.') from e
+    raise DataError(
+        f'{needs} TensorFlow Datasets ({e}); {_INSTALL} or ' f'{alternative}.'
+    ) from e
   hide_accelerators(tf)
   data_dir = data_dir or None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
     # tfds raises many types for unknown names and unreadable folders.
-    raise DataError(f'TensorFlow Datasets has no {name} in data_dir='
-                    f'{data_dir!r} ({type(e).__name__}: {_first_line(e)}); '
-                    f'{hint}.') from e
+    raise DataError(
+        f'TensorFlow Datasets has no {name} in data_dir='
+        f'{data_dir!r} ({type(e).__name__}: {_first_line(e)}); '
+        f'{hint}.'
+    ) from e
   if not builder.is_prepared():
     if not download:
-      raise DataError(f'data_dir={data_dir!r} holds no prepared {name} '
-                      f'(looked in {builder.data_dir}); {hint}.')
+      raise DataError(
+          f'data_dir={data_dir!r} holds no prepared {name} '
+          f'(looked in {builder.data_dir}); {hint}.'
+      )
     try:
       builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
@@ -168,11 +198,14 @@ def tfds_builder(name: str, data_dir: Optional[str], splits: Sequence[str],
     if split not in builder.info.splits:
       raise DataError(
           f'{name} in {builder.data_dir} has no split {split!r} (it has '
-          f'{", ".join(builder.info.splits)}); {split_hint or hint}.')
+          f'{", ".join(builder.info.splits)}); {split_hint or hint}.'
+      )
   features = builder.info.features
   if 'image' not in features or 'label' not in features:
-    raise DataError(f'{name} has no image and label features; the input '
-                    'pipeline reads image classification datasets.')
+    raise DataError(
+        f'{name} has no image and label features; the input '
+        'pipeline reads image classification datasets.'
+    )
   return tfds, builder
 
 

@@ -29,28 +29,46 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: Any,
-                       image_shape, lr_fn: optax.Schedule, rng: jax.Array,
-                       mesh) -> TrainState:
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    image_shape,
+    lr_fn: optax.Schedule,
+    rng: jax.Array,
+    mesh,
+) -> TrainState:
   """Initialises parameters and optimiser state, replicated over the mesh."""
   tx = optim.create_optimizer(config.optimizer, lr_fn)
 
   def init(rng):
     params_rng, gates_rng = jax.random.split(rng)
-    variables = model.init({'params': params_rng, 'gates': gates_rng},
-                           jnp.zeros((1,) + tuple(image_shape), jnp.float32),
-                           train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                             tx=tx,
-                             batch_stats=variables.get('batch_stats', {}))
+    variables = model.init(
+        {'params': params_rng, 'gates': gates_rng},
+        jnp.zeros((1,) + tuple(image_shape), jnp.float32),
+        train=False,
+    )
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables['params'],
+        tx=tx,
+        batch_stats=variables.get('batch_stats', {}),
+    )
 
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array],
-               rng: jax.Array, *, loss_fn: Callable, spec: GateSpec, mean, std,
-               augmentation: augment.Augmentation,
-               gate_dropout_fn: Callable = lambda step: 0.0):
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    loss_fn: Callable,
+    spec: GateSpec,
+    mean,
+    std,
+    augmentation: augment.Augmentation,
+    gate_dropout_fn: Callable = lambda step: 0.0,
+):
   """One SGD step on a global batch of uint8 images.
 
   Args:
@@ -67,50 +85,65 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array],
   step_rng = jax.random.fold_in(rng, state.step)
   aug_rng, gates_rng, dropout_rng = jax.random.split(step_rng, 3)
   images = augment.preprocess(
-      batch['image'], mean=mean, std=std, train=True, rng=aug_rng,
-      crop_padding=augmentation.crop_padding, flip=augmentation.flip)
+      batch['image'],
+      mean=mean,
+      std=std,
+      train=True,
+      rng=aug_rng,
+      crop_padding=augmentation.crop_padding,
+      flip=augmentation.flip,
+  )
 
   def loss(params):
     (logits, out), new_model_state = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images,
-        train=True, gate_dropout=gate_dropout_fn(state.step),
+        {'params': params, 'batch_stats': state.batch_stats},
+        images,
+        train=True,
+        gate_dropout=gate_dropout_fn(state.step),
         rngs={'gates': gates_rng, 'dropout': dropout_rng},
-        mutable=['batch_stats'])
+        mutable=['batch_stats'],
+    )
     value, terms = loss_fn(params, logits, out, batch['label'], state.step)
     return value, (logits, out['gates'], new_model_state, terms)
 
-  grads, (logits, gates, new_model_state, terms) = jax.grad(
-      loss, has_aux=True)(state.params)
+  grads, (logits, gates, new_model_state, terms) = jax.grad(loss, has_aux=True)(
+      state.params
+  )
   new_state = state.apply_gradients(
-      grads=grads, batch_stats=new_model_state['batch_stats'])
-  out = dict(terms,
-             accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']))
+      grads=grads, batch_stats=new_model_state['batch_stats']
+  )
+  out = dict(terms, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']))
   if spec:
     out['gates_on'] = jnp.mean(is_on(spec.flatten(gates)))
   return new_state, out
 
 
-def example_metrics(logits: jax.Array, out: Mapping[str, Any],
-                    labels: jax.Array, spec: GateSpec,
-                    mac_counter: Optional[macs_lib.MacCounter] = None
-                    ) -> Dict[str, jax.Array]:
+def example_metrics(
+    logits: jax.Array,
+    out: Mapping[str, Any],
+    labels: jax.Array,
+    spec: GateSpec,
+    mac_counter: Optional[macs_lib.MacCounter] = None,
+) -> Dict[str, jax.Array]:
   """Per-example metrics of a model's outputs, what eval sums and analysis
   keeps: 'loss' (cross-entropy), 'correct' and 'confidence' `(batch,)`;
   for gated models 'gates' `(batch, total)` bool (on or off) and 'gate_l1'
   `(batch,)` (the mean gate); with a `mac_counter`, 'macs_saved'
   `(batch,)`, the MACs each example's closed gates save."""
   logits = logits.astype(jnp.float32)
-  m = {'loss': optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                                 labels),
-       'correct': jnp.argmax(logits, -1) == labels,
-       'confidence': jnp.max(jax.nn.softmax(logits), axis=-1)}
+  m = {
+      'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+      'correct': jnp.argmax(logits, -1) == labels,
+      'confidence': jnp.max(jax.nn.softmax(logits), axis=-1),
+  }
   if spec:
     flat = spec.flatten(out['gates'])
     m['gates'] = is_on(flat)
     m['gate_l1'] = jnp.mean(flat, axis=-1)
   if mac_counter is not None:
     m['macs_saved'] = jnp.broadcast_to(
-        mac_counter.saved_per_sample(out['gates']), labels.shape)
+        mac_counter.saved_per_sample(out['gates']), labels.shape
+    )
   return m
 
 
@@ -118,13 +151,20 @@ def predict(state: TrainState, images: jax.Array, mean, std):
   """Evaluation-mode `(logits, out)` of uint8 images."""
   return state.apply_fn(
       {'params': state.params, 'batch_stats': state.batch_stats},
-      augment.preprocess(images, mean=mean, std=std), train=False)
+      augment.preprocess(images, mean=mean, std=std),
+      train=False,
+  )
 
 
-def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
-              spec: GateSpec, mean, std,
-              mac_counter: Optional[macs_lib.MacCounter] = None
-              ) -> Dict[str, jax.Array]:
+def eval_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    spec: GateSpec,
+    mean,
+    std,
+    mac_counter: Optional[macs_lib.MacCounter] = None,
+) -> Dict[str, jax.Array]:
   """Sums of `example_metrics` over the unmasked examples of a padded eval
   batch.
 
@@ -136,9 +176,11 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   logits, model_out = predict(state, batch['image'], mean, std)
   m = example_metrics(logits, model_out, batch['label'], spec, mac_counter)
   mask = batch['mask']
-  out = {'count': jnp.sum(mask),
-         'correct': jnp.sum(m['correct'] * mask),
-         'loss_sum': jnp.sum(m['loss'] * mask)}
+  out = {
+      'count': jnp.sum(mask),
+      'correct': jnp.sum(m['correct'] * mask),
+      'loss_sum': jnp.sum(m['loss'] * mask),
+  }
   if spec:
     out['gate_l1_sum'] = jnp.sum(m['gate_l1'] * mask)
     out['gate_on_counts'] = gate_on_counts(model_out['gates'], spec, mask)
@@ -150,10 +192,19 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 class Steps:
   """The jitted train and eval steps of one model on one mesh."""
 
-  def __init__(self, config: ml_collections.ConfigDict, spec: GateSpec, mesh,
-               mean, std, num_train_steps: int = 1, steps_per_epoch: int = 1,
-               mac_counter: Optional[macs_lib.MacCounter] = None, *,
-               augmentation: augment.Augmentation):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      spec: GateSpec,
+      mesh,
+      mean,
+      std,
+      num_train_steps: int = 1,
+      steps_per_epoch: int = 1,
+      mac_counter: Optional[macs_lib.MacCounter] = None,
+      *,
+      augmentation: augment.Augmentation,
+  ):
     self.mesh = mesh
     self.spec = spec
     self.mac_counter = mac_counter
@@ -162,31 +213,48 @@ class Steps:
     self.data_sharding = data
     mean, std = tuple(mean), tuple(std)
     step_fn = functools.partial(
-        train_step, spec=spec, mean=mean, std=std,
+        train_step,
+        spec=spec,
+        mean=mean,
+        std=std,
         loss_fn=losses.objective(config, spec, steps_per_epoch),
         augmentation=augmentation,
-        gate_dropout_fn=optim.create_gate_dropout_fn(config, num_train_steps))
+        gate_dropout_fn=optim.create_gate_dropout_fn(config, num_train_steps),
+    )
     self.train = jax.jit(
-        step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-        donate_argnums=(0,))
+        step_fn,
+        in_shardings=(repl, data, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
     self.eval = jax.jit(
-        functools.partial(eval_step, spec=spec, mean=mean, std=std,
-                          mac_counter=mac_counter),
-        in_shardings=(repl, data), out_shardings=repl)
+        functools.partial(
+            eval_step, spec=spec, mean=mean, std=std, mac_counter=mac_counter
+        ),
+        in_shardings=(repl, data),
+        out_shardings=repl,
+    )
 
-    batch_fn = functools.partial(device_data.batch_at,
-                                 batch_size=config.batch_size,
-                                 seed=config.seed + 1, mesh=mesh)
+    batch_fn = functools.partial(
+        device_data.batch_at,
+        batch_size=config.batch_size,
+        seed=config.seed + 1,
+        mesh=mesh,
+    )
 
     def train_many(state, arrays, rng, num_steps):
       """`num_steps` steps on device-resident data in one call; metrics
       come back stacked, `(num_steps,)` each."""
+
       def body(state, _):
         return step_fn(state, batch_fn(arrays, state.step), rng)
+
       return jax.lax.scan(body, state, None, length=num_steps)
 
     self.train_many = jax.jit(
-        train_many, in_shardings=(repl, repl, repl),
-        out_shardings=(repl, repl), donate_argnums=(0,),
-        static_argnums=(3,))
-
+        train_many,
+        in_shardings=(repl, repl, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+        static_argnums=(3,),
+    )

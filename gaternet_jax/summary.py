@@ -32,15 +32,19 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   image_shape, num_classes = data_lib.dataset_info(config.data)
   model = create_model(config.model, num_classes)
   variables = jax.eval_shape(
-      lambda: model.init({'params': jax.random.key(0),
-                          'gates': jax.random.key(1)},
-                         jnp.zeros((1,) + image_shape), train=False))
+      lambda: model.init(
+          {'params': jax.random.key(0), 'gates': jax.random.key(1)},
+          jnp.zeros((1,) + image_shape),
+          train=False,
+      )
+  )
   params = variables['params']
   spec = model.gate_spec()
   counter = macs_lib.count(model, image_shape, conditional=False)
   flat = traverse_util.flatten_dict(params.get('backbone', {}))
-  gating_modules = sum(v.size for k, v in flat.items()
-                       if macs_lib.LOCAL_GATE_MODULE in k[:-1])
+  gating_modules = sum(
+      v.size for k, v in flat.items() if macs_lib.LOCAL_GATE_MODULE in k[:-1]
+  )
   return {
       'params_total': count(params),
       'params_backbone': count(params.get('backbone', {})),

@@ -35,22 +35,29 @@ from gaternet_jax.steps import TrainState
 
 def _check_loop_config(config: ml_collections.ConfigDict):
   """Raises a ConfigError for a loop field that would hang or lose work."""
-  for key in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-              'steps_per_call'):
+  for key in (
+      'log_every_steps',
+      'checkpoint_every_steps',
+      'keep_checkpoints',
+      'steps_per_call',
+  ):
     value = config[key]
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f'{key} must be a whole number >= 1; got {value!r}.')
   if not config.eval_every_epochs > 0:
-    raise ConfigError(f'eval_every_epochs must be > 0; got '
-                      f'{config.eval_every_epochs!r}.')
+    raise ConfigError(
+        f'eval_every_epochs must be > 0; got ' f'{config.eval_every_epochs!r}.'
+    )
 
 
 def _check_gate_losses(config: ml_collections.ConfigDict, model: Any):
   if gating.gate_losses_enabled(config) and model.gating != gating.LOCAL:
-    raise ConfigError(f"batch_shaping and l0 weights need model.gating="
-                      f"'local' (units that gate themselves); this model's "
-                      f"is {model.gating!r}. Set them to 0 or use local "
-                      f"gating (model.local_gating).")
+    raise ConfigError(
+        f'batch_shaping and l0 weights need model.gating='
+        f"'local' (units that gate themselves); this model's "
+        f'is {model.gating!r}. Set them to 0 or use local '
+        f'gating (model.local_gating).'
+    )
 
 
 class _Preempted(Exception):
@@ -76,7 +83,8 @@ class _PreemptionCheck:
       return
     try:
       self._previous = signal.signal(
-          signal.SIGTERM, lambda *_: self._flag.append(True))
+          signal.SIGTERM, lambda *_: self._flag.append(True)
+      )
     except ValueError:  # Not the main thread: no preemption handling.
       pass
 
@@ -84,6 +92,7 @@ class _PreemptionCheck:
     if not self._multi:
       return bool(self._flag)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     try:
       return multihost_utils.reached_preemption_sync_point(step)
     except RuntimeError:  # The runtime's preemption service is off.
@@ -98,12 +107,17 @@ class _PreemptionCheck:
 def _check_workdir_path(workdir: str):
   path = paths.resolve(workdir)
   if path.exists() and not path.is_dir():
-    raise WorkdirError(f'--workdir {workdir} is a file, not a directory; '
-                       f'choose another --workdir.')
+    raise WorkdirError(
+        f'--workdir {workdir} is a file, not a directory; '
+        f'choose another --workdir.'
+    )
 
 
-def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
-                          dataset: Optional[datasets.Dataset] = None):
+def _check_workdir_config(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dataset: Optional[datasets.Dataset] = None,
+):
   """Refuses to resume a workdir whose run built another network or read
   another dataset (`config`'s, or `dataset` if given): their fingerprints
   differ (fingerprint.py)."""
@@ -115,14 +129,19 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
     key, why = differs
     raise WorkdirError(
         f'{workdir} holds a run with a different `{key}` config ({why}); '
-        f'resume it with its own config ({path}) or choose a new --workdir.')
+        f'resume it with its own config ({path}) or choose a new --workdir.'
+    )
 
 
-def _initial_state(config: ml_collections.ConfigDict, workdir: str,
-                   exp: experiment.Experiment, lr_fn, rng: jax.Array,
-                   ckpt: checkpoints.Checkpointer,
-                   init_fn: Optional[Callable[[TrainState], TrainState]]
-                   ) -> Tuple[TrainState, float]:
+def _initial_state(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    exp: experiment.Experiment,
+    lr_fn,
+    rng: jax.Array,
+    ckpt: checkpoints.Checkpointer,
+    init_fn: Optional[Callable[[TrainState], TrainState]],
+) -> Tuple[TrainState, float]:
   """(the state training starts from, seconds trained before this call).
 
   The latest checkpoint's when `workdir` has one; else a fresh state mapped
@@ -136,14 +155,23 @@ def _initial_state(config: ml_collections.ConfigDict, workdir: str,
   if init_fn is not None:
     state = sharding.replicate(init_fn(state), exp.mesh)
   if jax.process_index() == 0:
-    paths.write_json(paths.join(workdir, 'config.json'),
-                     json.loads(config.to_json_best_effort()))
+    paths.write_json(
+        paths.join(workdir, 'config.json'),
+        json.loads(config.to_json_best_effort()),
+    )
   return state, 0.0
 
 
-def _advance_fn(config: ml_collections.ConfigDict, ds: datasets.Dataset,
-                steps: Any, mesh, rng: jax.Array, start: int,
-                total_steps: int, events: Tuple[int, ...]) -> Callable:
+def _advance_fn(
+    config: ml_collections.ConfigDict,
+    ds: datasets.Dataset,
+    steps: Any,
+    mesh,
+    rng: jax.Array,
+    start: int,
+    total_steps: int,
+    events: Tuple[int, ...],
+) -> Callable:
   """`advance(state, step) -> (state, metrics, n)`: the next `n` train steps.
 
   From host batches one step a call; with `data.on_device`, from the train
@@ -162,24 +190,30 @@ def _advance_fn(config: ml_collections.ConfigDict, ds: datasets.Dataset,
     return from_host
   arrays = ds.train_arrays()
   if arrays is None:
-    raise ConfigError('data.on_device needs an in-memory dataset (digits, '
-                      'CIFAR); this one is streamed.')
+    raise ConfigError(
+        'data.on_device needs an in-memory dataset (digits, '
+        'CIFAR); this one is streamed.'
+    )
   arrays = device_data.put_on_devices(arrays, mesh)
 
   def on_device(state, step):
-    n = min([config.steps_per_call, total_steps - step] +
-            [(step // e + 1) * e - step for e in events])
+    n = min(
+        [config.steps_per_call, total_steps - step]
+        + [(step // e + 1) * e - step for e in events]
+    )
     state, m = steps.train_many(state, arrays, rng, n)
     return state, m, n
 
   return on_device
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          init_fn: Optional[Callable[[TrainState], TrainState]] = None,
-          dataset: Optional[datasets.Dataset] = None,
-          step_callback: Optional[Callable[[int], None]] = None
-          ) -> Dict[str, Any]:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    init_fn: Optional[Callable[[TrainState], TrainState]] = None,
+    dataset: Optional[datasets.Dataset] = None,
+    step_callback: Optional[Callable[[int], None]] = None,
+) -> Dict[str, Any]:
   """Trains one model to `config`'s end, resuming from `workdir` if it can.
 
   Args:
@@ -205,40 +239,63 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   sharding.check_batch_size(config.batch_size)
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   steps_per_epoch, total_steps = experiment.num_steps(config, ds)
-  lr_fn = optim.create_learning_rate_fn(config.optimizer, steps_per_epoch,
-                                        total_steps)
+  lr_fn = optim.create_learning_rate_fn(
+      config.optimizer, steps_per_epoch, total_steps
+  )
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   ckpt = checkpoints.Checkpointer(
-      workdir, max_to_keep=config.keep_checkpoints,
-      save_every_steps=config.checkpoint_every_steps)
-  state, trained_before = _initial_state(config, workdir, exp, lr_fn,
-                                         init_rng, ckpt, init_fn)
+      workdir,
+      max_to_keep=config.keep_checkpoints,
+      save_every_steps=config.checkpoint_every_steps,
+  )
+  state, trained_before = _initial_state(
+      config, workdir, exp, lr_fn, init_rng, ckpt, init_fn
+  )
   train_rng = sharding.replicate(train_rng, mesh)
   start = int(state.step)
 
   steps = exp.steps(total_steps, steps_per_epoch)
-  writer = metrics_lib.create_writer(workdir, config.tensorboard,
-                                     resume_step=start)
+  writer = metrics_lib.create_writer(
+      workdir, config.tensorboard, resume_step=start
+  )
   eval_every = max(int(round(config.eval_every_epochs * steps_per_epoch)), 1)
-  logging.info('%s: %d train / %d %s examples, %d steps (%d per epoch), '
-               'batch %d on %d devices, %d gated filters.', workdir,
-               ds.num_train_examples, ds.num_test_examples, ds.test_split_name,
-               total_steps, steps_per_epoch, config.batch_size,
-               jax.device_count(), spec.total)
+  logging.info(
+      '%s: %d train / %d %s examples, %d steps (%d per epoch), '
+      'batch %d on %d devices, %d gated filters.',
+      workdir,
+      ds.num_train_examples,
+      ds.num_test_examples,
+      ds.test_split_name,
+      total_steps,
+      steps_per_epoch,
+      config.batch_size,
+      jax.device_count(),
+      spec.total,
+  )
   progress = metrics_lib.create_progress(
-      total_steps, config.batch_size, writer, config.progress_every_secs,
-      first_step=start)
+      total_steps,
+      config.batch_size,
+      writer,
+      config.progress_every_secs,
+      first_step=start,
+  )
 
   def evaluate(state):
-    return evaluation.run(steps, state,
-                          ds.eval_batches(config.eval_batch_size))
+    return evaluation.run(steps, state, ds.eval_batches(config.eval_batch_size))
 
   preempted = _PreemptionCheck()
   results = None
   buffer = []
   advance = _advance_fn(
-      config, ds, steps, mesh, train_rng, start, total_steps,
-      (config.log_every_steps, eval_every, config.checkpoint_every_steps))
+      config,
+      ds,
+      steps,
+      mesh,
+      train_rng,
+      start,
+      total_steps,
+      (config.log_every_steps, eval_every, config.checkpoint_every_steps),
+  )
   t0 = time.time()
   trained = trained_before  # Seconds of training up to `step`.
   step = start
@@ -252,23 +309,31 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if step % config.log_every_steps == 0 or step == total_steps:
         scalars = metrics_lib.average(buffer)
         scalars['learning_rate'] = float(lr_fn(step - 1))
-        writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
+        writer.write_scalars(
+            step, {f'train/{k}': v for k, v in scalars.items()}
+        )
         buffer = []
       if step % eval_every == 0 or step == total_steps:
         results = evaluate(state)
         writer.write_scalars(
-            step, {f'{ds.test_split_name}/{k}': v for k, v in results.items()})
+            step, {f'{ds.test_split_name}/{k}': v for k, v in results.items()}
+        )
       trained = trained_before + time.time() - t0
-      if ckpt.save(step, state, force=(step == total_steps) or stop,
-                   train_seconds=trained):
+      if ckpt.save(
+          step,
+          state,
+          force=(step == total_steps) or stop,
+          train_seconds=trained,
+      ):
         writer.flush()  # Metrics up to a checkpoint outlive a crash.
       if step_callback is not None:
         step_callback(step)
       if stop:
         raise _Preempted()
   except _Preempted:
-    logging.warning('SIGTERM: saved a checkpoint at step %d and stopped.',
-                    int(state.step))
+    logging.warning(
+        'SIGTERM: saved a checkpoint at step %d and stopped.', int(state.step)
+    )
     writer.close()
     raise SystemExit(143) from None
   except BaseException:
@@ -283,8 +348,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   finished_before = results is None
   if finished_before:  # Nothing left to train: evaluate the restored state.
     results = evaluate(state)
-  results = dict(results, step=int(state.step), split=ds.test_split_name,
-                 train_seconds=trained)
+  results = dict(
+      results,
+      step=int(state.step),
+      split=ds.test_split_name,
+      train_seconds=trained,
+  )
   if not finished_before:  # (metrics.jsonl has a finished run's results.)
     writer.write_texts(int(state.step), {'results': json.dumps(results)})
   writer.close()
@@ -295,8 +364,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str,
-    dataset: Optional[datasets.Dataset] = None) -> Dict[str, Any]:
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dataset: Optional[datasets.Dataset] = None,
+) -> Dict[str, Any]:
   """GaterNet's recipe: pretraining stages (if any), then this config's run.
 
   Args:
@@ -324,16 +395,22 @@ def train_and_evaluate(
       out[stage.name] = train(stage.config, stage.workdir, dataset=dataset)
     elif checkpoints.has_checkpoint(stage.workdir):
       logging.info('Pretrained %r: evaluating %s.', stage.name, stage.workdir)
-      out[stage.name] = evaluation.evaluate(stage.config, stage.workdir,
-                                            dataset=dataset)
+      out[stage.name] = evaluation.evaluate(
+          stage.config, stage.workdir, dataset=dataset
+      )
     elif resuming:
-      logging.info('Pretraining stage %r: %s is gone; %s resumes without it.',
-                   stage.name, stage.workdir, workdir)
+      logging.info(
+          'Pretraining stage %r: %s is gone; %s resumes without it.',
+          stage.name,
+          stage.workdir,
+          workdir,
+      )
     else:
       raise WorkdirError(
           f'The pretrained {stage.name} run {stage.workdir} (config.'
           f'pretrain.{stage.targets[0]}_workdir) has no checkpoint; train '
-          f'it first or leave the field empty to train it here.')
+          f'it first or leave the field empty to train it here.'
+      )
     init_fns.append(recipe.stage_init(stage))
 
   def init_fn(state):
@@ -341,6 +418,7 @@ def train_and_evaluate(
       state = fn(state)
     return state
 
-  out['final'] = train(config, workdir, init_fn if init_fns else None,
-                       dataset=dataset)
+  out['final'] = train(
+      config, workdir, init_fn if init_fns else None, dataset=dataset
+  )
   return out

@@ -23,9 +23,12 @@ from gaternet_jax import summary
 def summaries() -> dict:
   """{config name: summary.model_summary of configs/<name>.py} of every row
   of the paper's tables."""
-  return {name: summary.model_summary(
-      importlib.import_module(f'configs.{name}').get_config())
-          for name in paper.config_names()}
+  return {
+      name: summary.model_summary(
+          importlib.import_module(f'configs.{name}').get_config()
+      )
+      for name in paper.config_names()
+  }
 
 
 if __name__ == '__main__':

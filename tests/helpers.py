@@ -15,7 +15,8 @@ def tiny_config(gated: bool = True) -> ml_collections.ConfigDict:
   arch = dict(name='cifar_resnet', depth=8, widths=(4, 8, 16))
   c.model.backbone = ml_collections.ConfigDict(dict(arch, se_reduction=0))
   c.model.gater = ml_collections.ConfigDict(
-      dict(arch, bottleneck=4, batchnorm=True))
+      dict(arch, bottleneck=4, batchnorm=True)
+  )
   c.model.gating = 'gater' if gated else 'none'
   c.batch_size = 16
   c.eval_batch_size = 24
@@ -35,32 +36,53 @@ def tiny_local_config(l0: bool = True) -> ml_collections.ConfigDict:
   """`tiny_config`'s ResNet-8 with batch-shaping's self-gating units."""
   c = tiny_config(gated=False)
   c.model.gating = 'local'
-  c.model.local_gating = ml_collections.ConfigDict(dict(
-      position='conv1', hidden=4, temperature=2.0 / 3.0, bias_init=1.0))
+  c.model.local_gating = ml_collections.ConfigDict(
+      dict(position='conv1', hidden=4, temperature=2.0 / 3.0, bias_init=1.0)
+  )
   c.gate_l1_weight = 0.0
-  c.batch_shaping.update(dict(weight=1.0, final_weight=0.5,
-                              decay_start_epoch=1.0, decay_end_epoch=2.0))
-  c.l0.update(dict(weight=0.1 if l0 else 0.0, start_epoch=0.0,
-                   ramp_epochs=1.0))
+  c.batch_shaping.update(
+      dict(
+          weight=1.0,
+          final_weight=0.5,
+          decay_start_epoch=1.0,
+          decay_end_epoch=2.0,
+      )
+  )
+  c.l0.update(dict(weight=0.1 if l0 else 0.0, start_epoch=0.0, ramp_epochs=1.0))
   return c
 
 
-def synthetic_dataset(n_train: int = 64, n_test: int = 40, size: int = 16,
-                      num_classes: int = 3, seed: int = 0) -> InMemoryDataset:
+def synthetic_dataset(
+    n_train: int = 64,
+    n_test: int = 40,
+    size: int = 16,
+    num_classes: int = 3,
+    seed: int = 0,
+) -> InMemoryDataset:
   """Images whose class sets their brightness: learnable in a few steps."""
   rng = np.random.default_rng(seed)
 
   def make(n):
     labels = rng.integers(0, num_classes, n).astype(np.int32)
-    base_level = (labels * (200 // max(num_classes - 1, 1)))[:, None, None, None]
-    images = np.clip(base_level + rng.integers(0, 50, (n, size, size, 3)),
-                     0, 255).astype(np.uint8)
+    base_level = (labels * (200 // max(num_classes - 1, 1)))[
+        :, None, None, None
+    ]
+    images = np.clip(
+        base_level + rng.integers(0, 50, (n, size, size, 3)), 0, 255
+    ).astype(np.uint8)
     return images, labels
 
   tr, te = make(n_train), make(n_test)
   return InMemoryDataset(
-      name='synthetic', train_images=tr[0], train_labels=tr[1],
-      test_images=te[0], test_labels=te[1], num_classes=num_classes,
-      mean=(0.5, 0.5, 0.5), std=(0.3, 0.3, 0.3), test_split_name='test',
+      name='synthetic',
+      train_images=tr[0],
+      train_labels=tr[1],
+      test_images=te[0],
+      test_labels=te[1],
+      num_classes=num_classes,
+      mean=(0.5, 0.5, 0.5),
+      std=(0.3, 0.3, 0.3),
+      test_split_name='test',
       # The pad-crop and flip that tiny_config's data asks for.
-      augmentation=train_augmentation(tiny_config().data))
+      augmentation=train_augmentation(tiny_config().data),
+  )

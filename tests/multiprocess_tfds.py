@@ -31,6 +31,7 @@ from gaternet_jax import data as data_lib
 from gaternet_jax import distributed
 from gaternet_jax import input_pipeline
 from gaternet_jax import train as train_lib
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
@@ -48,7 +49,8 @@ def tiny_config(data_dir):
   arch = dict(name='cifar_resnet', depth=8, widths=(4, 8, 16))
   c.model.backbone = ml_collections.ConfigDict(dict(arch, se_reduction=0))
   c.model.gater = ml_collections.ConfigDict(
-      dict(arch, bottleneck=4, batchnorm=True))
+      dict(arch, bottleneck=4, batchnorm=True)
+  )
   c.batch_size = 8
   c.eval_batch_size = 8
   c.num_train_steps = 5
@@ -70,18 +72,29 @@ def main(data_dir, out_dir):
   assert isinstance(ds, input_pipeline.TfdataDataset)
   # 1. The records of epoch 0, as _epoch_dataset reads them.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   rows = config.batch_size // jax.process_count()
   steps = ds.steps_per_epoch(config.batch_size)
   seeds = input_pipeline._epoch_seeds(config.seed + 1, 0, me)  # pylint: disable=protected-access
   records = ds._source.train_records(  # pylint: disable=protected-access
-      tf, seeds, 0, False, config.data.shuffle_buffer).take(steps * rows)
-  hashes = [hashlib.sha1(encoded).hexdigest()
-            for encoded, _ in records.as_numpy_iterator()]
+      tf, seeds, 0, False, config.data.shuffle_buffer
+  ).take(steps * rows)
+  hashes = [
+      hashlib.sha1(encoded).hexdigest()
+      for encoded, _ in records.as_numpy_iterator()
+  ]
   batches = ds.train_batches(config.batch_size, config.seed + 1)
   shapes = [list(next(batches)['image'].shape) for _ in range(steps)]
   with open(os.path.join(out_dir, f'shard{me}.json'), 'w') as f:
-    json.dump({'hashes': hashes, 'shapes': shapes, 'steps': steps,
-               'num_train_examples': ds.num_train_examples}, f)
+    json.dump(
+        {
+            'hashes': hashes,
+            'shapes': shapes,
+            'steps': steps,
+            'num_train_examples': ds.num_train_examples,
+        },
+        f,
+    )
 
   # 2-3. Training, uninterrupted and crashed-then-resumed.
   ref = train_lib.train(config, os.path.join(out_dir, 'ref'), dataset=ds)

@@ -22,8 +22,9 @@ from gaternet_jax.errors import ConfigError, WorkdirError
 from gaternet_jax.gates import GateSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC = GateSpec((('stage1_block1', 4), ('stage1_block2', 3),
-                 ('stage2_block1', 6)))
+SPEC = GateSpec(
+    (('stage1_block1', 4), ('stage1_block2', 3), ('stage2_block1', 6))
+)
 
 
 def _hand_built():
@@ -31,12 +32,21 @@ def _hand_built():
   n = 10
   cols = [
       # stage1_block1: on, off, on for 3, on for 9
-      np.ones(n), np.zeros(n), np.arange(n) < 3, np.arange(n) < 9,
+      np.ones(n),
+      np.zeros(n),
+      np.arange(n) < 3,
+      np.arange(n) < 9,
       # stage1_block2: off, off, on for 1
-      np.zeros(n), np.zeros(n), np.arange(n) == 4,
+      np.zeros(n),
+      np.zeros(n),
+      np.arange(n) == 4,
       # stage2_block1: on, on, on for 5 (odd), on for 5 (first), off, on for 2
-      np.ones(n), np.ones(n), np.arange(n) % 2 == 1, np.arange(n) < 5,
-      np.zeros(n), np.arange(n) >= 8,
+      np.ones(n),
+      np.ones(n),
+      np.arange(n) % 2 == 1,
+      np.arange(n) < 5,
+      np.zeros(n),
+      np.arange(n) >= 8,
   ]
   gates = np.stack(cols, axis=1).astype(np.float32)
   labels = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 0])
@@ -54,27 +64,37 @@ def _collect(gates, labels, capacity=4):
 def test_gate_types_per_layer_and_stage():
   gates, labels = _hand_built()
   c = _collect(gates, labels)
-  np.testing.assert_array_equal(c.on_counts,
-                                [10, 0, 3, 9, 0, 0, 1, 10, 10, 5, 5, 0, 2])
+  np.testing.assert_array_equal(
+      c.on_counts, [10, 0, 3, 9, 0, 0, 1, 10, 10, 5, 5, 0, 2]
+  )
   rows = analysis.gate_type_rows(c.on_counts, 10, SPEC)
-  got = [(r['site'], r['always_on'], r['always_off'], r['input_dependent'])
-         for r in rows]
-  assert got == [('stage1_block1', 1, 1, 2), ('stage1_block2', 0, 2, 1),
-                 ('stage2_block1', 2, 1, 3)]
+  got = [
+      (r['site'], r['always_on'], r['always_off'], r['input_dependent'])
+      for r in rows
+  ]
+  assert got == [
+      ('stage1_block1', 1, 1, 2),
+      ('stage1_block2', 0, 2, 1),
+      ('stage2_block1', 2, 1, 3),
+  ]
   assert rows[2]['input_dependent_fraction'] == pytest.approx(0.5)
   groups = analysis.group_rows(rows)
-  assert [(g['group'], g['sites'], g['gates'], g['always_off'])
-          for g in groups] == [('stage1', 2, 7, 3), ('stage2', 1, 6, 1)]
+  assert [
+      (g['group'], g['sites'], g['gates'], g['always_off']) for g in groups
+  ] == [('stage1', 2, 7, 3), ('stage2', 1, 6, 1)]
   assert groups[0]['always_off_fraction'] == pytest.approx(3 / 7)
   # Names with one common prefix fall back to one group per site.
   assert analysis.site_groups(['Mixed_5a', 'Mixed_6a']) == [
-      ('Mixed_5a', [0]), ('Mixed_6a', [1])]
+      ('Mixed_5a', [0]),
+      ('Mixed_6a', [1]),
+  ]
 
 
 def test_on_count_histogram_and_frequent_gates():
   on = np.array([0, 100, 1, 50, 99, 50, 2, 100])
   np.testing.assert_array_equal(
-      analysis.input_dependent_on_counts(on, 100), [1, 50, 99, 50, 2])
+      analysis.input_dependent_on_counts(on, 100), [1, 50, 99, 50, 2]
+  )
   h = analysis.on_count_histogram(on, 100, bins=2)
   assert h['bin_edges'] == [1.0, 50.0, 99.0] and h['counts'] == [2, 3]
   assert analysis.frequent_gates(on, 100, 0.01, 0.99) == 5
@@ -91,8 +111,9 @@ def test_gates_on_per_sample_and_class_means():
   np.testing.assert_array_equal(c.class_counts, [4, 3, 3])
   means = analysis.class_means(c.class_sums, c.class_counts)
   for k in range(3):
-    np.testing.assert_allclose(means[k], gates[labels == k].mean(axis=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        means[k], gates[labels == k].mean(axis=0), rtol=1e-6
+    )
   d = analysis.describe(c.column('gates_on'))
   assert (d['min'], d['max']) == (gates.sum(1).min(), gates.sum(1).max())
   # A class without samples has a NaN row.
@@ -109,7 +130,9 @@ def test_packed_bits_round_trip_and_growth():
   # The collector grows past its capacity and keeps every row's bits.
   c = analysis.GateCollector(13, 2, capacity=5)
   for start in range(0, 37, 8):
-    c.add(np.zeros(len(gates[start:start + 8]), int), gates[start:start + 8])
+    c.add(
+        np.zeros(len(gates[start : start + 8]), int), gates[start : start + 8]
+    )
   assert c.num_samples == 37
   np.testing.assert_array_equal(c.bits, bits)
   np.testing.assert_array_equal(c.on_counts, gates.sum(axis=0))
@@ -129,8 +152,16 @@ def test_memory_grows_as_bits():
 
 
 def test_knn_label_agreement_on_constructed_cases():
-  x = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 0, 0],
-                [0, 0, 0, 0, 1, 1], [0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 1, 1]])
+  x = np.array(
+      [
+          [1, 1, 0, 0, 0, 0],
+          [1, 1, 1, 0, 0, 0],
+          [1, 1, 0, 1, 0, 0],
+          [0, 0, 0, 0, 1, 1],
+          [0, 0, 1, 0, 1, 1],
+          [0, 0, 0, 1, 1, 1],
+      ]
+  )
   labels = np.array([0, 0, 0, 1, 1, 1])
   agree, chance = analysis.knn_label_agreement(x, labels, k=2, chunk=4)
   assert agree == pytest.approx(1.0)
@@ -141,7 +172,8 @@ def test_knn_label_agreement_on_constructed_cases():
   assert agree == pytest.approx(0.0)
   # Identical vectors: every other sample ties, so agreement is chance.
   agree, chance = analysis.knn_label_agreement(
-      np.zeros((5, 4)), np.array([0, 0, 1, 1, 1]), k=2)
+      np.zeros((5, 4)), np.array([0, 0, 1, 1, 1]), k=2
+  )
   assert agree == pytest.approx(chance) and chance == pytest.approx(0.4)
   # k larger than the samples uses all the others.
   agree, _ = analysis.knn_label_agreement(x, labels, k=50)
@@ -160,18 +192,22 @@ def test_difficulty_bins_and_correlations():
   assert r['spearman'] == pytest.approx(1.0)
   r = analysis.correlations(-np.exp(loss * 9), loss)
   assert r['spearman'] == pytest.approx(-1.0) and r['pearson'] > -1.0
-  assert analysis.correlations(np.ones(6), loss) == {'pearson': None,
-                                                     'spearman': None}
+  assert analysis.correlations(np.ones(6), loss) == {
+      'pearson': None,
+      'spearman': None,
+  }
   # Ties in the key cannot empty a bin.
-  bins = analysis.equal_count_bins(np.zeros(7), {'cost': cost.tolist() + [0]},
-                                   3, 'loss')
+  bins = analysis.equal_count_bins(
+      np.zeros(7), {'cost': cost.tolist() + [0]}, 3, 'loss'
+  )
   assert [b['count'] for b in bins] == [3, 2, 2]
 
 
 def test_embedding_drops_constant_gates():
   rng = np.random.default_rng(0)
-  x = np.concatenate([np.ones((40, 3)), rng.random((40, 5)) < 0.5,
-                      np.zeros((40, 2))], axis=1)
+  x = np.concatenate(
+      [np.ones((40, 3)), rng.random((40, 5)) < 0.5, np.zeros((40, 2))], axis=1
+  )
   x = analysis.informative_columns(x)
   assert x.shape == (40, 5)
   xy, dims = analysis.embed_2d(x, pca_dims=3, perplexity=30.0, seed=0)
@@ -227,15 +263,18 @@ def _check_gated_result(r, results, spec_total):
   assert r['macs']['macs_mean'] == pytest.approx(results['macs_mean'])
   t = r['gate_types']
   assert (t['always_on'], t['always_off'], t['input_dependent']) == (
-      results['gates_always_on'], results['gates_always_off'],
-      results['gates_input_dependent'])
+      results['gates_always_on'],
+      results['gates_always_off'],
+      results['gates_input_dependent'],
+  )
   assert t['always_on'] + t['always_off'] + t['input_dependent'] == spec_total
   assert sum(s['gates'] for s in r['gate_types_per_site']) == spec_total
   assert sum(r['on_count_histogram']['counts']) == t['input_dependent']
   g = r['gates_on_per_sample']
   assert 0 <= g['min'] <= g['mean'] <= g['max'] <= spec_total
-  assert g['mean'] / spec_total == pytest.approx(results['gates_on_fraction'],
-                                                 abs=1e-6)
+  assert g['mean'] / spec_total == pytest.approx(
+      results['gates_on_fraction'], abs=1e-6
+  )
   e = r['embedding']
   assert e['samples'] == 300 and 0.0 <= e['knn_agreement'] <= 1.0
   assert 0.09 < e['knn_chance'] < 0.12  # ten nearly balanced classes
@@ -253,7 +292,8 @@ def test_analyze_gaternet_workdir(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert 'always off' in printed and '10-NN label agreement' in printed
   assert json.loads(printed.strip().splitlines()[-1]) == json.loads(
-      json.dumps(out))
+      json.dumps(out)
+  )
   assert out['gating'] == 'gater' and out['gated_filters'] == 28
   out_dir = os.path.join(wd, 'analysis')
   with open(os.path.join(out_dir, 'analysis.json'), encoding='utf-8') as f:
@@ -281,18 +321,30 @@ def test_analyze_batch_shaping_workdir_through_main(tmp_path, capsys):
   wd = str(tmp_path / 'bas')
   results = train_lib.train(config, wd)
   before = _files(wd)
-  flags = ['--config=configs/digits_bas.py', f'--workdir={wd}',
-           '--mode=analyze', '--config.model.backbone.widths=(4,8,16)',
-           '--config.model.gater.widths=(4,8,16)',
-           '--config.model.local_gating.hidden=4',
-           '--config.pretrain.enabled=False', '--config.num_train_steps=4',
-           '--config.eval_batch_size=200',
-           '--config.analysis.tsne_samples=300', '--config.analysis.dpi=50']
+  flags = [
+      '--config=configs/digits_bas.py',
+      f'--workdir={wd}',
+      '--mode=analyze',
+      '--config.model.backbone.widths=(4,8,16)',
+      '--config.model.gater.widths=(4,8,16)',
+      '--config.model.local_gating.hidden=4',
+      '--config.pretrain.enabled=False',
+      '--config.num_train_steps=4',
+      '--config.eval_batch_size=200',
+      '--config.analysis.tsne_samples=300',
+      '--config.analysis.dpi=50',
+  ]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   first = cli.run('analyze', config, wd)
   # Again through main.py: the re-run replaces its own outputs.
-  proc = subprocess.run([sys.executable, 'main.py', *flags], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, 'main.py', *flags],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out == json.loads(json.dumps(first))  # deterministic
@@ -306,9 +358,14 @@ def test_analyze_batch_shaping_workdir_through_main(tmp_path, capsys):
   assert len(events) == (1 if metrics_lib.tensorboard_available() else 0)
   assert _files(wd) == before
   # --mode=analyze needs a workdir.
-  proc = subprocess.run([sys.executable, 'main.py', *flags[:1],
-                         '--mode=analyze'], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+      [sys.executable, 'main.py', *flags[:1], '--mode=analyze'],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr
   assert '--workdir is required' in proc.stderr.strip().splitlines()[-1]
 

@@ -44,8 +44,9 @@ class RefBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(cout)
     self.shortcut = nn.Sequential()
     if cin != cout:
-      self.shortcut.add_module('conv', nn.Conv2d(cin, cout, 1, stride, 0,
-                                                 bias=False))
+      self.shortcut.add_module(
+          'conv', nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+      )
       self.shortcut.add_module('bn', nn.BatchNorm2d(cout))
 
   def forward(self, x, gate=None):
@@ -82,7 +83,7 @@ class RefResNet(nn.Module):
     for s in range(len(WIDTHS)):
       for block in getattr(self, f'stage{s + 1}'):
         width = block.bn2.num_features
-        gate = None if gates is None else gates[:, offset:offset + width]
+        gate = None if gates is None else gates[:, offset : offset + width]
         offset += width
         y = block(y, gate)
     if gates is not None:
@@ -119,6 +120,7 @@ def num_gates(depth):
 
 def randomise_(module, generator):
   """Random weights and BN statistics far from PyTorch's defaults."""
+
   def normal(shape, std, mean=0.0):
     return mean + std * torch.randn(shape, generator=generator)
 
@@ -138,7 +140,7 @@ def randomise_(module, generator):
         m.running_var.copy_(uniform(c, 0.3, 2.0))
         m.num_batches_tracked.fill_(1234)
       elif isinstance(m, nn.Linear):
-        m.weight.copy_(normal(m.weight.shape, m.in_features ** -0.5))
+        m.weight.copy_(normal(m.weight.shape, m.in_features**-0.5))
         m.bias.copy_(normal(m.bias.shape, 0.3))
 
 
@@ -157,8 +159,10 @@ def make_reference(depth, seed=0):
     h = F.relu(gater.resnet(images))
     fc = gater.fnn.fc[0]
     fc.weight.mul_(4.0)
-    fc.bias.copy_(-(h.mean(0) @ fc.weight.T)
-                  + 0.5 * torch.randn(fc.bias.shape, generator=g))
+    fc.bias.copy_(
+        -(h.mean(0) @ fc.weight.T)
+        + 0.5 * torch.randn(fc.bias.shape, generator=g)
+    )
   return backbone.eval(), gater.eval()
 
 
@@ -173,9 +177,14 @@ def save_checkpoint(path, backbone, gater, prefix_backbone=True):
   bsd = backbone.state_dict()
   if prefix_backbone:  # As saved from an nn.DataParallel wrapper.
     bsd = {f'module.{k}': v for k, v in bsd.items()}
-  torch.save({'backbone_state_dict': bsd,
-              'gater_state_dict': gater.state_dict(),
-              'epoch': 300}, path)
+  torch.save(
+      {
+          'backbone_state_dict': bsd,
+          'gater_state_dict': gater.state_dict(),
+          'epoch': 300,
+      },
+      path,
+  )
 
 
 def random_images(seed, batch=BATCH):
@@ -186,8 +195,10 @@ def random_images(seed, batch=BATCH):
 
 
 def numpy_state_dicts(backbone, gater):
-  return ({k: v.numpy().copy() for k, v in backbone.state_dict().items()},
-          {k: v.numpy().copy() for k, v in gater.state_dict().items()})
+  return (
+      {k: v.numpy().copy() for k, v in backbone.state_dict().items()},
+      {k: v.numpy().copy() for k, v in gater.state_dict().items()},
+  )
 
 
 @pytest.fixture(scope='module')
@@ -222,11 +233,13 @@ apply_eval = jax.jit(_logits_and_gates, static_argnums=0)
 @pytest.mark.parametrize('depth', [20, 56])
 def test_matches_reference(depth, ref20, ref56):
   backbone, gater, path = {20: ref20, 56: ref56}[depth]
-  model, variables = convert.load_official_checkpoint(path,
-                                                      backbone_depth=depth)
+  model, variables = convert.load_official_checkpoint(
+      path, backbone_depth=depth
+  )
   nchw, nhwc = random_images(seed=depth)
-  ref_logits, ref_gate_logits, ref_gates = reference_forward(backbone, gater,
-                                                             nchw)
+  ref_logits, ref_gate_logits, ref_gates = reference_forward(
+      backbone, gater, nchw
+  )
   assert 0.2 < ref_gates.mean() < 0.8, ref_gates.mean()
   # Some gates are on for one image and off for another.
   assert np.any(ref_gates.min(0) != ref_gates.max(0))
@@ -252,6 +265,7 @@ def test_official_gates_come_out_exactly_at_the_threshold(ref20):
   0.49999) and off under the paper's 1(logit > 0): an imported checkpoint
   binarises the official way and reproduces every gate."""
   import copy  # pylint: disable=g-import-not-at-top
+
   backbone, gater, _ = ref20
   gater = copy.deepcopy(gater)
   nchw, nhwc = random_images(seed=11)
@@ -260,14 +274,17 @@ def test_official_gates_come_out_exactly_at_the_threshold(ref20):
   with torch.no_grad():
     bias = gater.fnn.fc[0].bias
     bias[moved] -= torch.as_tensor(gate_logits[0, moved] + 1.5e-5)
-  ref_logits, gate_logits, ref_gates = reference_forward(backbone, gater,
-                                                         nchw)
-  assert np.all((gate_logits[0, moved] > -3e-5) &
-                (gate_logits[0, moved] <= 0)), gate_logits[0, moved]
+  ref_logits, gate_logits, ref_gates = reference_forward(backbone, gater, nchw)
+  assert np.all(
+      (gate_logits[0, moved] > -3e-5) & (gate_logits[0, moved] <= 0)
+  ), gate_logits[0, moved]
   assert np.all(ref_gates[0, moved] == 1.0)
   model, variables = convert.load_official_checkpoint(
-      {'backbone_state_dict': backbone.state_dict(),
-       'gater_state_dict': gater.state_dict()})
+      {
+          'backbone_state_dict': backbone.state_dict(),
+          'gater_state_dict': gater.state_dict(),
+      }
+  )
   assert model.binarize == 'official'
   logits, gates = apply_eval(model, variables, nhwc)
   flat = np.asarray(model.gate_spec().flatten(gates))
@@ -287,8 +304,9 @@ def test_gates_matter(ref20):
   # The backbone alone with every gate open, in both frameworks.
   spec = model.gate_spec()
   backbone_vars = {c: variables[c]['backbone'] for c in variables}
-  dense, _ = model.backbone.apply(backbone_vars, nhwc, spec.ones(BATCH),
-                                  train=False)
+  dense, _ = model.backbone.apply(
+      backbone_vars, nhwc, spec.ones(BATCH), train=False
+  )
   with torch.no_grad():
     ref_dense = backbone(nchw, torch.ones(BATCH, spec.total)).numpy()
   assert np.abs(np.asarray(dense) - ref_dense).max() < 1e-4
@@ -300,21 +318,32 @@ def test_variables_have_init_structure(ref20):
   model, variables = convert.load_official_checkpoint(path)
   expected = jax.eval_shape(
       lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False),
-      jax.random.key(0))
-  assert (jax.tree_util.tree_structure(variables)
-          == jax.tree_util.tree_structure(expected))
+      jax.random.key(0),
+  )
+  assert jax.tree_util.tree_structure(
+      variables
+  ) == jax.tree_util.tree_structure(expected)
   shapes = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), variables)
-  assert shapes == jax.tree_util.tree_map(lambda a: (a.shape, a.dtype),
-                                          expected)
+  assert shapes == jax.tree_util.tree_map(
+      lambda a: (a.shape, a.dtype), expected
+  )
   assert set(variables) == {'params', 'batch_stats'}
   assert 'bn' not in variables['params']['gater']
-  assert all(isinstance(a, jax.Array) for a in jax.tree_util.tree_leaves(
-      variables))
+  assert all(
+      isinstance(a, jax.Array) for a in jax.tree_util.tree_leaves(variables)
+  )
 
 
-@pytest.mark.parametrize('corruption', [
-    'swap_bn_mean_var', 'swap_bn_scale_bias', 'flip_conv_kernel',
-    'shift_gate_slices', 'gater_bn_mean'])
+@pytest.mark.parametrize(
+    'corruption',
+    [
+        'swap_bn_mean_var',
+        'swap_bn_scale_bias',
+        'flip_conv_kernel',
+        'shift_gate_slices',
+        'gater_bn_mean',
+    ],
+)
 def test_reference_detects_wrong_mappings(corruption, ref20):
   """The randomised reference is sensitive to each plausible mapping slip."""
   backbone, gater, _ = ref20
@@ -322,7 +351,9 @@ def test_reference_detects_wrong_mappings(corruption, ref20):
   if corruption == 'swap_bn_mean_var':
     k = 'stage2.block2.bn1.'
     bsd[k + 'running_mean'], bsd[k + 'running_var'] = (
-        bsd[k + 'running_var'], bsd[k + 'running_mean'])
+        bsd[k + 'running_var'],
+        bsd[k + 'running_mean'],
+    )
   elif corruption == 'swap_bn_scale_bias':
     k = 'stage3.block1.shortcut.bn.'
     bsd[k + 'weight'], bsd[k + 'bias'] = bsd[k + 'bias'], bsd[k + 'weight']
@@ -353,13 +384,16 @@ def test_state_dict_passed_directly(ref20):
   # Tensors, with 'module.' on the gater this time.
   checkpoint = {
       'backbone_state_dict': backbone.state_dict(),
-      'gater_state_dict': {f'module.{k}': v
-                           for k, v in gater.state_dict().items()}}
+      'gater_state_dict': {
+          f'module.{k}': v for k, v in gater.state_dict().items()
+      },
+  }
   model, from_dict = convert.load_official_checkpoint(checkpoint)
   assert model.gate_spec().total == 336
   # And numpy arrays through convert_state_dicts.
-  from_numpy = convert.convert_state_dicts(*numpy_state_dicts(backbone,
-                                                              gater), 20)
+  from_numpy = convert.convert_state_dicts(
+      *numpy_state_dicts(backbone, gater), 20
+  )
   for other in (from_dict, from_numpy):
     jax.tree_util.tree_map(np.testing.assert_array_equal, from_file, other)
 
@@ -378,8 +412,14 @@ def test_unreadable_files(tmp_path):
     convert.load_official_checkpoint(garbage)
   # A pickle of objects weights_only refuses to build.
   unsafe = tmp_path / 'unsafe.pth'
-  torch.save({'backbone_state_dict': {}, 'gater_state_dict': {},
-              'args': UnpicklableArgs()}, unsafe)
+  torch.save(
+      {
+          'backbone_state_dict': {},
+          'gater_state_dict': {},
+          'args': UnpicklableArgs(),
+      },
+      unsafe,
+  )
   with pytest.raises(UserError, match='not a torch.save file of plain'):
     convert.load_official_checkpoint(unsafe)
   with pytest.raises(UserError, match='directory'):
@@ -393,11 +433,15 @@ class UnpicklableArgs:
 def test_wrong_depth(ref20, ref56):
   _, _, path20 = ref20
   _, _, path56 = ref56
-  with pytest.raises(UserError, match=r"lacks key 'stage1\.block4\..*"
-                     r'pass backbone_depth=20'):
+  with pytest.raises(
+      UserError,
+      match=r"lacks key 'stage1\.block4\..*" r'pass backbone_depth=20',
+  ):
     convert.load_official_checkpoint(path20, backbone_depth=56)
-  with pytest.raises(UserError, match=r"unexpected key 'stage1\.block4\..*"
-                     r'pass backbone_depth=56'):
+  with pytest.raises(
+      UserError,
+      match=r"unexpected key 'stage1\.block4\..*" r'pass backbone_depth=56',
+  ):
     convert.load_official_checkpoint(path56, backbone_depth=20)
   with pytest.raises(UserError, match='6n\\+2'):
     convert.load_official_checkpoint(path20, backbone_depth=21)
@@ -409,8 +453,9 @@ def test_bad_keys_and_shapes(ref20):
 
   missing = dict(gsd)
   del missing['resnet.newfc.bias']
-  with pytest.raises(UserError,
-                     match=r"gater_state_dict lacks key 'resnet\.newfc\.bias'"):
+  with pytest.raises(
+      UserError, match=r"gater_state_dict lacks key 'resnet\.newfc\.bias'"
+  ):
     convert.convert_state_dicts(bsd, missing, 20)
 
   extra = dict(bsd, **{'se.fc1.weight': np.zeros((4, 16), np.float32)})
@@ -419,8 +464,10 @@ def test_bad_keys_and_shapes(ref20):
 
   # A CIFAR-100 head does not fit the 10-class model.
   misshaped = dict(bsd, **{'fc.weight': np.zeros((100, 64), np.float32)})
-  with pytest.raises(UserError, match=r"'fc\.weight' has shape \(100, 64\)"
-                     r'.*needs \(10, 64\)'):
+  with pytest.raises(
+      UserError,
+      match=r"'fc\.weight' has shape \(100, 64\)" r'.*needs \(10, 64\)',
+  ):
     convert.convert_state_dicts(misshaped, gsd, 20)
 
   with pytest.raises(UserError, match="lacks 'gater_state_dict'"):
@@ -435,11 +482,12 @@ def test_missing_torch_is_a_user_error(ref20, monkeypatch):
 
 
 def test_import_does_not_need_torch():
-  code = ('import sys; import gaternet_jax.convert; '
-          "assert 'torch' not in sys.modules, 'torch imported eagerly'")
+  code = (
+      'import sys; import gaternet_jax.convert; '
+      "assert 'torch' not in sys.modules, 'torch imported eagerly'"
+  )
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  subprocess.run([sys.executable, '-c', code], check=True, env=env,
-                 timeout=120)
+  subprocess.run([sys.executable, '-c', code], check=True, env=env, timeout=120)
 
 
 def test_official_model_config():
@@ -459,19 +507,27 @@ def test_official_checkpoint_initialises_training_from_config(ref20):
   from gaternet_jax import recipe, sharding  # pylint: disable=g-import-not-at-top
   from gaternet_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from gaternet_jax.models import create_model  # pylint: disable=g-import-not-at-top
+
   _, _, path = ref20
   config = cifar.cifar_config('cifar10', 'r20', 'gated')
   config.model.gater.batchnorm = False
   config.init.official_checkpoint = str(path)
   assert recipe.pretraining_stages(config, '/unused') == []
   model = create_model(config.model, 10)
-  state = steps_lib.create_train_state(config, model, (32, 32, 3),
-                                       lambda s: 0.1, jax.random.key(0),
-                                       sharding.create_mesh())
+  state = steps_lib.create_train_state(
+      config,
+      model,
+      (32, 32, 3),
+      lambda s: 0.1,
+      jax.random.key(0),
+      sharding.create_mesh(),
+  )
   state = recipe.official_init(config)(state)
   _, want = convert.load_official_checkpoint(path, backbone_depth=20)
-  for got_tree, want_tree in ((state.params, want['params']),
-                              (state.batch_stats, want['batch_stats'])):
+  for got_tree, want_tree in (
+      (state.params, want['params']),
+      (state.batch_stats, want['batch_stats']),
+  ):
     got_l, got_t = jax.tree_util.tree_flatten(got_tree)
     want_l, want_t = jax.tree_util.tree_flatten(want_tree)
     assert got_t == want_t
@@ -480,8 +536,13 @@ def test_official_checkpoint_initialises_training_from_config(ref20):
   # With the paper's gater BatchNorm the layers differ: a clear error.
   config.model.gater.batchnorm = True
   model = create_model(config.model, 10)
-  state = steps_lib.create_train_state(config, model, (32, 32, 3),
-                                       lambda s: 0.1, jax.random.key(0),
-                                       sharding.create_mesh())
+  state = steps_lib.create_train_state(
+      config,
+      model,
+      (32, 32, 3),
+      lambda s: 0.1,
+      jax.random.key(0),
+      sharding.create_mesh(),
+  )
   with pytest.raises(UserError):
     recipe.official_init(config)(state)

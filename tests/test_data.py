@@ -16,8 +16,18 @@ from gaternet_jax import data
 from gaternet_jax.errors import DataError
 
 # Sorted, these are the CIFAR-10 label names in label order.
-CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
-                   'frog', 'horse', 'ship', 'truck')
+CIFAR10_CLASSES = (
+    'airplane',
+    'automobile',
+    'bird',
+    'cat',
+    'deer',
+    'dog',
+    'frog',
+    'horse',
+    'ship',
+    'truck',
+)
 
 
 def _cfg(**kwargs):
@@ -57,6 +67,7 @@ def test_digits_pixels_scaled_from_0_16(digits):
   assert digits.train_images.max() == 255
   # The split holds every sklearn digit exactly once.
   from sklearn import datasets as sk_datasets
+
   raw = sk_datasets.load_digits()
   expected = np.round(raw.images * 255 / 16).astype(np.uint8)
   ours = np.concatenate([digits.train_images, digits.test_images])[..., 0]
@@ -87,7 +98,8 @@ def test_given_mean_std_are_used():
 
 def test_num_examples_caps(digits):
   ds = data.load_dataset(
-      _cfg(name='digits', num_train_examples=100, num_test_examples=30))
+      _cfg(name='digits', num_train_examples=100, num_test_examples=30)
+  )
   np.testing.assert_array_equal(ds.train_images, digits.train_images[:100])
   np.testing.assert_array_equal(ds.train_labels, digits.train_labels[:100])
   np.testing.assert_array_equal(ds.test_images, digits.test_images[:30])
@@ -95,8 +107,9 @@ def test_num_examples_caps(digits):
   # Statistics describe the capped train split.
   x = ds.train_images.astype(np.float64) / 255
   np.testing.assert_allclose(ds.mean, [x.mean()], rtol=1e-12)
-  full = data.load_dataset(_cfg(name='digits', num_train_examples=None,
-                                num_test_examples=0))
+  full = data.load_dataset(
+      _cfg(name='digits', num_train_examples=None, num_test_examples=0)
+  )
   assert len(full.train_labels) == 1437 and len(full.test_labels) == 360
   with pytest.raises(DataError, match='num_train_examples'):
     data.load_dataset(_cfg(name='digits', num_train_examples=-1))
@@ -144,7 +157,8 @@ def _write_tree(root, classes=CIFAR10_CLASSES, n_train=3, n_test=2, size=32):
         else:
           colour = tuple(int(c) for c in rng.integers(0, 256, 3))
           Image.new('RGB', (size, size), colour).save(
-              folder / f'{k}.jpg', quality=95)
+              folder / f'{k}.jpg', quality=95
+          )
           entries.append((cls, f'{k}.jpg', np.full((size, size, 3), colour)))
     expected[split] = sorted(entries, key=lambda e: (e[0], e[1]))
   return expected
@@ -155,7 +169,8 @@ def _check_split(images, labels, entries, classes):
   assert images.dtype == np.uint8 and labels.dtype == np.int32
   names = sorted(classes)
   np.testing.assert_array_equal(
-      labels, [names.index(cls) for cls, _, _ in entries])
+      labels, [names.index(cls) for cls, _, _ in entries]
+  )
   for image, (cls, fname, pixels) in zip(images, entries):
     if fname.endswith('.png'):
       np.testing.assert_array_equal(image, pixels, err_msg=f'{cls}/{fname}')
@@ -180,35 +195,41 @@ def tree(tmp_path):
 
 
 def _load_folder(path, name='cifar10'):
-  return data.load_dataset(
-      _cfg(name=name, source='folder', data_dir=str(path)))
+  return data.load_dataset(_cfg(name=name, source='folder', data_dir=str(path)))
 
 
 def test_folder_directory(tree):
   root, expected = tree
   ds = _load_folder(root)
   assert ds.num_classes == 10 and ds.test_split_name == 'test'
-  _check_split(ds.train_images, ds.train_labels, expected['train'],
-               CIFAR10_CLASSES)
-  _check_split(ds.test_images, ds.test_labels, expected['test'],
-               CIFAR10_CLASSES)
+  _check_split(
+      ds.train_images, ds.train_labels, expected['train'], CIFAR10_CLASSES
+  )
+  _check_split(
+      ds.test_images, ds.test_labels, expected['test'], CIFAR10_CLASSES
+  )
   x = ds.train_images.astype(np.float64) / 255
   np.testing.assert_allclose(ds.mean, x.mean(axis=(0, 1, 2)), rtol=1e-12)
   np.testing.assert_allclose(ds.std, x.std(axis=(0, 1, 2)), rtol=1e-12)
 
 
-@pytest.mark.parametrize('name,top,mode', [
-    ('flat.tar.gz', None, 'w:gz'),
-    ('nested.tgz', 'cifar10', 'w:gz'),
-    ('nested.tar', 'some_folder', 'w'),
-])
+@pytest.mark.parametrize(
+    'name,top,mode',
+    [
+        ('flat.tar.gz', None, 'w:gz'),
+        ('nested.tgz', 'cifar10', 'w:gz'),
+        ('nested.tar', 'some_folder', 'w'),
+    ],
+)
 def test_folder_tar_matches_directory(tmp_path, tree, name, top, mode):
   root, expected = tree
   ds = _load_folder(_make_tar(tmp_path, root, name, top, mode))
-  _check_split(ds.train_images, ds.train_labels, expected['train'],
-               CIFAR10_CLASSES)
-  _check_split(ds.test_images, ds.test_labels, expected['test'],
-               CIFAR10_CLASSES)
+  _check_split(
+      ds.train_images, ds.train_labels, expected['train'], CIFAR10_CLASSES
+  )
+  _check_split(
+      ds.test_images, ds.test_labels, expected['test'], CIFAR10_CLASSES
+  )
   from_dir = _load_folder(root)
   np.testing.assert_array_equal(ds.train_images, from_dir.train_images)
   np.testing.assert_array_equal(ds.test_images, from_dir.test_images)
@@ -325,8 +346,11 @@ def _fake_batches(label_keys, sizes, num_classes, seed=0):
   for n in sizes:
     flat = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
     labels = rng.integers(0, num_classes, n)
-    batch = {b'batch_label': b'fake', b'filenames': [b'x.png'] * n,
-             b'data': flat}
+    batch = {
+        b'batch_label': b'fake',
+        b'filenames': [b'x.png'] * n,
+        b'data': flat,
+    }
     for k, key in enumerate(label_keys):
       # Only the first key ('labels' / 'fine_labels') holds the real labels.
       batch[key] = [int(v) for v in (labels if k == 0 else labels // 5)]
@@ -334,7 +358,7 @@ def _fake_batches(label_keys, sizes, num_classes, seed=0):
     images = np.empty((n, 32, 32, 3), np.uint8)
     for c in range(3):
       for y in range(32):
-        images[:, y, :, c] = flat[:, c * 1024 + y * 32:c * 1024 + y * 32 + 32]
+        images[:, y, :, c] = flat[:, c * 1024 + y * 32 : c * 1024 + y * 32 + 32]
     out.append((batch, images, labels))
   return out
 
@@ -356,19 +380,27 @@ CIFAR10_FILES = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
 def cifar10_archive(tmp_path):
   """(path, train images, train labels, test images, test labels)."""
   batches = _fake_batches([b'labels'], [4, 4, 4, 4, 4, 3], 10)
-  members = [(name, _batch_pickle(b[0]))
-             for name, b in zip(CIFAR10_FILES, batches)]
+  members = [
+      (name, _batch_pickle(b[0])) for name, b in zip(CIFAR10_FILES, batches)
+  ]
   members.append(('batches.meta', pickle.dumps({b'label_names': []}, 2)))
-  path = _write_archive(tmp_path / 'cifar-10-python.tar.gz',
-                        'cifar-10-batches-py', members)
+  path = _write_archive(
+      tmp_path / 'cifar-10-python.tar.gz', 'cifar-10-batches-py', members
+  )
   train = batches[:5]
-  return (path, np.concatenate([b[1] for b in train]),
-          np.concatenate([b[2] for b in train]), batches[5][1], batches[5][2])
+  return (
+      path,
+      np.concatenate([b[1] for b in train]),
+      np.concatenate([b[2] for b in train]),
+      batches[5][1],
+      batches[5][2],
+  )
 
 
 def _load_archive(path, name='cifar10', **kwargs):
   return data.load_dataset(
-      _cfg(name=name, source='python_archive', data_dir=str(path), **kwargs))
+      _cfg(name=name, source='python_archive', data_dir=str(path), **kwargs)
+  )
 
 
 def test_python_archive_cifar10(cifar10_archive):
@@ -410,21 +442,25 @@ def test_python_archive_extracted_folder(tmp_path, cifar10_archive):
 def test_python_archive_py3_pickles(tmp_path):
   # Pickles written by numpy 2 / Python 3 name numpy._core and _codecs.
   batches = _fake_batches([b'labels'], [2] * 6, 10, seed=1)
-  members = [(name, _batch_pickle(b[0], py2_names=False))
-             for name, b in zip(CIFAR10_FILES, batches)]
-  path = _write_archive(tmp_path / 'c10.tar.gz', 'cifar-10-batches-py',
-                        members)
+  members = [
+      (name, _batch_pickle(b[0], py2_names=False))
+      for name, b in zip(CIFAR10_FILES, batches)
+  ]
+  path = _write_archive(tmp_path / 'c10.tar.gz', 'cifar-10-batches-py', members)
   ds = _load_archive(path)
   np.testing.assert_array_equal(ds.test_images, batches[5][1])
 
 
 def test_python_archive_cifar100_fine_labels(tmp_path):
   batches = _fake_batches([b'fine_labels', b'coarse_labels'], [6, 4], 100)
-  members = [('train', _batch_pickle(batches[0][0])),
-             ('test', _batch_pickle(batches[1][0])),
-             ('meta', pickle.dumps({b'fine_label_names': []}, 2))]
-  path = _write_archive(tmp_path / 'cifar-100-python.tar.gz',
-                        'cifar-100-python', members)
+  members = [
+      ('train', _batch_pickle(batches[0][0])),
+      ('test', _batch_pickle(batches[1][0])),
+      ('meta', pickle.dumps({b'fine_label_names': []}, 2)),
+  ]
+  path = _write_archive(
+      tmp_path / 'cifar-100-python.tar.gz', 'cifar-100-python', members
+  )
   ds = _load_archive(path, name='cifar100')
   assert ds.num_classes == 100
   np.testing.assert_array_equal(ds.train_images, batches[0][1])
@@ -450,8 +486,9 @@ def test_python_archive_refuses_malicious_pickle(tmp_path):
   marker = tmp_path / 'pwned'
   evil = {b'data': _Exploit(marker), b'labels': [0]}
   members = [(name, pickle.dumps(evil, protocol=2)) for name in CIFAR10_FILES]
-  path = _write_archive(tmp_path / 'cifar-10-python.tar.gz',
-                        'cifar-10-batches-py', members)
+  path = _write_archive(
+      tmp_path / 'cifar-10-python.tar.gz', 'cifar-10-batches-py', members
+  )
   with pytest.raises(DataError, match='Refusing to load (posix|os|nt).system'):
     _load_archive(path)
   assert not marker.exists()
@@ -461,8 +498,10 @@ def test_python_archive_refuses_malicious_pickle(tmp_path):
 
 
 def test_python_archive_refuses_other_callables(tmp_path):
-  blob = pickle.dumps({b'data': np.zeros((1, 3072), np.uint8),
-                       b'labels': [0], b'x': eval}, protocol=2)
+  blob = pickle.dumps(
+      {b'data': np.zeros((1, 3072), np.uint8), b'labels': [0], b'x': eval},
+      protocol=2,
+  )
   members = [(name, blob) for name in CIFAR10_FILES]
   path = _write_archive(tmp_path / 'c.tar.gz', 'cifar-10-batches-py', members)
   with pytest.raises(DataError, match=r'(builtins|__builtin__)\.eval'):
@@ -474,20 +513,27 @@ def test_python_archive_truncated(tmp_path, cifar10_archive):
   blob = path.read_bytes()
   cut = tmp_path / 'cut' / 'cifar-10-python.tar.gz'
   cut.parent.mkdir()
-  cut.write_bytes(blob[:len(blob) // 2])
+  cut.write_bytes(blob[: len(blob) // 2])
   with pytest.raises(DataError, match='truncated'):
     _load_archive(cut)
 
 
 def test_python_archive_truncated_or_foreign_pickle(tmp_path):
   good = _batch_pickle(_fake_batches([b'labels'], [4], 10)[0][0])
-  for i, blob in enumerate([good[:len(good) // 2],
-                            pickle.dumps([1, 2, 3], protocol=2),
-                            pickle.dumps({b'data': [1], b'labels': [0]}, 2)]):
-    members = [(name, blob if name == 'data_batch_2' else good)
-               for name in CIFAR10_FILES]
-    path = _write_archive(tmp_path / f'c{i}.tar.gz', 'cifar-10-batches-py',
-                          members)
+  for i, blob in enumerate(
+      [
+          good[: len(good) // 2],
+          pickle.dumps([1, 2, 3], protocol=2),
+          pickle.dumps({b'data': [1], b'labels': [0]}, 2),
+      ]
+  ):
+    members = [
+        (name, blob if name == 'data_batch_2' else good)
+        for name in CIFAR10_FILES
+    ]
+    path = _write_archive(
+        tmp_path / f'c{i}.tar.gz', 'cifar-10-batches-py', members
+    )
     with pytest.raises(DataError, match='data_batch_2'):
       _load_archive(path)
 
@@ -522,7 +568,8 @@ def test_validation_holdout(cifar10_archive):
   np.testing.assert_array_equal(ds.test_labels, y_train[held])
   # The choice is np.random.default_rng(seed).permutation's first 5.
   np.testing.assert_array_equal(
-      held, np.sort(np.random.default_rng(0).permutation(20)[:5]))
+      held, np.sort(np.random.default_rng(0).permutation(20)[:5])
+  )
   again = _load_archive(path, validation_holdout=5)
   np.testing.assert_array_equal(again.test_images, ds.test_images)
   np.testing.assert_array_equal(again.train_images, ds.train_images)
@@ -534,8 +581,14 @@ def test_validation_holdout(cifar10_archive):
 
 
 def test_validation_holdout_then_caps(digits):
-  ds = data.load_dataset(_cfg(name='digits', validation_holdout=300,
-                              num_train_examples=50, num_test_examples=20))
+  ds = data.load_dataset(
+      _cfg(
+          name='digits',
+          validation_holdout=300,
+          num_train_examples=50,
+          num_test_examples=20,
+      )
+  )
   full = data.load_dataset(_cfg(name='digits', validation_holdout=300))
   assert full.train_images.shape[0] == 1137
   assert full.test_images.shape[0] == 300
@@ -557,15 +610,18 @@ def test_validation_holdout_too_large(cifar10_archive):
 def test_tfds_missing_gives_install_hint(monkeypatch):
   # A None entry in sys.modules makes the import raise ImportError.
   monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)
-  with pytest.raises(DataError, match='pip install tensorflow-cpu '
-                     'tensorflow-datasets'):
+  with pytest.raises(
+      DataError, match='pip install tensorflow-cpu ' 'tensorflow-datasets'
+  ):
     data.load_dataset(_cfg(name='cifar10', source='tfds'))
 
 
 def test_import_does_not_need_tensorflow():
-  code = ('import sys, gaternet_jax.data; '
-          'assert "tensorflow" not in sys.modules; '
-          'assert "tensorflow_datasets" not in sys.modules')
+  code = (
+      'import sys, gaternet_jax.data; '
+      'assert "tensorflow" not in sys.modules; '
+      'assert "tensorflow_datasets" not in sys.modules'
+  )
   subprocess.run([sys.executable, '-c', code], check=True)
 
 
@@ -583,11 +639,19 @@ def test_tfds_cifar10_mock():
 
 def test_fake_dataset_and_dataset_info():
   dataset_info = data.dataset_info
-  cfg = ConfigDict(dict(name='fake', image_size=32, num_classes=7,
-                        num_train_examples=100, num_test_examples=10))
+  cfg = ConfigDict(
+      dict(
+          name='fake',
+          image_size=32,
+          num_classes=7,
+          num_train_examples=100,
+          num_test_examples=10,
+      )
+  )
   assert dataset_info(cfg) == ((32, 32, 3), 7)
-  assert dataset_info(ConfigDict(dict(name='imagenet2012', image_size=299))
-                      ) == ((299, 299, 3), 1000)
+  assert dataset_info(
+      ConfigDict(dict(name='imagenet2012', image_size=299))
+  ) == ((299, 299, 3), 1000)
   assert dataset_info(ConfigDict(dict(name='cifar100'))) == ((32, 32, 3), 100)
   ds = data.load_dataset(cfg)
   a = next(ds.train_batches(8, seed=3, start_step=5))

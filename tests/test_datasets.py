@@ -22,10 +22,21 @@ from gaternet_jax.errors import ConfigError
 from tests import helpers
 
 # Members of the protocol (attributes and methods).
-_MEMBERS = ('name', 'num_classes', 'mean', 'std', 'test_split_name',
-            'image_shape', 'num_train_examples', 'num_test_examples',
-            'augmentation', 'steps_per_epoch', 'train_batches',
-            'eval_batches', 'train_arrays')
+_MEMBERS = (
+    'name',
+    'num_classes',
+    'mean',
+    'std',
+    'test_split_name',
+    'image_shape',
+    'num_train_examples',
+    'num_test_examples',
+    'augmentation',
+    'steps_per_epoch',
+    'train_batches',
+    'eval_batches',
+    'train_arrays',
+)
 
 
 def _check_protocol(ds):
@@ -56,10 +67,10 @@ def test_in_memory_datasets_implement_the_protocol():
     assert arrays['image'] is ds.train_images
     assert arrays['label'] is ds.train_labels
   # Their augmentation is their config's pad-crop and flip.
-  assert digits.augmentation == augment.Augmentation(crop_padding=1,
-                                                     flip=False)
-  assert synthetic.augmentation == augment.Augmentation(crop_padding=2,
-                                                        flip=True)
+  assert digits.augmentation == augment.Augmentation(crop_padding=1, flip=False)
+  assert synthetic.augmentation == augment.Augmentation(
+      crop_padding=2, flip=True
+  )
 
 
 def test_fake_dataset_implements_the_protocol():
@@ -77,14 +88,15 @@ def _write_image_folder(root):
       os.makedirs(os.path.join(root, split, cls))
       for i in range(4):
         pixels = rng.integers(0, 256, (20, 24, 3), np.uint8)
-        Image.fromarray(pixels).save(os.path.join(root, split, cls,
-                                                  f'{i}.png'))
+        Image.fromarray(pixels).save(os.path.join(root, split, cls, f'{i}.png'))
 
 
 def test_tfdata_dataset_implements_the_protocol_without_step_augmentation(
-    tmp_path):
+    tmp_path,
+):
   pytest.importorskip('tensorflow')
   from gaternet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
   _write_image_folder(str(tmp_path))
   config = imagenet_r50.get_config()
   config.data.name = 'image_folder'
@@ -101,15 +113,19 @@ def test_tfdata_dataset_implements_the_protocol_without_step_augmentation(
 
 def test_train_augmentation_of_the_configs():
   assert data.train_augmentation(digits_config.get_config().data) == (
-      augment.Augmentation(crop_padding=1, flip=False))
+      augment.Augmentation(crop_padding=1, flip=False)
+  )
   assert data.train_augmentation(cifar10_r20.get_config().data) == (
-      augment.Augmentation(crop_padding=4, flip=True))
+      augment.Augmentation(crop_padding=4, flip=True)
+  )
   assert data.train_augmentation(imagenet_r50.get_config().data) == (
-      augment.NO_AUGMENTATION)
+      augment.NO_AUGMENTATION
+  )
   # A setup without data (the benchmark) augments as the dataset would.
   for config, expected in (
       (cifar10_r20.get_config(), augment.Augmentation(4, True)),
-      (imagenet_fake_r18.get_config(), augment.NO_AUGMENTATION)):
+      (imagenet_fake_r18.get_config(), augment.NO_AUGMENTATION),
+  ):
     exp = experiment.setup(config, load_data=False, count_macs=False)
     assert exp.augmentation == expected
 
@@ -126,10 +142,10 @@ def test_train_augmentation_errors():
     data.train_augmentation(ConfigDict(dict(name='digits', crop_padding=-1)))
 
 
-
 def test_data_schema_is_the_package_defaults():
   """configs/base.py's data fields are exactly datasets.DATA_DEFAULTS'."""
   from configs import base  # pylint: disable=g-import-not-at-top
+
   assert set(base.base_config().data.keys()) == set(datasets.DATA_DEFAULTS)
   complete = datasets.data_config(ConfigDict(dict(name='digits')))
   assert complete.name == 'digits'
@@ -146,6 +162,7 @@ def test_unknown_data_field_is_a_config_error():
     data.dataset_info(dict(name='fake', imagesize=32))
   with pytest.raises(ConfigError, match='data.flips'):
     data.load_dataset(ConfigDict(dict(name='digits', flips=True)))
+
 
 def test_imagenet_workdir_of_the_old_config_resumes(tmp_path):
   """Old ImageNet config.json files say crop_padding=0, flip=False; today's

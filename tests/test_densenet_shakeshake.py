@@ -10,13 +10,19 @@ import pytest
 from gaternet_jax.models.densenet import DenseLayer, densenet_bc
 from gaternet_jax.models.gaternet import Gater
 from gaternet_jax.models.resnet_cifar import cifar_resnet
-from gaternet_jax.models.shakeshake import (Branch, ShakeBlock, shake,
-                                            shake_shake)
+from gaternet_jax.models.shakeshake import (
+    Branch,
+    ShakeBlock,
+    shake,
+    shake_shake,
+)
 
 # GaterNet Table 2: (gated filters, baseline params M, gated params M).
-TABLE2_DENSENET = {(100, 12): (540, 0.77, 1.05),
-                   (250, 24): (2880, 15.32, 15.62),
-                   (190, 40): (3600, 25.62, 25.93)}
+TABLE2_DENSENET = {
+    (100, 12): (540, 0.77, 1.05),
+    (250, 24): (2880, 15.32, 15.62),
+    (190, 40): (3600, 25.62, 25.93),
+}
 TABLE2_SHAKE = {64: (3584, 11.71, 12.01), 96: (5376, 26.33, 26.65)}
 
 
@@ -41,8 +47,12 @@ def gater_params():
     # FC1 64->8 (+bias), BN(8) scale and bias, FC2 8->c (+bias).
     return features + (64 * 8 + 8) + 2 * 8 + (8 * c + c)
 
-  gater = Gater(features=cifar_resnet(depth=20, num_classes=None),
-                num_gates=540, bottleneck=8, batchnorm=True)
+  gater = Gater(
+      features=cifar_resnet(depth=20, num_classes=None),
+      num_gates=540,
+      bottleneck=8,
+      batchnorm=True,
+  )
   assert _num_params(gater) == count(540)
   return count
 
@@ -83,8 +93,13 @@ def test_densenet_params_match_table2(depth, k, gater_params):
 def test_densenet_factory_defaults():
   # DenseNet-BC (L=100, k=12, theta=0.5) for CIFAR-10.
   model = densenet_bc()
-  assert (model.layers_per_block, model.growth_rate, model.compression,
-          model.bottleneck_factor, model.num_classes) == (16, 12, 0.5, 4, 10)
+  assert (
+      model.layers_per_block,
+      model.growth_rate,
+      model.compression,
+      model.bottleneck_factor,
+      model.num_classes,
+  ) == (16, 12, 0.5, 4, 10)
 
 
 def test_densenet_bad_args():
@@ -105,7 +120,8 @@ def _random_variables(model, *args, seed: int = 0, **kwargs):
   `init`'s random initialisers costs more than the tests' forward passes.
   """
   shapes = jax.eval_shape(
-      lambda *a: model.init(jax.random.key(0), *a, **kwargs), *args)
+      lambda *a: model.init(jax.random.key(0), *a, **kwargs), *args
+  )
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -123,12 +139,18 @@ def _random_variables(model, *args, seed: int = 0, **kwargs):
 
 def _capture(model, variables, keep):
   """Jitted `(x, gates) -> (logits, intermediates)`, evaluation mode."""
+
   @jax.jit
   def run(x, gates):
-    (logits, _), state = model.apply(variables, x, gates,
-                                     capture_intermediates=keep,
-                                     mutable=('intermediates',))
+    (logits, _), state = model.apply(
+        variables,
+        x,
+        gates,
+        capture_intermediates=keep,
+        mutable=('intermediates',),
+    )
     return logits, state['intermediates']
+
   return run
 
 
@@ -173,8 +195,9 @@ def test_densenet_gates_mask_new_maps_before_concat(tiny_dense):
     # The site's k new maps are zero for sample 0 only, and they are what
     # the later layers see concatenated: sample 0's output changes.
     np.testing.assert_array_equal(new[0], 0.0)
-    np.testing.assert_allclose(new[1], plain_maps[site]['__call__'][0][1],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        new[1], plain_maps[site]['__call__'][0][1], atol=1e-5
+    )
     assert not np.allclose(out[0], plain[0], atol=1e-4)
     np.testing.assert_allclose(out[1], plain[1], atol=1e-5)
 
@@ -187,8 +210,11 @@ def test_shake_shake_gate_spec(width):
   spec = shake_shake(width=width).gate_spec()
   assert spec.total == TABLE2_SHAKE[width][0]
   assert len(spec) == 24
-  assert spec.names[:3] == ('stage1_block1_branch1', 'stage1_block1_branch2',
-                            'stage1_block2_branch1')
+  assert spec.names[:3] == (
+      'stage1_block1_branch1',
+      'stage1_block1_branch2',
+      'stage1_block2_branch1',
+  )
   assert spec.names[-1] == 'stage3_block4_branch2'
   assert spec.sizes == (width,) * 8 + (2 * width,) * 8 + (4 * width,) * 8
 
@@ -222,8 +248,8 @@ TINY_SHAKE = dict(depth=8, width=4)
 def _keep_block_parts(m, _):
   """Capture filter: each block, its two branches and its shortcut."""
   return m.name is not None and (
-      m.name.startswith('stage') or m.name in ('branch1', 'branch2',
-                                               'shortcut'))
+      m.name.startswith('stage') or m.name in ('branch1', 'branch2', 'shortcut')
+  )
 
 
 def _block_parts(intermediates):
@@ -231,11 +257,15 @@ def _block_parts(intermediates):
 
   Every block of the tiny network changes shape, so all have a shortcut.
   """
+
   def out(tree):
     return tree['__call__'][0]
-  return {name: (out(b), out(b['shortcut']), out(b['branch1']),
-                 out(b['branch2']))
-          for name, b in intermediates.items() if name.startswith('stage')}
+
+  return {
+      name: (out(b), out(b['shortcut']), out(b['branch1']), out(b['branch2']))
+      for name, b in intermediates.items()
+      if name.startswith('stage')
+  }
 
 
 @pytest.fixture(scope='module')
@@ -249,9 +279,14 @@ def tiny_shake():
   @jax.jit
   def run_train(x, rng):
     (logits, _), state = model.apply(
-        variables, x, None, train=True, rngs={'dropout': rng},
+        variables,
+        x,
+        None,
+        train=True,
+        rngs={'dropout': rng},
         capture_intermediates=_keep_block_parts,
-        mutable=('batch_stats', 'intermediates'))
+        mutable=('batch_stats', 'intermediates'),
+    )
     return logits, state['intermediates'], state['batch_stats']
 
   return model, x, variables, run_eval, run_train
@@ -263,7 +298,10 @@ def test_shake_shake_forward_shapes(tiny_shake):
   assert logits.shape == (4, 5) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
   assert sorted(_block_parts(parts)) == [
-      'stage1_block1', 'stage2_block1', 'stage3_block1']
+      'stage1_block1',
+      'stage2_block1',
+      'stage3_block1',
+  ]
   feats = shake_shake(num_classes=None, **TINY_SHAKE)
   out, _ = jax.eval_shape(feats.apply, variables, x)
   assert out.shape == (4, 16) and out.dtype == jnp.float32
@@ -273,10 +311,14 @@ def test_shake_shake_forward_shapes(tiny_shake):
   logits_t, _, stats = run_train(x, jax.random.key(2))
   assert logits_t.shape == (4, 5)
   assert jax.tree.structure(stats) == jax.tree.structure(
-      variables['batch_stats'])
+      variables['batch_stats']
+  )
   with pytest.raises(Exception, match='dropout'):
-    jax.eval_shape(lambda v, x: model.apply(
-        v, x, train=True, mutable=('batch_stats',)), variables, x)
+    jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=True, mutable=('batch_stats',)),
+        variables,
+        x,
+    )
 
 
 def test_shake_shake_gates_mask_branches(tiny_shake):
@@ -293,7 +335,7 @@ def test_shake_shake_gates_mask_branches(tiny_shake):
     out, parts = run_eval(x, closed)
     block, branch = site.rsplit('_', 1)
     # The gate is applied at the branch's output (after its last BN).
-    np.testing.assert_array_equal(parts[block][branch]['__call__'][0][2], 0.)
+    np.testing.assert_array_equal(parts[block][branch]['__call__'][0][2], 0.0)
     assert not np.allclose(out[2], plain[2], atol=1e-4)
     np.testing.assert_allclose(out[rest], plain[rest], atol=1e-5)
 
@@ -325,9 +367,9 @@ def test_shake_shake_training_forward_is_per_sample_random(tiny_shake):
   for out, short, a, b in _block_parts(parts).values():
     # out - shortcut - b = alpha * (a - b), one alpha in [0, 1] per sample.
     alpha = _per_sample_coefficient(out - short - b, a - b)
-    np.testing.assert_allclose(out - short - b,
-                               alpha[:, None, None, None] * (a - b),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        out - short - b, alpha[:, None, None, None] * (a - b), atol=1e-4
+    )
     assert np.all((alpha >= 0) & (alpha <= 1)), alpha
     alphas.append(alpha)
   alphas = np.stack(alphas)  # (block, sample)
@@ -338,8 +380,9 @@ def test_shake_shake_training_forward_is_per_sample_random(tiny_shake):
 
 def test_shake_custom_gradient_uses_beta():
   rng = np.random.default_rng(0)
-  a, b, cot = (rng.normal(size=(3, 2, 2, 5)).astype(np.float32)
-               for _ in range(3))
+  a, b, cot = (
+      rng.normal(size=(3, 2, 2, 5)).astype(np.float32) for _ in range(3)
+  )
   alpha = np.array([0.1, 0.5, 0.8], np.float32).reshape(3, 1, 1, 1)
   beta = np.array([0.7, 0.2, 0.4], np.float32).reshape(3, 1, 1, 1)
 
@@ -357,7 +400,8 @@ def test_shake_custom_gradient_uses_beta():
   np.testing.assert_array_equal(dbeta, 0.0)
   # bfloat16 branches: output and cotangents keep the branches' dtype.
   out16, (da16, db16, _, _) = jax.eval_shape(
-      forward_and_grads, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), cot)
+      forward_and_grads, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), cot
+  )
   assert out16.dtype == da16.dtype == db16.dtype == jnp.bfloat16
 
 
@@ -373,20 +417,30 @@ def test_shake_block_gradient_wrt_branches_is_beta():
     # them is what the shake passes back to the branches.
     def add_delta(next_fun, args, kwargs, context):
       y = next_fun(*args, **kwargs)
-      if context.method_name == '__call__' and isinstance(context.module,
-                                                           Branch):
+      if context.method_name == '__call__' and isinstance(
+          context.module, Branch
+      ):
         y = y + deltas[context.module.name]
       return y
+
     with nn.intercept_methods(add_delta):
       out, state = block.apply(
-          variables, x, None, None, train=True,
+          variables,
+          x,
+          None,
+          None,
+          train=True,
           rngs={'dropout': jax.random.key(3)},
           capture_intermediates=_keep_block_parts,
-          mutable=('batch_stats', 'intermediates'))
+          mutable=('batch_stats', 'intermediates'),
+      )
     parts = state['intermediates']
-    return out, (out, parts['shortcut']['__call__'][0],
-                 parts['branch1']['__call__'][0],
-                 parts['branch2']['__call__'][0])
+    return out, (
+        out,
+        parts['shortcut']['__call__'][0],
+        parts['branch1']['__call__'][0],
+        parts['branch2']['__call__'][0],
+    )
 
   @jax.jit
   def grads_and_parts(cot):
@@ -398,8 +452,9 @@ def test_shake_block_gradient_wrt_branches_is_beta():
   grads, (out, short, a, b) = grads_and_parts(cot)
   assert out.shape == shape
   alpha = _per_sample_coefficient(out - short - b, a - b)
-  np.testing.assert_allclose(out - short - b,
-                             alpha[:, None, None, None] * (a - b), atol=1e-4)
+  np.testing.assert_allclose(
+      out - short - b, alpha[:, None, None, None] * (a - b), atol=1e-4
+  )
   beta = _per_sample_coefficient(grads['branch1'], cot)
   beta4 = beta[:, None, None, None]
   np.testing.assert_allclose(grads['branch1'], beta4 * cot, atol=1e-5)

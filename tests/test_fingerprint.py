@@ -25,7 +25,8 @@ def _stored(config):
 
 
 def test_fingerprint_is_the_network_and_dataset_without_loading_data(
-    monkeypatch):
+    monkeypatch,
+):
   def no_loading(*_):
     raise AssertionError('the fingerprint loaded a dataset')
 
@@ -34,13 +35,18 @@ def test_fingerprint_is_the_network_and_dataset_without_loading_data(
   fp = fingerprint.fingerprint(imagenet_r152.get_config())
   assert time.time() - start < 60  # traced, never run: seconds on a CPU
   assert json.loads(json.dumps(fp)) == fp
-  assert fp['data'] == {'name': 'imagenet2012', 'image_shape': [224, 224, 3],
-                        'num_classes': 1000}
+  assert fp['data'] == {
+      'name': 'imagenet2012',
+      'image_shape': [224, 224, 3],
+      'num_classes': 1000,
+  }
   model = fp['model']
   assert model['gating'] == 'gater'
   assert len(model['gate_sites']) == 50  # one per bottleneck unit (3+8+36+3)
-  assert model['variables']['params/backbone/fc/kernel'] == [[2048, 1000],
-                                                             'float32']
+  assert model['variables']['params/backbone/fc/kernel'] == [
+      [2048, 1000],
+      'float32',
+  ]
   assert any(p.startswith('batch_stats/') for p in model['variables'])
 
 
@@ -49,16 +55,21 @@ def test_a_change_of_parameter_shapes_is_refused_and_named(tmp_path):
   _write(wd, _stored(cifar10_r20_baseline.get_config()))
   wider = cifar10_r20_baseline.get_config()
   wider.model.backbone.widths = (16, 32, 128)
-  with pytest.raises(WorkdirError, match=r'different `model` config \(its '
-                     r'.*\(64,\) float32, this config.s \(128,\)'):
+  with pytest.raises(
+      WorkdirError,
+      match=r'different `model` config \(its '
+      r'.*\(64,\) float32, this config.s \(128,\)',
+  ):
     train_lib._check_workdir_config(wider, wd)
   config = cifar10_r20.get_config()
   _write(wd, _stored(config))
   train_lib._check_workdir_config(config, wd)
   wider = cifar10_r20.get_config()
   wider.model.backbone.widths = (16, 32, 128)
-  with pytest.raises(WorkdirError, match='its gate site .* has 64 filters, '
-                     "this config's 128"):
+  with pytest.raises(
+      WorkdirError,
+      match='its gate site .* has 64 filters, ' "this config's 128",
+  ):
     train_lib._check_workdir_config(wider, wd)
   ungated = cifar10_r20.get_config()
   ungated.model.gating = 'none'
@@ -70,8 +81,9 @@ def test_fields_that_build_the_same_network_are_accepted(tmp_path):
   wd = str(tmp_path)
   stored = _stored(cifar10_r20_baseline.get_config())
   del stored['model']['backbone']['se_reduction']  # absent is 0
-  stored['model']['gater'] = dict(stored['model']['gater'], depth=56,
-                                  bottleneck=99)  # unused: ungated
+  stored['model']['gater'] = dict(
+      stored['model']['gater'], depth=56, bottleneck=99
+  )  # unused: ungated
   stored['model']['dtype'] = 'bfloat16'  # compute dtype; params stay float32
   _write(wd, stored)
   config = cifar10_r20_baseline.get_config()
@@ -94,9 +106,12 @@ def test_a_different_dataset_is_refused_and_where_it_lives_is_not(tmp_path):
   train_lib._check_workdir_config(moved, wd)
   other = cifar10_r20.get_config()
   other.data.name = 'cifar100'
-  with pytest.raises(WorkdirError, match=r'different `data` config \(its '
-                     r'dataset is cifar10, \(32, 32, 3\) images of 10 '
-                     r'classes\)'):
+  with pytest.raises(
+      WorkdirError,
+      match=r'different `data` config \(its '
+      r'dataset is cifar10, \(32, 32, 3\) images of 10 '
+      r'classes\)',
+  ):
     train_lib._check_workdir_config(other, wd)
 
 
@@ -132,6 +147,8 @@ def test_a_model_todays_code_cannot_build_is_refused(tmp_path):
   stored = _stored(cifar10_r20.get_config())
   stored['model']['backbone']['removed_option'] = 1
   _write(wd, stored)
-  with pytest.raises(WorkdirError, match='different `model` config .*does '
-                     'not build here.*removed_option'):
+  with pytest.raises(
+      WorkdirError,
+      match='different `model` config .*does ' 'not build here.*removed_option',
+  ):
     train_lib._check_workdir_config(cifar10_r20.get_config(), wd)

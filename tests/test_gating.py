@@ -17,16 +17,25 @@ from tests import helpers
 
 
 def _params(model, shape=(1, 8, 8, 1)):
-  variables = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.key(0), 'gates': jax.random.key(1)},
-      jax.numpy.zeros(shape), train=False))
+  variables = jax.eval_shape(
+      lambda: model.init(
+          {'params': jax.random.key(0), 'gates': jax.random.key(1)},
+          jax.numpy.zeros(shape),
+          train=False,
+      )
+  )
   return jax.tree_util.tree_map(lambda a: a.shape, variables['params'])
 
 
-@pytest.mark.parametrize('config,method', [
-    (default.get_config(), 'gater'), (digits_bas.get_config(), 'local'),
-    (digits_bas_l0.get_config(), 'local'),
-    (cifar10_r20_baseline.get_config(), 'none')])
+@pytest.mark.parametrize(
+    'config,method',
+    [
+        (default.get_config(), 'gater'),
+        (digits_bas.get_config(), 'local'),
+        (digits_bas_l0.get_config(), 'local'),
+        (cifar10_r20_baseline.get_config(), 'none'),
+    ],
+)
 def test_config_model_and_benchmark_agree_on_the_method(config, method):
   assert gating.method(config) == method
   model = create_model(config.model, 10)
@@ -35,8 +44,9 @@ def test_config_model_and_benchmark_agree_on_the_method(config, method):
   # The benchmark measures every gated config against its ungated backbone
   # (it used to call a batch-shaping model 'baseline' and measure it once).
   cfgs = benchmark.variants(config)
-  assert list(cfgs) == (['baseline'] if method == 'none' else
-                        ['gated', 'baseline'])
+  assert list(cfgs) == (
+      ['baseline'] if method == 'none' else ['gated', 'baseline']
+  )
   assert cfgs['gated' if method != 'none' else 'baseline'] is config
   base = create_model(cfgs['baseline'].model, 10)
   assert base.gating == 'none' and base.gate_spec().total == 0
@@ -47,8 +57,11 @@ def test_config_model_and_benchmark_agree_on_the_method(config, method):
   if method == 'local':  # The same convs, without the gating modules.
     local = _params(model)['backbone']
     assert local != backbone
-    strip = lambda t: {k: strip(v) if isinstance(v, dict) else v
-                       for k, v in t.items() if k != 'gate'}
+    strip = lambda t: {
+        k: strip(v) if isinstance(v, dict) else v
+        for k, v in t.items()
+        if k != 'gate'
+    }
     assert strip(local) == backbone
 
 

@@ -16,12 +16,16 @@ import pytest
 from gaternet_jax.models import inception_v4 as iv
 
 PAPER_GATED_FILTERS = 16_608
-PAPER_PARAMS = 44.50e6          # Table 3, Inception-v4
-PAPER_PARAMS_GATED = 61.67e6    # Table 3, Inception-v4-Gated
+PAPER_PARAMS = 44.50e6  # Table 3, Inception-v4
+PAPER_PARAMS_GATED = 61.67e6  # Table 3, Inception-v4-Gated
 # The gater of Table 3's ResNet rows: ResNet-18 without its fc, FC 512->256,
 # BN (scale and bias), FC 256->16,608.
-GATER_PARAMS = 11_176_512 + (512 * 256 + 256) + 2 * 256 + (
-    256 * PAPER_GATED_FILTERS + PAPER_GATED_FILTERS)
+GATER_PARAMS = (
+    11_176_512
+    + (512 * 256 + 256)
+    + 2 * 256
+    + (256 * PAPER_GATED_FILTERS + PAPER_GATED_FILTERS)
+)
 
 
 def _count(tree):
@@ -32,7 +36,8 @@ def _abstract(model, size=299, batch=1):
   """`(logits, variables)` of `model.init_with_output`, traced only."""
   x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
   return jax.eval_shape(
-      lambda x: model.init_with_output(jax.random.key(0), x), x)
+      lambda x: model.init_with_output(jax.random.key(0), x), x
+  )
 
 
 def _numpy_variables(shapes, seed=0):
@@ -43,8 +48,9 @@ def _numpy_variables(shapes, seed=0):
     name = path[-1].key
     if name == 'kernel':
       fan_in = int(np.prod(s.shape[:-1]))
-      return jnp.asarray(rng.normal(size=s.shape) * np.sqrt(2.0 / fan_in),
-                         s.dtype)
+      return jnp.asarray(
+          rng.normal(size=s.shape) * np.sqrt(2.0 / fan_in), s.dtype
+      )
     if name == 'var':
       return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
     return jnp.asarray(rng.normal(size=s.shape) * 0.1, s.dtype)
@@ -55,14 +61,35 @@ def _numpy_variables(shapes, seed=0):
 def test_gate_spec_gives_the_papers_16608_filters():
   spec = iv.InceptionV4().gate_spec()
   assert spec.total == PAPER_GATED_FILTERS
-  assert spec.names == ('Mixed_3a', 'Mixed_4a', 'Mixed_5a',
-                        'Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_5e',
-                        'Mixed_6a',
-                        'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e',
-                        'Mixed_6f', 'Mixed_6g', 'Mixed_6h',
-                        'Mixed_7a', 'Mixed_7b', 'Mixed_7c', 'Mixed_7d')
-  assert spec.sizes == ((160, 192, 384) + (384,) * 4 + (1024,) + (1024,) * 7
-                        + (1536,) + (1536,) * 3)
+  assert spec.names == (
+      'Mixed_3a',
+      'Mixed_4a',
+      'Mixed_5a',
+      'Mixed_5b',
+      'Mixed_5c',
+      'Mixed_5d',
+      'Mixed_5e',
+      'Mixed_6a',
+      'Mixed_6b',
+      'Mixed_6c',
+      'Mixed_6d',
+      'Mixed_6e',
+      'Mixed_6f',
+      'Mixed_6g',
+      'Mixed_6h',
+      'Mixed_7a',
+      'Mixed_7b',
+      'Mixed_7c',
+      'Mixed_7d',
+  )
+  assert spec.sizes == (
+      (160, 192, 384)
+      + (384,) * 4
+      + (1024,)
+      + (1024,) * 7
+      + (1536,)
+      + (1536,) * 3
+  )
   # Every block's output concatenation: 736 (stem) + 1,536 (A) + 1,024
   # (Red-A) + 7,168 (B) + 1,536 (Red-B) + 4,608 (C).
   assert sum(spec.sizes[:3]) == 736 and spec.sizes[7] + spec.sizes[15] == 2560
@@ -100,17 +127,20 @@ def test_shapes_at_299_and_gate_sites_match_the_network(traced):
   assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
   # Features: the same network without its fc (unused params are ignored),
   # at 75x75, the smallest input whose final grid is not empty.
-  features, _ = jax.eval_shape(iv.inception_v4(num_classes=None).apply,
-                               variables, _x(75))
+  features, _ = jax.eval_shape(
+      iv.inception_v4(num_classes=None).apply, variables, _x(75)
+  )
   assert features.shape == (2, 1536) and features.dtype == jnp.float32
 
 
 # Exact trainable counts at 1000 classes; Table 3 says 44.50M (see the
 # module docstring: no variant of Inception-v4 gives it).
-COUNTS = {(False, False): 42_648_232,   # TF-slim's network (BN without gamma)
-          (False, True): 42_679_816,
-          (True, False): 46_006_800,    # + the auxiliary head
-          (True, True): 46_039_280}
+COUNTS = {
+    (False, False): 42_648_232,  # TF-slim's network (BN without gamma)
+    (False, True): 42_679_816,
+    (True, False): 46_006_800,  # + the auxiliary head
+    (True, True): 46_039_280,
+}
 
 
 def test_param_counts(traced):
@@ -124,7 +154,8 @@ def test_param_counts(traced):
   _, variables = _abstract(iv.inception_v4(aux_logits=True, bn_scale=True))
   assert _count(variables['params']) == COUNTS[True, True]
   assert _count(variables['params']) - COUNTS[False, True] == (
-      1024 * 128 + 2 * 128 + 5 * 5 * 128 * 768 + 2 * 768 + 768 * 1000 + 1000)
+      1024 * 128 + 2 * 128 + 5 * 5 * 128 * 768 + 2 * 768 + 768 * 1000 + 1000
+  )
 
 
 def test_table3_arithmetic_documented_in_the_module():
@@ -144,12 +175,13 @@ def test_train_mode_needs_dropout_rng_and_returns_aux_logits(traced):
   variables = traced[True]
 
   def train(v, x, rngs):
-    return model.apply(v, x, train=True, rngs=rngs,
-                       mutable=['batch_stats', 'intermediates'])
+    return model.apply(
+        v, x, train=True, rngs=rngs, mutable=['batch_stats', 'intermediates']
+    )
 
   (logits, extras), state = jax.eval_shape(
-      lambda v, x: train(v, x, {'dropout': jax.random.key(1)}),
-      variables, _x())
+      lambda v, x: train(v, x, {'dropout': jax.random.key(1)}), variables, _x()
+  )
   assert logits.shape == (2, 1000)
   aux = extras['aux_logits']
   assert aux.shape == (2, 1000) and aux.dtype == jnp.float32
@@ -159,19 +191,26 @@ def test_train_mode_needs_dropout_rng_and_returns_aux_logits(traced):
     jax.eval_shape(lambda v, x: train(v, x, {}), variables, _x())
   # Evaluation needs no rng and sows nothing.
   (logits, extras), state = jax.eval_shape(
-      lambda v, x: model.apply(v, x, mutable=['intermediates']),
-      variables, _x())
+      lambda v, x: model.apply(v, x, mutable=['intermediates']), variables, _x()
+  )
   assert logits.shape == (2, 1000) and not state and not extras
 
 
 WIDTH = 0.125
 _SPEC = iv.InceptionV4(width=WIDTH).gate_spec()
-_IN = dict(zip(_SPEC.names[1:], _SPEC.sizes[:-1]),
-           Mixed_3a=iv.ConvConfig(WIDTH).ch(64))
-BLOCKS = [(iv.Mixed3a, 'Mixed_3a'), (iv.Mixed4a, 'Mixed_4a'),
-          (iv.Mixed5a, 'Mixed_5a'), (iv.InceptionA, 'Mixed_5b'),
-          (iv.ReductionA, 'Mixed_6a'), (iv.InceptionB, 'Mixed_6b'),
-          (iv.ReductionB, 'Mixed_7a'), (iv.InceptionC, 'Mixed_7b')]
+_IN = dict(
+    zip(_SPEC.names[1:], _SPEC.sizes[:-1]), Mixed_3a=iv.ConvConfig(WIDTH).ch(64)
+)
+BLOCKS = [
+    (iv.Mixed3a, 'Mixed_3a'),
+    (iv.Mixed4a, 'Mixed_4a'),
+    (iv.Mixed5a, 'Mixed_5a'),
+    (iv.InceptionA, 'Mixed_5b'),
+    (iv.ReductionA, 'Mixed_6a'),
+    (iv.InceptionB, 'Mixed_6b'),
+    (iv.ReductionB, 'Mixed_7a'),
+    (iv.InceptionC, 'Mixed_7b'),
+]
 
 
 @pytest.mark.parametrize('cls,site', BLOCKS, ids=[s for _, s in BLOCKS])
@@ -182,7 +221,8 @@ def test_block_gating(cls, site):
   x = np.random.default_rng(1).normal(size=(batch, 7, 7, _IN[site]))
   x = jnp.asarray(x, jnp.float32)
   shapes = jax.eval_shape(
-      lambda x: block.init(jax.random.key(0), x, None, train=False), x)
+      lambda x: block.init(jax.random.key(0), x, None, train=False), x
+  )
   variables = _numpy_variables(shapes)
   mask = np.ones((batch, filters), np.float32)
   mask[0] = np.random.default_rng(2).integers(0, 2, filters)
@@ -203,10 +243,12 @@ def test_block_gating(cls, site):
 
 def test_dropout_only_in_training():
   head = iv.Head(num_classes=5, dropout_rate=0.5)
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 3, 64)),
-                  jnp.float32)
-  variables = _numpy_variables(jax.eval_shape(
-      lambda x: head.init(jax.random.key(0), x, train=False), x))
+  x = jnp.asarray(
+      np.random.default_rng(0).normal(size=(4, 3, 3, 64)), jnp.float32
+  )
+  variables = _numpy_variables(
+      jax.eval_shape(lambda x: head.init(jax.random.key(0), x, train=False), x)
+  )
 
   @jax.jit
   def run(variables, x, k1, k2):
@@ -216,30 +258,38 @@ def test_dropout_only_in_training():
     t1_again = head.apply(variables, x, train=True, rngs={'dropout': k1})
     return evaluate, t1, t2, t1_again
 
-  evaluate, t1, t2, t1_again = run(variables, x, jax.random.key(1),
-                                   jax.random.key(2))
+  evaluate, t1, t2, t1_again = run(
+      variables, x, jax.random.key(1), jax.random.key(2)
+  )
   # Evaluation is deterministic and dropout-free: the plain pooled fc.
   pooled = np.asarray(x).mean(axis=(1, 2))
   p = variables['params']['Logits']
   np.testing.assert_allclose(
-      evaluate, pooled @ np.asarray(p['kernel']) + np.asarray(p['bias']),
-      rtol=1e-5, atol=1e-5)
+      evaluate,
+      pooled @ np.asarray(p['kernel']) + np.asarray(p['bias']),
+      rtol=1e-5,
+      atol=1e-5,
+  )
   assert not np.allclose(t1, evaluate)
   assert not np.allclose(t1, t2)
   np.testing.assert_array_equal(t1, t1_again)
   # Logits are float32 whatever the compute dtype.
-  half = iv.Head(num_classes=5, dtype=jnp.bfloat16).apply(variables, x,
-                                                           train=False)
+  half = iv.Head(num_classes=5, dtype=jnp.bfloat16).apply(
+      variables, x, train=False
+  )
   assert half.dtype == jnp.float32
   # Rate 0 makes training equal to evaluation and needs no rng.
   no_drop = iv.Head(num_classes=5, dropout_rate=0.0)
-  np.testing.assert_allclose(no_drop.apply(variables, x, train=True),
-                             evaluate, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      no_drop.apply(variables, x, train=True), evaluate, rtol=1e-6, atol=1e-6
+  )
 
 
 def test_factory_validates_arguments():
-  assert isinstance(iv.inception_v4(num_classes=10, dtype=jnp.float32,
-                                    aux_logits=True), iv.InceptionV4)
+  assert isinstance(
+      iv.inception_v4(num_classes=10, dtype=jnp.float32, aux_logits=True),
+      iv.InceptionV4,
+  )
   with pytest.raises(ValueError, match='width'):
     iv.inception_v4(width=0.0)
   with pytest.raises(ValueError, match='dropout_rate'):
@@ -256,8 +306,9 @@ def test_small_network_end_to_end():
   spec = model.gate_spec()
   image = np.random.default_rng(3).normal(size=(1, 75, 75, 3))
   x = jnp.asarray(np.concatenate([image, image]), jnp.float32)
-  variables = _numpy_variables(jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x), x))
+  variables = _numpy_variables(
+      jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  )
   gates = spec.ones(2)
   gates['Mixed_7d'] = gates['Mixed_7d'].at[0].set(0.0)
   logits, _ = jax.jit(model.apply)(variables, x, gates)

@@ -22,14 +22,16 @@ tf = pytest.importorskip('tensorflow')
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from gaternet_jax import input_pipeline
 from gaternet_jax.errors import ConfigError, DataError
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SIZE = 24
 _LEVELS = (30, 80, 130, 180, 230)
 # Colour codes: gray files need equal channels, colour files get the rest.
 _GRAY_CODES = [(v, v, v) for v in _LEVELS]
-_COLOR_CODES = [c for c in itertools.product(_LEVELS, repeat=3)
-                if len(set(c)) > 1]
+_COLOR_CODES = [
+    c for c in itertools.product(_LEVELS, repeat=3) if len(set(c)) > 1
+]
 
 
 def _pixels(code, height, width, gray, seed):
@@ -62,17 +64,29 @@ def _identify(image, codes):
 
 # (class, file name, height, width, kind) per split. Class folders are made
 # in unsorted order: labels must follow the sorted names.
-_TRAIN = [('dog', 'd0.JPEG', 40, 60, 'rgb'), ('dog', 'd1.jpg', 50, 30, 'rgb'),
-          ('dog', 'd2.jpeg', 33, 33, 'gray'),
-          ('ant', 'a0.JPEG', 45, 70, 'rgb'), ('ant', 'a1.JPEG', 28, 28, 'png'),
-          ('ant', 'a2.JPEG', 64, 40, 'cmyk'), ('ant', 'a3.png', 30, 50, 'png'),
-          ('cat', 'c0.JPEG', 36, 48, 'rgb'), ('cat', 'c1.JPEG', 60, 44, 'rgb'),
-          ('cat', 'c2.JPEG', 26, 80, 'gray'), ('cat', 'c3.JPEG', 40, 40, 'rgb'),
-          ('cat', 'c4.JPEG', 52, 38, 'rgb')]
-_VAL = [('dog', 'v0.JPEG', 40, 50, 'rgb'), ('cat', 'v1.JPEG', 30, 44, 'gray'),
-        ('ant', 'v2.png', 38, 38, 'png'), ('cat', 'v3.JPEG', 48, 36, 'rgb'),
-        ('dog', 'v4.JPEG', 44, 60, 'rgb'), ('ant', 'v5.JPEG', 36, 40, 'rgb'),
-        ('cat', 'v6.JPEG', 50, 50, 'rgb')]
+_TRAIN = [
+    ('dog', 'd0.JPEG', 40, 60, 'rgb'),
+    ('dog', 'd1.jpg', 50, 30, 'rgb'),
+    ('dog', 'd2.jpeg', 33, 33, 'gray'),
+    ('ant', 'a0.JPEG', 45, 70, 'rgb'),
+    ('ant', 'a1.JPEG', 28, 28, 'png'),
+    ('ant', 'a2.JPEG', 64, 40, 'cmyk'),
+    ('ant', 'a3.png', 30, 50, 'png'),
+    ('cat', 'c0.JPEG', 36, 48, 'rgb'),
+    ('cat', 'c1.JPEG', 60, 44, 'rgb'),
+    ('cat', 'c2.JPEG', 26, 80, 'gray'),
+    ('cat', 'c3.JPEG', 40, 40, 'rgb'),
+    ('cat', 'c4.JPEG', 52, 38, 'rgb'),
+]
+_VAL = [
+    ('dog', 'v0.JPEG', 40, 50, 'rgb'),
+    ('cat', 'v1.JPEG', 30, 44, 'gray'),
+    ('ant', 'v2.png', 38, 38, 'png'),
+    ('cat', 'v3.JPEG', 48, 36, 'rgb'),
+    ('dog', 'v4.JPEG', 44, 60, 'rgb'),
+    ('ant', 'v5.JPEG', 36, 40, 'rgb'),
+    ('cat', 'v6.JPEG', 50, 50, 'rgb'),
+]
 _LABELS = {'ant': 0, 'cat': 1, 'dog': 2}
 
 
@@ -111,8 +125,9 @@ def folder(tmp_path_factory):
 
 
 def _cfg(root, **kwargs):
-  fields = dict(name='image_folder', data_dir=root, image_size=SIZE,
-                shuffle_buffer=8)
+  fields = dict(
+      name='image_folder', data_dir=root, image_size=SIZE, shuffle_buffer=8
+  )
   fields.update(kwargs)
   return ConfigDict(fields)
 
@@ -125,10 +140,15 @@ def _codes(batches, codes, mask=True):
   """[(code, label)] of the rows of `batches` (masked rows only)."""
   out = []
   for b in batches:
-    keep = b['mask'] > 0 if mask and 'mask' in b else np.ones(
-        len(b['label']), bool)
-    out += [(_identify(img, codes), int(lab))
-            for img, lab in zip(b['image'][keep], b['label'][keep])]
+    keep = (
+        b['mask'] > 0
+        if mask and 'mask' in b
+        else np.ones(len(b['label']), bool)
+    )
+    out += [
+        (_identify(img, codes), int(lab))
+        for img, lab in zip(b['image'][keep], b['label'][keep])
+    ]
   return out
 
 
@@ -138,11 +158,15 @@ def _codes(batches, codes, mask=True):
 
 def test_folder_train_shapes_labels_and_epoch(folder):
   root, truth = folder
-  ds = input_pipeline.load_imagenet(_cfg(root), process_index=0,
-                                    process_count=1)
+  ds = input_pipeline.load_imagenet(
+      _cfg(root), process_index=0, process_count=1
+  )
   assert ds.image_shape == (SIZE, SIZE, 3)
   assert (ds.num_classes, ds.num_train_examples, ds.num_test_examples) == (
-      3, 12, 7)
+      3,
+      12,
+      7,
+  )
   assert ds.test_split_name == 'val'
   assert ds.mean == input_pipeline.IMAGENET_MEAN
   assert ds.std == input_pipeline.IMAGENET_STD
@@ -162,12 +186,16 @@ def test_folder_train_shapes_labels_and_epoch(folder):
 
 def test_folder_eval_covers_once_padded_and_deterministic(folder):
   root, truth = folder
-  ds = input_pipeline.load_imagenet(_cfg(root), process_index=0,
-                                    process_count=1)
+  ds = input_pipeline.load_imagenet(
+      _cfg(root), process_index=0, process_count=1
+  )
   assert ds.num_eval_batches(3) == 3
   first = list(ds.eval_batches(3))
-  assert [b['mask'].tolist() for b in first] == [[1, 1, 1], [1, 1, 1],
-                                                 [1, 0, 0]]
+  assert [b['mask'].tolist() for b in first] == [
+      [1, 1, 1],
+      [1, 1, 1],
+      [1, 0, 0],
+  ]
   for b in first:
     assert b['image'].shape == (3, SIZE, SIZE, 3)
     assert b['image'].dtype == np.uint8
@@ -186,8 +214,9 @@ def test_folder_processes_read_disjoint_shards(folder):
   root, truth = folder
   train_seen, eval_seen = [], []
   for index in range(2):
-    ds = input_pipeline.load_imagenet(_cfg(root), process_index=index,
-                                      process_count=2)
+    ds = input_pipeline.load_imagenet(
+        _cfg(root), process_index=index, process_count=2
+    )
     assert ds.steps_per_epoch(4) == 3  # 6 files a process, 2 rows a batch.
     batches = _take(ds.train_batches(4, seed=3), 3)
     assert batches[0]['image'].shape == (2, SIZE, SIZE, 3)
@@ -213,14 +242,17 @@ def _assert_same_batches(a, b):
 
 def test_folder_train_resume_matches_uninterrupted(folder):
   root, _ = folder
-  ds = input_pipeline.load_imagenet(_cfg(root), process_index=0,
-                                    process_count=1)
+  ds = input_pipeline.load_imagenet(
+      _cfg(root), process_index=0, process_count=1
+  )
   full = _take(ds.train_batches(4, seed=5), 7)  # 3 steps per epoch.
   # Mid-epoch and at an epoch boundary.
-  _assert_same_batches(_take(ds.train_batches(4, 5, start_step=4), 3),
-                       full[4:7])
-  _assert_same_batches(_take(ds.train_batches(4, 5, start_step=3), 2),
-                       full[3:5])
+  _assert_same_batches(
+      _take(ds.train_batches(4, 5, start_step=4), 3), full[4:7]
+  )
+  _assert_same_batches(
+      _take(ds.train_batches(4, 5, start_step=3), 2), full[3:5]
+  )
   # Epochs differ in order and augmentation; seeds differ.
   assert not np.array_equal(full[0]['image'], full[3]['image'])
   other = next(ds.train_batches(4, seed=6))
@@ -231,8 +263,9 @@ def test_folder_cache_serves_later_epochs(folder, tmp_path):
   src, truth = folder
   root = str(tmp_path / 'copy')
   shutil.copytree(src, root)
-  ds = input_pipeline.load_imagenet(_cfg(root, cache=True), process_index=0,
-                                    process_count=1)
+  ds = input_pipeline.load_imagenet(
+      _cfg(root, cache=True), process_index=0, process_count=1
+  )
   batches = ds.train_batches(4, seed=1)
   first_epoch = _take(batches, 4)
   evals = list(ds.eval_batches(4))
@@ -242,8 +275,9 @@ def test_folder_cache_serves_later_epochs(folder, tmp_path):
   later = _take(batches, 6)
   codes = [c for c, _ in _codes(later[2:5], list(truth['train']))]
   assert sorted(codes) == sorted(truth['train'])  # Still a full epoch.
-  assert sorted(c for c, _ in _codes(first_epoch[:3], list(truth['train']))
-               ) == sorted(truth['train'])
+  assert sorted(
+      c for c, _ in _codes(first_epoch[:3], list(truth['train']))
+  ) == sorted(truth['train'])
   for a, b in zip(evals, ds.eval_batches(4)):
     np.testing.assert_array_equal(a['image'], b['image'])
 
@@ -253,15 +287,15 @@ def test_folder_cache_serves_later_epochs(folder, tmp_path):
 
 
 def _ramp_png(height, width):
-  ramp = np.broadcast_to(np.arange(width, dtype=np.uint8)[None, :, None],
-                         (height, width, 3))
+  ramp = np.broadcast_to(
+      np.arange(width, dtype=np.uint8)[None, :, None], (height, width, 3)
+  )
   return tf.constant(_encode(np.ascontiguousarray(ramp), 'PNG'))
 
 
 def test_train_crop_falls_back_to_clamped_center_crop():
   # No crop of an 8x200 image has area >= 90% and aspect ratio <= 4/3.
-  prep = input_pipeline.Preprocessing(image_size=16,
-                                      crop_area_range=(0.9, 1.0))
+  prep = input_pipeline.Preprocessing(image_size=16, crop_area_range=(0.9, 1.0))
   fn = input_pipeline.make_train_preprocess(prep)
   image = fn(_ramp_png(8, 200), tf.constant([1, 2], tf.int64)).numpy()
   # The central 8x11 window (columns 94..104), maybe mirrored.
@@ -292,22 +326,29 @@ def tfds_dir(tmp_path_factory):
     examples[split] = []
     for i in range(n):
       code, h, w = next(codes), 30 + 3 * i, 50 - 2 * i
-      examples[split].append((code, (7 * i + 3) % 1000,
-                              _pixels(code, h, w, False, seed=i)))
+      examples[split].append(
+          (code, (7 * i + 3) % 1000, _pixels(code, h, w, False, seed=i))
+      )
 
-  class TinyImagenetForTest(tfds.core.GeneratorBasedBuilder,
-                            skip_registration=True):
+  class TinyImagenetForTest(
+      tfds.core.GeneratorBasedBuilder, skip_registration=True
+  ):
     """imagenet2012's features: a JPEG image, a 1000-way label, a name."""
+
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
       return tfds.core.DatasetInfo(
           builder=self,
-          features=tfds.features.FeaturesDict({
-              'image': tfds.features.Image(encoding_format='jpeg'),
-              'label': tfds.features.ClassLabel(num_classes=1000),
-              'file_name': tfds.features.Text()}),
-          supervised_keys=('image', 'label'))
+          features=tfds.features.FeaturesDict(
+              {
+                  'image': tfds.features.Image(encoding_format='jpeg'),
+                  'label': tfds.features.ClassLabel(num_classes=1000),
+                  'file_name': tfds.features.Text(),
+              }
+          ),
+          supervised_keys=('image', 'label'),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -315,8 +356,11 @@ def tfds_dir(tmp_path_factory):
 
     def _generate_examples(self, split):
       for i, (_, label, pixels) in enumerate(examples[split]):
-        yield f'{split}_{i}', {'image': pixels, 'label': label,
-                               'file_name': f'{split}_{i}.JPEG'}
+        yield f'{split}_{i}', {
+            'image': pixels,
+            'label': label,
+            'file_name': f'{split}_{i}.JPEG',
+        }
 
   # TFDS looks for a builder's code next to its module; for a module inside
   # a package (tests.) that path needs importlib_resources, which this TFDS
@@ -324,21 +368,24 @@ def tfds_dir(tmp_path_factory):
   TinyImagenetForTest.__module__ = 'tiny_imagenet_for_test'
   root = str(tmp_path_factory.mktemp('tfds'))
   TinyImagenetForTest(data_dir=root).download_and_prepare()
-  truth = {s: {code: label for code, label, _ in ex}
-           for s, ex in examples.items()}
+  truth = {
+      s: {code: label for code, label, _ in ex} for s, ex in examples.items()
+  }
   return root, truth
 
 
 def _tfds_cfg(root, **kwargs):
   # The builder is not registered: tfds.builder finds it in data_dir.
-  return _cfg(root, name='imagenet2012', tfds_name='tiny_imagenet_for_test',
-              **kwargs)
+  return _cfg(
+      root, name='imagenet2012', tfds_name='tiny_imagenet_for_test', **kwargs
+  )
 
 
 def test_tfds_data_dir_train_and_eval(tfds_dir):
   root, truth = tfds_dir
-  ds = input_pipeline.load_imagenet(_tfds_cfg(root), process_index=0,
-                                    process_count=1)
+  ds = input_pipeline.load_imagenet(
+      _tfds_cfg(root), process_index=0, process_count=1
+  )
   assert ds.name == 'imagenet2012' and ds.num_classes == 1000
   assert (ds.num_train_examples, ds.num_test_examples) == (10, 5)
   assert ds.test_split_name == 'validation'
@@ -355,15 +402,18 @@ def test_tfds_data_dir_train_and_eval(tfds_dir):
 
 def test_tfds_resume_and_process_shards(tfds_dir):
   root, truth = tfds_dir
-  ds = input_pipeline.load_imagenet(_tfds_cfg(root), process_index=0,
-                                    process_count=1)
+  ds = input_pipeline.load_imagenet(
+      _tfds_cfg(root), process_index=0, process_count=1
+  )
   full = _take(ds.train_batches(4, seed=2), 5)  # 2 steps per epoch.
-  _assert_same_batches(_take(ds.train_batches(4, 2, start_step=3), 2),
-                       full[3:5])
+  _assert_same_batches(
+      _take(ds.train_batches(4, 2, start_step=3), 2), full[3:5]
+  )
   eval_seen = []
   for index in range(2):
-    shard = input_pipeline.load_imagenet(_tfds_cfg(root),
-                                         process_index=index, process_count=2)
+    shard = input_pipeline.load_imagenet(
+        _tfds_cfg(root), process_index=index, process_count=2
+    )
     evals = list(shard.eval_batches(2))
     assert len(evals) == 3  # ceil(3 / 1) on both processes.
     eval_seen += [c for c, _ in _codes(evals, list(truth['validation']))]
@@ -390,8 +440,9 @@ def test_user_errors(folder, tmp_path, monkeypatch):
     input_pipeline.load_imagenet(_cfg(root, name='imagenet'))
   with pytest.raises(ConfigError, match='crop_area_range'):
     input_pipeline.load_imagenet(_cfg(root, crop_area_range=(0.5, 0.1)))
-  ds = input_pipeline.load_imagenet(_cfg(root), process_index=0,
-                                    process_count=1)
+  ds = input_pipeline.load_imagenet(
+      _cfg(root), process_index=0, process_count=1
+  )
   with pytest.raises(ConfigError, match='exceeds'):
     ds.train_batches(16, seed=0)
   monkeypatch.setitem(sys.modules, 'tensorflow', None)
@@ -400,8 +451,10 @@ def test_user_errors(folder, tmp_path, monkeypatch):
 
 
 def test_package_imports_without_tensorflow():
-  code = ('import sys; sys.modules["tensorflow"] = None; '
-          'import gaternet_jax.input_pipeline')
+  code = (
+      'import sys; sys.modules["tensorflow"] = None; '
+      'import gaternet_jax.input_pipeline'
+  )
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, '-c', code], check=True, cwd=repo)
 
@@ -410,19 +463,33 @@ def test_pipeline_benchmark_prints_every_stage(folder):
   root, _ = folder
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   script = os.path.join(repo, 'launch', 'bench_input.py')
-  run = lambda *a: subprocess.run([sys.executable, script, *a], cwd=repo,
-                                  capture_output=True, text=True, timeout=300)
-  proc = run(f'--data_dir={os.path.join(root, "train")}', '--class_folders',
-             '--num_images=32', '--warmup_images=8', '--batch_size=8',
-             f'--image_size={SIZE}')
+  run = lambda *a: subprocess.run(
+      [sys.executable, script, *a],
+      cwd=repo,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  proc = run(
+      f'--data_dir={os.path.join(root, "train")}',
+      '--class_folders',
+      '--num_images=32',
+      '--warmup_images=8',
+      '--batch_size=8',
+      f'--image_size={SIZE}',
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rates = {}
   for line in proc.stdout.splitlines():
     if line.endswith('images/s'):
       stage, rate, _ = line.rsplit(None, 2)
       rates[stage] = float(rate)
-  assert set(rates) == {'1 read', '2 train decode', '3 train batch8',
-                        '3 eval batch8'}, proc.stdout
+  assert set(rates) == {
+      '1 read',
+      '2 train decode',
+      '3 train batch8',
+      '3 eval batch8',
+  }, proc.stdout
   assert all(r > 0 for r in rates.values())
   proc = run(f'--data_dir={os.path.join(root, "nowhere")}')
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr

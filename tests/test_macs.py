@@ -20,28 +20,39 @@ def _model(backbone, gated=False, num_classes=1000, local=None):
   if local:
     c.model.local_gating.update(local)
   if gated and backbone['name'] == 'imagenet_resnet':
-    c.model.gater = ml_collections.ConfigDict(dict(
-        name='imagenet_resnet', depth=18, bottleneck=256, batchnorm=True))
+    c.model.gater = ml_collections.ConfigDict(
+        dict(name='imagenet_resnet', depth=18, bottleneck=256, batchnorm=True)
+    )
   return create_model(c.model, num_classes)
 
 
 @pytest.mark.parametrize('depth,gmacs', [(18, 1.82), (34, 3.67), (50, 4.11)])
 def test_imagenet_resnet_dense_macs(depth, gmacs):
-  counter = macs.count(_model(dict(name='imagenet_resnet', depth=depth)),
-                       (224, 224, 3))
+  counter = macs.count(
+      _model(dict(name='imagenet_resnet', depth=depth)), (224, 224, 3)
+  )
   assert counter.dense_backbone / 1e9 == pytest.approx(gmacs, rel=0.01)
   assert counter.dense_gater == 0
 
 
 def test_resnet20_dense_macs():
-  counter = macs.count(_model(dict(name='cifar_resnet', depth=20),
-                              num_classes=10), (32, 32, 3))
+  counter = macs.count(
+      _model(dict(name='cifar_resnet', depth=20), num_classes=10), (32, 32, 3)
+  )
   # 16*32*32*27 (stem) + 3 stages of 3x3 convs + 2 projections + fc.
   stem = 32 * 32 * 27 * 16
   stage = lambda hw, c, n: n * 2 * hw * hw * 9 * c * c
-  expected = (stem + stage(32, 16, 3) + stage(16, 32, 3) - 16 * 16 * 9 * 32 *
-              16 + stage(8, 64, 3) - 8 * 8 * 9 * 64 * 32 + 16 * 16 * 16 * 32
-              + 8 * 8 * 32 * 64 + 64 * 10)
+  expected = (
+      stem
+      + stage(32, 16, 3)
+      + stage(16, 32, 3)
+      - 16 * 16 * 9 * 32 * 16
+      + stage(8, 64, 3)
+      - 8 * 8 * 9 * 64 * 32
+      + 16 * 16 * 16 * 32
+      + 8 * 8 * 32 * 64
+      + 64 * 10
+  )
   assert counter.dense_backbone == expected
   assert expected / 1e6 == pytest.approx(41, abs=0.5)
 
@@ -49,15 +60,19 @@ def test_resnet20_dense_macs():
 def _closed(spec, site=None, batch=2):
   """All gates open except, for sample 1, every gate of `site` (or all)."""
   g = spec.ones(batch)
-  return {k: (v.at[1].set(0.0) if site in (None, k) else v)
-          for k, v in g.items()}
+  return {
+      k: (v.at[1].set(0.0) if site in (None, k) else v) for k, v in g.items()
+  }
 
 
 @pytest.mark.parametrize('kind', ['gaternet', 'local'])
 def test_all_open_gates_give_the_dense_count(kind):
   bb = dict(name='cifar_resnet', depth=20)
-  model = (_model(bb, gated=True, num_classes=10) if kind == 'gaternet' else
-           _model(bb, num_classes=10, local=dict(hidden=16)))
+  model = (
+      _model(bb, gated=True, num_classes=10)
+      if kind == 'gaternet'
+      else _model(bb, num_classes=10, local=dict(hidden=16))
+  )
   counter = macs.count(model, (32, 32, 3))
   spec = model.gate_spec()
   per = np.asarray(counter.per_sample(spec.ones(3)))
@@ -92,8 +107,10 @@ def test_bottleneck_local_gating_positions():
   bb = dict(name='imagenet_resnet', depth=50, widths=(8, 16, 32, 64))
   site = 'stage1_block1'  # 56x56, width 8 (out 32), input 8 channels
   hw = 16 * 16  # a 64x64 input: stem /2, pool /2
-  for position, saved in (('conv1', hw * (8 * 8 + 9 * 8 * 8)),
-                          ('conv2', hw * (9 * 8 * 8 + 8 * 32))):
+  for position, saved in (
+      ('conv1', hw * (8 * 8 + 9 * 8 * 8)),
+      ('conv2', hw * (9 * 8 * 8 + 8 * 32)),
+  ):
     model = _model(bb, local=dict(position=position))
     counter = macs.count(model, (64, 64, 3))
     per = np.asarray(counter.per_sample(_closed(model.gate_spec(), site)))
@@ -101,8 +118,9 @@ def test_bottleneck_local_gating_positions():
 
 
 def test_baseline_and_jit():
-  model = _model(dict(name='cifar_resnet', depth=8, widths=(4, 8, 16)),
-                 num_classes=3)
+  model = _model(
+      dict(name='cifar_resnet', depth=8, widths=(4, 8, 16)), num_classes=3
+  )
   counter = macs.count(model, (16, 16, 3))
   assert not counter.spec and counter.dense_gater == 0
   assert float(counter.per_sample({})[0]) == counter.dense_backbone
@@ -112,8 +130,11 @@ def test_baseline_and_jit():
   spec = model.gate_spec()
   f = jax.jit(counter.per_sample)
   g = jax.tree_util.tree_map(
-      lambda x: (jax.random.uniform(jax.random.key(0), x.shape) > 0.5
-                 ).astype(jnp.float32), spec.ones(4))
+      lambda x: (jax.random.uniform(jax.random.key(0), x.shape) > 0.5).astype(
+          jnp.float32
+      ),
+      spec.ones(4),
+  )
   np.testing.assert_allclose(f(g), counter.per_sample(g))
   rows = counter.per_layer()
   assert sum(r['macs'] for r in rows) == counter.dense_total
@@ -129,10 +150,9 @@ def test_large_network_savings_stay_exact():
   # ResNet-50 with local gates costs ~4.1G MACs, far above float32's 2**24
   # integer range: the savings are summed alone, so open gates save exactly
   # 0 and one closed site saves exactly its analytic amount.
-  model = _model(dict(name='imagenet_resnet', depth=50),
-                 local=dict(hidden=16))
+  model = _model(dict(name='imagenet_resnet', depth=50), local=dict(hidden=16))
   counter = macs.count(model, (224, 224, 3))
-  assert counter.dense_total > 2 ** 31
+  assert counter.dense_total > 2**31
   spec = model.gate_spec()
   saved = np.asarray(counter.saved_per_sample(spec.ones(2)))
   np.testing.assert_array_equal(saved, 0.0)
@@ -143,27 +163,50 @@ def test_large_network_savings_stay_exact():
   assert float(saved[1]) == hw * (64 * 64 + 9 * 64 * 64)
   # The eval summary subtracts in float64 on the host.
   from gaternet_jax import evaluation
-  s = evaluation.summarize_macs(counter.dense_total - np.asarray(saved, np.float64),
-                           counter)
+
+  s = evaluation.summarize_macs(
+      counter.dense_total - np.asarray(saved, np.float64), counter
+  )
   assert s['macs_max'] == counter.dense_total
   assert s['macs_overhead'] == counter.dense_gater
   assert s['macs_backbone_reduction'] == pytest.approx(
-      float(saved[1]) / 2 / counter.dense_backbone, rel=1e-12)
+      float(saved[1]) / 2 / counter.dense_backbone, rel=1e-12
+  )
 
 
 def test_training_report_shows_macs(capsys):
   from gaternet_jax import cli  # pylint: disable=g-import-not-at-top
-  gated = {'split': 'test', 'accuracy': 0.99, 'loss': 0.05,
-           'gated_filters': 4, 'gates_on_fraction': 0.5, 'gates_always_on': 1,
-           'gates_always_off': 1, 'gates_input_dependent': 2,
-           'macs_dense': 1e6, 'macs_overhead': 5e5, 'macs_mean': 1.25e6,
-           'macs_reduction': -0.25, 'macs_backbone_reduction': 0.25}
-  base = {'split': 'test', 'accuracy': 0.995, 'loss': 0.04,
-          'macs_dense': 1e6, 'macs_overhead': 0.0, 'macs_mean': 1e6,
-          'macs_reduction': 0.0, 'macs_backbone_reduction': 0.0}
+
+  gated = {
+      'split': 'test',
+      'accuracy': 0.99,
+      'loss': 0.05,
+      'gated_filters': 4,
+      'gates_on_fraction': 0.5,
+      'gates_always_on': 1,
+      'gates_always_off': 1,
+      'gates_input_dependent': 2,
+      'macs_dense': 1e6,
+      'macs_overhead': 5e5,
+      'macs_mean': 1.25e6,
+      'macs_reduction': -0.25,
+      'macs_backbone_reduction': 0.25,
+  }
+  base = {
+      'split': 'test',
+      'accuracy': 0.995,
+      'loss': 0.04,
+      'macs_dense': 1e6,
+      'macs_overhead': 0.0,
+      'macs_mean': 1e6,
+      'macs_reduction': 0.0,
+      'macs_backbone_reduction': 0.0,
+  }
   cli.print_training_report({'baseline': base, 'final': gated}, 61.0)
   lines = capsys.readouterr().out.splitlines()
   assert 'MACs/image' in lines[1]
   assert '1M (+0.0%)' in lines[2] and '1.25M (+25.0%)' in lines[3]
-  assert lines[4] == ('MACs/image include 500K of gating overhead over a 1M '
-                      'dense backbone; the gates save 25.0% of the backbone.')
+  assert lines[4] == (
+      'MACs/image include 500K of gating overhead over a 1M '
+      'dense backbone; the gates save 25.0% of the backbone.'
+  )

@@ -34,25 +34,38 @@ NUM_CLASSES = 5
 # (two gated), k = 4. Shake-Shake: one block per stage, widths 4/8/16.
 # Inception-v4: width 1/16 on its smallest input, 75x75.
 FAMILIES = {
-    'densenet': (lambda: densenet_bc(depth=22, growth_rate=4,
-                                     num_classes=NUM_CLASSES), 16),
-    'shakeshake': (lambda: shake_shake(depth=8, width=4,
-                                       num_classes=NUM_CLASSES), 16),
-    'inception': (lambda: inception_v4(num_classes=NUM_CLASSES,
-                                       width=1 / 16), 75),
+    'densenet': (
+        lambda: densenet_bc(depth=22, growth_rate=4, num_classes=NUM_CLASSES),
+        16,
+    ),
+    'shakeshake': (
+        lambda: shake_shake(depth=8, width=4, num_classes=NUM_CLASSES),
+        16,
+    ),
+    'inception': (
+        lambda: inception_v4(num_classes=NUM_CLASSES, width=1 / 16),
+        75,
+    ),
 }
 
 # Inception-v4's reductions pass the previous site's gated channels through
 # a max pool as their concatenation's last part: (site, previous site).
-PASS_THROUGH = (('Mixed_5a', 'Mixed_4a'), ('Mixed_6a', 'Mixed_5e'),
-                ('Mixed_7a', 'Mixed_6h'))
+PASS_THROUGH = (
+    ('Mixed_5a', 'Mixed_4a'),
+    ('Mixed_6a', 'Mixed_5e'),
+    ('Mixed_7a', 'Mixed_6h'),
+)
 
 
 def _gated(backbone) -> GaterNet:
   """The backbone with a tiny ResNet-8 gater, as `create_model` builds it."""
   features = cifar_resnet(depth=8, widths=(4, 8, 16), num_classes=None)
-  gater = Gater(features=features, num_gates=backbone.gate_spec().total,
-                bottleneck=8, batchnorm=True)
+  gater = Gater(
+      features=features,
+      num_gates=backbone.gate_spec().total,
+      bottleneck=8,
+      batchnorm=True,
+  )
   return GaterNet(backbone=backbone, gater=gater)
 
 
@@ -62,8 +75,7 @@ def counters():
   out = {}
   for name, (make, side) in FAMILIES.items():
     backbone = make()
-    out[name] = (backbone, side, macs.count(_gated(backbone),
-                                            (side, side, 3)))
+    out[name] = (backbone, side, macs.count(_gated(backbone), (side, side, 3)))
   return out
 
 
@@ -74,16 +86,20 @@ def _layers(counter):
 
 def _closed_site(spec, site, batch=2):
   """Open gates, except every gate of `site` in sample 1."""
-  return {k: v.at[1].set(0.0) if k == site else v
-          for k, v in spec.ones(batch).items()}
+  return {
+      k: v.at[1].set(0.0) if k == site else v
+      for k, v in spec.ones(batch).items()
+  }
 
 
 def _random_gates(spec, batch, seed):
   """Binary gates, each sample with its own probability of being open."""
   rng = np.random.default_rng(seed)
   p = np.linspace(0.25, 0.75, batch)[:, None]
-  return {k: jnp.asarray(rng.uniform(size=(batch, n)) < p, jnp.float32)
-          for k, n in spec.sites}
+  return {
+      k: jnp.asarray(rng.uniform(size=(batch, n)) < p, jnp.float32)
+      for k, n in spec.sites
+  }
 
 
 def _effective(gates):
@@ -101,7 +117,8 @@ def _effective(gates):
 
 @pytest.mark.parametrize('name', sorted(FAMILIES))
 def test_every_site_is_wired_and_open_gates_cost_the_dense_count(
-    counters, name):
+    counters, name
+):
   backbone, _, counter = counters[name]
   spec = counter.spec
   assert set(backbone.gate_wiring()) == set(spec.names)
@@ -111,14 +128,17 @@ def test_every_site_is_wired_and_open_gates_cost_the_dense_count(
     for l in counter.layers:
       for s in l.gated_in + l.gated_out:
         if s.site == site:
-          covered[s.start:s.stop] = True
+          covered[s.start : s.stop] = True
     assert covered.all(), site
   # Exact in float32: the small models cost less than 2**24 MACs.
-  assert counter.dense_total < 2 ** 24
+  assert counter.dense_total < 2**24
   per = np.asarray(counter.per_sample(spec.ones(3)))
   np.testing.assert_array_equal(per, float(counter.dense_total))
-  closed = np.asarray(counter.per_sample(
-      {k: jnp.zeros_like(v) for k, v in spec.ones(2).items()}))
+  closed = np.asarray(
+      counter.per_sample(
+          {k: jnp.zeros_like(v) for k, v in spec.ones(2).items()}
+      )
+  )
   assert (closed < counter.dense_total).all()
   assert (closed > counter.dense_gater).all()
 
@@ -131,22 +151,25 @@ def test_densenet_closed_site_saves_the_analytic_amount(counters):
   _, _, counter = counters['densenet']
   hw = 16 * 16
   saved = hw * 9 * 16 * 4 + hw * 4 * 16 + hw * 4 * 10
-  per = np.asarray(counter.per_sample(
-      _closed_site(counter.spec, 'block1_layer02')))
+  per = np.asarray(
+      counter.per_sample(_closed_site(counter.spec, 'block1_layer02'))
+  )
   assert per[0] == counter.dense_total and per[0] - per[1] == saved
   # In the last block the reader after the block is the fc (1 MAC a pair).
   # Block 3 at 4x4: input int(0.5 * (10 + 12)) = 11, layer03 reads 4 more.
   saved = 16 * 9 * 16 * 4 + 16 * 4 * 16 + 4 * NUM_CLASSES
-  per = np.asarray(counter.per_sample(
-      _closed_site(counter.spec, 'block3_layer02')))
+  per = np.asarray(
+      counter.per_sample(_closed_site(counter.spec, 'block3_layer02'))
+  )
   assert per[0] - per[1] == saved
 
 
 def test_shakeshake_closed_site_saves_the_analytic_amount(counters):
   # Stage 2 (8 channels) at 8x8: the branch's 3x3 conv2, 8 -> 8.
   _, _, counter = counters['shakeshake']
-  per = np.asarray(counter.per_sample(
-      _closed_site(counter.spec, 'stage2_block1_branch2')))
+  per = np.asarray(
+      counter.per_sample(_closed_site(counter.spec, 'stage2_block1_branch2'))
+  )
   assert per[0] - per[1] == 8 * 8 * 9 * 8 * 8
 
 
@@ -178,7 +201,8 @@ def _positive_variables(backbone, side, seed=0):
   every BN mean and offset zero (see the module docstring)."""
   x = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
   shapes = jax.eval_shape(
-      lambda x: backbone.init(jax.random.key(0), x, None), x)
+      lambda x: backbone.init(jax.random.key(0), x, None), x
+  )
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -196,7 +220,8 @@ def _positive_variables(backbone, side, seed=0):
 
 def _is_layer(context):
   return context.method_name == '__call__' and isinstance(
-      context.module, (nn.Conv, nn.Dense))
+      context.module, (nn.Conv, nn.Dense)
+  )
 
 
 def _brute_force_fn(backbone, variables, side, batch):
@@ -213,8 +238,11 @@ def _brute_force_fn(backbone, variables, side, batch):
 
   x0 = jnp.zeros((batch, side, side, 3))
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda x, g: backbone.apply(variables, x, g), x0,
-                   backbone.gate_spec().ones(batch))
+    jax.eval_shape(
+        lambda x, g: backbone.apply(variables, x, g),
+        x0,
+        backbone.gate_spec().ones(batch),
+    )
   r = jax.random.normal(jax.random.key(1), (batch, NUM_CLASSES))
 
   def loss(probes, x, gates):
@@ -249,12 +277,11 @@ def _declared(layer, gates, batch):
   """What the wiring says `layer` loses: (inputs, outputs) removed, each
   `(batch, channels)` bool."""
   out = []
-  for slices, n in ((layer.gated_in, layer.cin), (layer.gated_out,
-                                                  layer.cout)):
+  for slices, n in ((layer.gated_in, layer.cin), (layer.gated_out, layer.cout)):
     removed = np.zeros((batch, n), bool)
     for s in slices:
-      closed = np.asarray(gates[s.site])[:, s.start:s.stop] < 0.5
-      removed[:, s.offset:s.offset + s.stop - s.start] |= closed
+      closed = np.asarray(gates[s.site])[:, s.start : s.stop] < 0.5
+      removed[:, s.offset : s.offset + s.stop - s.start] |= closed
     out.append(removed)
   return out
 
@@ -265,8 +292,10 @@ def test_wiring_matches_a_brute_force_count(counters, name):
   spec, batch = counter.spec, 4
   variables = _positive_variables(backbone, side)
   run = _brute_force_fn(backbone, variables, side, batch)
-  x = jnp.asarray(np.random.default_rng(2).uniform(
-      0.5, 1.5, (batch, side, side, 3)), jnp.float32)
+  x = jnp.asarray(
+      np.random.default_rng(2).uniform(0.5, 1.5, (batch, side, side, 3)),
+      jnp.float32,
+  )
   # With open gates nothing is dead: no ReLU zeroes a channel by chance.
   for path, (din, dout) in run(x, spec.ones(batch))[0].items():
     assert not np.asarray(din).any() and not np.asarray(dout).any(), path
@@ -277,8 +306,9 @@ def test_wiring_matches_a_brute_force_count(counters, name):
     # channel one site, cannot see a pass-through closed upstream.
     eff = _effective(gates)
     np.testing.assert_array_equal(logits, run(x, eff)[1])
-    over = (np.asarray(counter.per_sample(gates)) -
-            np.asarray(counter.per_sample(eff)))
+    over = np.asarray(counter.per_sample(gates)) - np.asarray(
+        counter.per_sample(eff)
+    )
     assert (over >= 0).all() and (over > 0).any()
     gates = eff
   layers = _layers(counter)
@@ -294,11 +324,13 @@ def test_wiring_matches_a_brute_force_count(counters, name):
     # closed producer), which the count leaves as the wiring says.
     branch = dout.all(-1) & ~want_out.all(-1)
     dead_branches += int(branch.sum())
-    np.testing.assert_array_equal(dout[~branch], want_out[~branch],
-                                  err_msg=str(path))
+    np.testing.assert_array_equal(
+        dout[~branch], want_out[~branch], err_msg=str(path)
+    )
     dout = np.where(branch[:, None], want_out, dout)
-    total += layer.coef * (layer.cin - din.sum(-1)) * (
-        layer.cout - dout.sum(-1))
+    total += (
+        layer.coef * (layer.cin - din.sum(-1)) * (layer.cout - dout.sum(-1))
+    )
   np.testing.assert_array_equal(np.asarray(counter.per_sample(gates)), total)
   assert (total < counter.dense_total).all()
   assert dead_branches < len(found)
@@ -314,14 +346,23 @@ def test_densenet_closed_inputs_are_image_independent_constants(counters):
   spec = counter.spec
   shapes = jax.eval_shape(
       lambda x: backbone.init(jax.random.key(0), x, None),
-      jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
+      jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32),
+  )
   rng = np.random.default_rng(4)
   variables = jax.tree_util.tree_map_with_path(
       lambda p, l: jnp.asarray(
-          rng.uniform(0.5, 1.5, l.shape) if p[-1].key in ('scale', 'var')
-          else rng.normal(size=l.shape) * (
-              np.sqrt(2.0 / np.prod(l.shape[:-1])) if p[-1].key == 'kernel'
-              else 0.5), l.dtype), shapes)
+          rng.uniform(0.5, 1.5, l.shape)
+          if p[-1].key in ('scale', 'var')
+          else rng.normal(size=l.shape)
+          * (
+              np.sqrt(2.0 / np.prod(l.shape[:-1]))
+              if p[-1].key == 'kernel'
+              else 0.5
+          ),
+          l.dtype,
+      ),
+      shapes,
+  )
   # Two images with the same gates: samples 0 and 1.
   g = _random_gates(spec, 1, seed=5)
   gates = {k: jnp.concatenate([v, v]) for k, v in g.items()}
@@ -356,8 +397,9 @@ def test_densenet_closed_inputs_are_image_independent_constants(counters):
     a = np.asarray(inputs[path])[..., removed[0]]
     a = a.reshape(2, -1, a.shape[-1])
     # The same value at every position of both images.
-    np.testing.assert_array_equal(a, np.broadcast_to(a[:1, :1], a.shape),
-                                  err_msg=str(path))
+    np.testing.assert_array_equal(
+        a, np.broadcast_to(a[:1, :1], a.shape), err_msg=str(path)
+    )
     nonzero += int((a != 0).any())
   assert checked >= 6
   assert nonzero > 0  # BN(0) is not zero: the slice is folded, not zero.

@@ -12,8 +12,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _main(*args, timeout=600):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, 'main.py', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+      [sys.executable, 'main.py', *args],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
 
 
 def _last_json(stdout):
@@ -39,10 +45,14 @@ def test_summary_mode_prints_counts_as_last_json_line():
 
 
 def test_benchmark_mode_reports_gated_and_baseline(tmp_path):
-  proc = _main('--config=configs/default.py', '--mode=benchmark',
-               '--config.benchmark.steps=2', '--config.benchmark.warmup_steps=1',
-               '--config.model.backbone.widths=(4,8,16)',
-               '--config.model.gater.widths=(4,8,16)')
+  proc = _main(
+      '--config=configs/default.py',
+      '--mode=benchmark',
+      '--config.benchmark.steps=2',
+      '--config.benchmark.warmup_steps=1',
+      '--config.model.backbone.widths=(4,8,16)',
+      '--config.model.gater.widths=(4,8,16)',
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   out = _last_json(proc.stdout)
   for name in ('gated', 'baseline'):
@@ -53,18 +63,29 @@ def test_benchmark_mode_reports_gated_and_baseline(tmp_path):
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path):
-  proc = _main('--config=configs/cifar10_r20.py', f'--workdir={tmp_path}',
-               '--config.data.source=folder',
-               f'--config.data.data_dir={tmp_path}/nowhere')
+  proc = _main(
+      '--config=configs/cifar10_r20.py',
+      f'--workdir={tmp_path}',
+      '--config.data.source=folder',
+      f'--config.data.data_dir={tmp_path}/nowhere',
+  )
   _assert_one_line_error(proc, 'nowhere')
 
 
 def test_bad_config_value_is_one_clear_line(tmp_path):
-  proc = _main('--config=configs/default.py', f'--workdir={tmp_path}',
-               '--config.optimizer.schedule=linear', '--config.pretrain.enabled=False')
+  proc = _main(
+      '--config=configs/default.py',
+      f'--workdir={tmp_path}',
+      '--config.optimizer.schedule=linear',
+      '--config.pretrain.enabled=False',
+  )
   _assert_one_line_error(proc, 'schedule')
-  proc = _main('--config=configs/default.py', f'--workdir={tmp_path}',
-               '--config.batch_size=100000', '--config.pretrain.enabled=False')
+  proc = _main(
+      '--config=configs/default.py',
+      f'--workdir={tmp_path}',
+      '--config.batch_size=100000',
+      '--config.pretrain.enabled=False',
+  )
   _assert_one_line_error(proc, 'batch_size')
 
 
@@ -86,19 +107,32 @@ def test_retired_config_variant_names_the_file_to_use():
 
 def test_workdir_of_another_model_is_refused_and_kept(tmp_path):
   wd = str(tmp_path / 'run')
-  common = ['--config=configs/default.py', f'--workdir={wd}',
-            '--config.pretrain.enabled=False', '--config.num_train_steps=2',
-            '--config.model.backbone.widths=(4,8,16)',
-            '--config.model.gater.widths=(4,8,16)']
+  common = [
+      '--config=configs/default.py',
+      f'--workdir={wd}',
+      '--config.pretrain.enabled=False',
+      '--config.num_train_steps=2',
+      '--config.model.backbone.widths=(4,8,16)',
+      '--config.model.gater.widths=(4,8,16)',
+  ]
   proc = _main(*common)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  before = {f: os.path.getmtime(os.path.join(root, f))
-            for root, _, files in os.walk(wd) for f in files}
-  proc = _main(*common[:-2], '--config.model.backbone.widths=(8,16,32)',
-               '--config.model.gater.widths=(4,8,16)')
+  before = {
+      f: os.path.getmtime(os.path.join(root, f))
+      for root, _, files in os.walk(wd)
+      for f in files
+  }
+  proc = _main(
+      *common[:-2],
+      '--config.model.backbone.widths=(8,16,32)',
+      '--config.model.gater.widths=(4,8,16)',
+  )
   _assert_one_line_error(proc, 'different', 'model')
-  after = {f: os.path.getmtime(os.path.join(root, f))
-           for root, _, files in os.walk(wd) for f in files}
+  after = {
+      f: os.path.getmtime(os.path.join(root, f))
+      for root, _, files in os.walk(wd)
+      for f in files
+  }
   assert before == after
 
 
@@ -110,10 +144,13 @@ def test_out_of_memory_is_one_sentence_about_the_batch(monkeypatch):
 
   def oom(config):
     raise jax.errors.JaxRuntimeError(
-        'RESOURCE_EXHAUSTED: Out of memory allocating 51633771136 bytes.')
+        'RESOURCE_EXHAUSTED: Out of memory allocating 51633771136 bytes.'
+    )
 
   monkeypatch.setattr(benchmark, 'run_benchmark', oom)
-  with pytest.raises(UserError, match='ran out of memory.*benchmark.batch_size'):
+  with pytest.raises(
+      UserError, match='ran out of memory.*benchmark.batch_size'
+  ):
     cli.run('benchmark', default.get_config(), None)
 
   def other(config):

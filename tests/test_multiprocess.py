@@ -33,11 +33,17 @@ TIMEOUT = 600
 # about 300-fold a step (train loss 1e-4 apart at step 5, 1% at step 10).
 # At 0.005 the two runs stay close enough for tight tolerances.
 STEPS = 10
-DIGITS = ['--config=configs/default.py', f'--config.num_train_steps={STEPS}',
-          '--config.optimizer.learning_rate=0.005',
-          '--config.checkpoint_every_steps=5', '--config.keep_checkpoints=3',
-          '--config.log_every_steps=1', '--config.eval_every_epochs=1.0',
-          '--config.tensorboard=False', '--config.progress_every_secs=1000.0']
+DIGITS = [
+    '--config=configs/default.py',
+    f'--config.num_train_steps={STEPS}',
+    '--config.optimizer.learning_rate=0.005',
+    '--config.checkpoint_every_steps=5',
+    '--config.keep_checkpoints=3',
+    '--config.log_every_steps=1',
+    '--config.eval_every_epochs=1.0',
+    '--config.tensorboard=False',
+    '--config.progress_every_secs=1000.0',
+]
 
 
 def _free_port() -> int:
@@ -47,8 +53,11 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  )
   for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
     env.pop(k, None)
   env.update(extra)
@@ -63,19 +72,36 @@ def _start(args, num_processes=2, devices=4, flags=True, log_dir=None):
     if num_processes == 1:
       cmd, env = list(args), _env(devices)
     elif flags:
-      cmd = list(args) + [f'--coordinator_address=127.0.0.1:{port}',
-                          f'--num_processes={num_processes}',
-                          f'--process_id={i}']
+      cmd = list(args) + [
+          f'--coordinator_address=127.0.0.1:{port}',
+          f'--num_processes={num_processes}',
+          f'--process_id={i}',
+      ]
       env = _env(devices)
     else:
       cmd = list(args)
-      env = _env(devices, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
-                 JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
-    out = open(os.path.join(log_dir, f'process{i}.log'), 'w') if log_dir else (
-        subprocess.PIPE)
-    procs.append(subprocess.Popen([sys.executable] + cmd, cwd=REPO, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT,
-                                  text=True, start_new_session=True))
+      env = _env(
+          devices,
+          JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+          JAX_NUM_PROCESSES=str(num_processes),
+          JAX_PROCESS_ID=str(i),
+      )
+    out = (
+        open(os.path.join(log_dir, f'process{i}.log'), 'w')
+        if log_dir
+        else (subprocess.PIPE)
+    )
+    procs.append(
+        subprocess.Popen(
+            [sys.executable] + cmd,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    )
   return procs
 
 
@@ -95,14 +121,24 @@ def _wait(procs, timeout=TIMEOUT):
 
 
 def _logs(log_dir, n=2):
-  return ['\n'.join(open(os.path.join(log_dir, f'process{i}.log')).read()
-                    .splitlines()[-40:]) for i in range(n)]
+  return [
+      '\n'.join(
+          open(os.path.join(log_dir, f'process{i}.log'))
+          .read()
+          .splitlines()[-40:]
+      )
+      for i in range(n)
+  ]
 
 
 def _main_job(workdir, num_processes, devices, log_dir):
   os.makedirs(log_dir, exist_ok=True)
-  procs = _start(['main.py', f'--workdir={workdir}', *DIGITS],
-                 num_processes, devices, log_dir=log_dir)
+  procs = _start(
+      ['main.py', f'--workdir={workdir}', *DIGITS],
+      num_processes,
+      devices,
+      log_dir=log_dir,
+  )
   codes = [rc for rc, _ in _wait(procs)]
   assert codes == [0] * num_processes, _logs(log_dir, num_processes)
   with open(os.path.join(log_dir, 'process0.log')) as f:
@@ -135,8 +171,9 @@ def digits_runs(tmp_path_factory):
   _wait_for_dir(pretrain / '5', procs, logs)
   procs[1].send_signal(signal.SIGTERM)
   codes = [rc for rc, _ in _wait(procs)]
-  preempted_at = sorted(int(p.name) for p in pretrain.iterdir()
-                        if p.name.isdigit())
+  preempted_at = sorted(
+      int(p.name) for p in pretrain.iterdir() if p.name.isdigit()
+  )
   # 2. Restarted, then both killed once the joint run has its step-5
   #    checkpoint (of 10).
   procs = _start(args, 2, 4, log_dir=logs)
@@ -147,25 +184,37 @@ def digits_runs(tmp_path_factory):
   killed_results = (workdir / 'results.json').exists()
   # 3. Restarted again, to the end.
   two = _main_job(str(workdir), 2, 4, logs)
-  return dict(root=root, one=one, two=two, preempted_codes=codes,
-              preempted_at=preempted_at, killed_results=killed_results,
-              log=open(os.path.join(logs, 'process1.log')).read())
+  return dict(
+      root=root,
+      one=one,
+      two=two,
+      preempted_codes=codes,
+      preempted_at=preempted_at,
+      killed_results=killed_results,
+      log=open(os.path.join(logs, 'process1.log')).read(),
+  )
 
 
 def _train_losses(workdir):
-  return [r['train/loss'] for r in map(json.loads, (
-      workdir / 'metrics.jsonl').read_text().splitlines())
-          if r['kind'] == 'scalars' and 'train/loss' in r]
+  return [
+      r['train/loss']
+      for r in map(
+          json.loads, (workdir / 'metrics.jsonl').read_text().splitlines()
+      )
+      if r['kind'] == 'scalars' and 'train/loss' in r
+  ]
 
 
 def test_parameters_after_the_first_steps_match_one_process(digits_runs):
   from gaternet_jax import checkpoints  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+
   root = digits_runs['root']
   params = []
   for run in ('one', 'two'):
     ckpt = checkpoints.Checkpointer(
-        str(root / run / 'pretrain' / 'baseline'), read_only=True)
+        str(root / run / 'pretrain' / 'baseline'), read_only=True
+    )
     try:
       params.append(ckpt.restore_raw(5))
     finally:
@@ -173,17 +222,19 @@ def test_parameters_after_the_first_steps_match_one_process(digits_runs):
   a, b = params
   assert int(a['step']) == int(b['step']) == 5
   leaves = jax.tree_util.tree_leaves_with_path(
-      {'params': a['params'], 'batch_stats': a['batch_stats']})
+      {'params': a['params'], 'batch_stats': a['batch_stats']}
+  )
   others = jax.tree_util.tree_leaves(
-      {'params': b['params'], 'batch_stats': b['batch_stats']})
+      {'params': b['params'], 'batch_stats': b['batch_stats']}
+  )
   assert len(leaves) == len(others) > 10
   for (path, x), y in zip(leaves, others):
-    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+        y, x, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path)
+    )
 
 
-def test_preempted_killed_two_process_run_ends_as_one_process_does(
-    digits_runs):
+def test_preempted_killed_two_process_run_ends_as_one_process_does(digits_runs):
   r = digits_runs
   one, two, root = r['one'], r['two'], r['root']
   # The preemption: both processes saved the same step and exited 143.
@@ -198,7 +249,8 @@ def test_preempted_killed_two_process_run_ends_as_one_process_does(
     assert abs(two[stage]['accuracy'] - one[stage]['accuracy']) <= 0.01
     assert two[stage]['loss'] == pytest.approx(one[stage]['loss'], rel=1e-3)
   assert two['final']['gates_on_fraction'] == pytest.approx(
-      one['final']['gates_on_fraction'], rel=0.02)
+      one['final']['gates_on_fraction'], rel=0.02
+  )
   # Step by step, the train losses of both stages agree, one record a step
   # (those logged after a checkpoint by a killed run were dropped).
   for stage in ('pretrain/baseline', '.'):
@@ -208,7 +260,8 @@ def test_preempted_killed_two_process_run_ends_as_one_process_does(
   # Only process 0 wrote the run's files.
   workdir = root / 'two'
   assert json.loads((workdir / 'results.json').read_text())['accuracy'] == (
-      two['final']['accuracy'])
+      two['final']['accuracy']
+  )
   assert (workdir / 'pretrain' / 'baseline' / 'checkpoints').is_dir()
   assert not list(workdir.glob('**/*.tmp'))
 
@@ -224,12 +277,25 @@ def test_an_error_on_one_process_stops_both_with_its_sentence(tmp_path):
   for i in range(2):
     # Process 1's workdir is a file: a user error only it raises.
     wd = str(workdir) if i == 0 else str(tmp_path / 'not_a_dir')
-    procs.append(subprocess.Popen(
-        [sys.executable, 'main.py', f'--workdir={wd}', *DIGITS,
-         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-         f'--process_id={i}'], cwd=REPO, env=_env(4), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True))
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                'main.py',
+                f'--workdir={wd}',
+                *DIGITS,
+                f'--coordinator_address=127.0.0.1:{port}',
+                '--num_processes=2',
+                f'--process_id={i}',
+            ],
+            cwd=REPO,
+            env=_env(4),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    )
   results = []
   for p in procs:
     out, err = p.communicate(timeout=TIMEOUT)
@@ -237,8 +303,9 @@ def test_an_error_on_one_process_stops_both_with_its_sentence(tmp_path):
   assert time.time() - t0 < 120
   assert [rc for rc, _ in results] == [1, 1], results
   for _, err in results:
-    last = [l for l in err.strip().splitlines() if not l.startswith('[Gloo]')
-            ][-1]
+    last = [l for l in err.strip().splitlines() if not l.startswith('[Gloo]')][
+        -1
+    ]
     assert last.startswith('error: '), err[-2000:]
     assert 'not_a_dir' in last
   assert 'raised on process 1 of 2' in results[0][1]
@@ -247,26 +314,51 @@ def test_an_error_on_one_process_stops_both_with_its_sentence(tmp_path):
 
 def test_distributed_flags_are_checked_before_any_jax_call(tmp_path):
   proc = subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/default.py',
-       f'--workdir={tmp_path}', '--num_processes=2', '--process_id=0'],
-      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
+      [
+          sys.executable,
+          'main.py',
+          '--config=configs/default.py',
+          f'--workdir={tmp_path}',
+          '--num_processes=2',
+          '--process_id=0',
+      ],
+      cwd=REPO,
+      env=_env(1),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
       'error: A multi-process run needs --coordinator_address, '
       '--num_processes and --process_id together; --coordinator_address '
-      '(or JAX_COORDINATOR_ADDRESS) not set.')
+      '(or JAX_COORDINATOR_ADDRESS) not set.'
+  )
   proc = subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/default.py',
-       f'--workdir={tmp_path}', '--num_processes=2', '--process_id=2',
-       '--coordinator_address=127.0.0.1:1'],
-      cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
+      [
+          sys.executable,
+          'main.py',
+          '--config=configs/default.py',
+          f'--workdir={tmp_path}',
+          '--num_processes=2',
+          '--process_id=2',
+          '--coordinator_address=127.0.0.1:1',
+      ],
+      cwd=REPO,
+      env=_env(1),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.stderr.strip().splitlines()[-1] == (
-      'error: --process_id must be in [0, 1] for --num_processes=2; got 2.')
+      'error: --process_id must be in [0, 1] for --num_processes=2; got 2.'
+  )
 
 
 def test_tfdata_shards_of_two_processes_and_their_resume(tmp_path):
   pytest.importorskip('tensorflow_datasets')
   from tests import tiny_imagenet  # pylint: disable=g-import-not-at-top
+
   data_dir = tiny_imagenet.build(str(tmp_path / 'tfds'))
   out = tmp_path / 'out'
   out.mkdir()

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # prints the modules that asked for it. A finder, rather than leaving the
 # repository off sys.path, because an editable install can put a checkout
 # (and its configs/) on the path anyway.
-_SCRIPT = textwrap.dedent('''
+_SCRIPT = textwrap.dedent("""
     import importlib, pkgutil, sys
 
     asked = []
@@ -38,14 +38,20 @@ _SCRIPT = textwrap.dedent('''
         failed.append(f'{info.name}: {e}')
     print('asked:', sorted(set(asked)))
     print('failed:', failed)
-''')
+""")
 
 
 def test_package_never_imports_configs(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('PYTHONPATH', None)
-  proc = subprocess.run([sys.executable, '-c', _SCRIPT, REPO], cwd=tmp_path,
-                        env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, '-c', _SCRIPT, REPO],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert 'asked: []' in proc.stdout, proc.stdout
   assert 'failed: []' in proc.stdout, proc.stdout
@@ -64,8 +70,9 @@ def test_package_source_names_no_configs_import():
   # Imports inside functions run only when called: read every module for
   # `import configs...` and import_module('configs...') / __import__.
   found = []
-  for path in glob.glob(os.path.join(REPO, 'gaternet_jax', '**', '*.py'),
-                        recursive=True):
+  for path in glob.glob(
+      os.path.join(REPO, 'gaternet_jax', '**', '*.py'), recursive=True
+  ):
     with open(path) as f:
       tree = ast.parse(f.read(), path)
     for node in ast.walk(tree):
@@ -79,6 +86,9 @@ def test_package_source_names_no_configs_import():
         called = getattr(func, 'attr', getattr(func, 'id', ''))
         if called in ('import_module', '__import__'):
           names = [_leading_text(node.args[0])]
-      found += [f'{os.path.relpath(path, REPO)}:{node.lineno} {n}'
-                for n in names if n.split('.')[0] == 'configs']
+      found += [
+          f'{os.path.relpath(path, REPO)}:{node.lineno} {n}'
+          for n in names
+          if n.split('.')[0] == 'configs'
+      ]
   assert not found, found

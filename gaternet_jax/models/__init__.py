@@ -52,8 +52,9 @@ def _supports_local_gating(factory: Callable[..., Backbone]) -> bool:
   return factory(num_classes=None).supports_local_gating
 
 
-def create_model(model_cfg: ml_collections.ConfigDict,
-                 num_classes: int) -> GaterNet:
+def create_model(
+    model_cfg: ml_collections.ConfigDict, num_classes: int
+) -> GaterNet:
   """Builds `model_cfg`'s model for its gating method (`model_cfg.gating`).
 
   `model_cfg.backbone` and `model_cfg.gater` each hold a registry `name` and
@@ -65,9 +66,11 @@ def create_model(model_cfg: ml_collections.ConfigDict,
   method = gating.method(model_cfg)
   dtype = _DTYPES[model_cfg.dtype]
   if model_cfg.semhash.binarize not in BINARIZE_RULES:
-    raise ConfigError(f'model.semhash.binarize must be one of '
-                      f'{", ".join(map(repr, BINARIZE_RULES))}; got '
-                      f'{model_cfg.semhash.binarize!r}.')
+    raise ConfigError(
+        f'model.semhash.binarize must be one of '
+        f'{", ".join(map(repr, BINARIZE_RULES))}; got '
+        f'{model_cfg.semhash.binarize!r}.'
+    )
   try:
     backbone = _build(model_cfg.backbone, num_classes, dtype)
   except (TypeError, ValueError) as e:
@@ -75,29 +78,53 @@ def create_model(model_cfg: ml_collections.ConfigDict,
   assert isinstance(backbone, Backbone), type(backbone)
   if method == gating.LOCAL:
     if not backbone.supports_local_gating:
-      local_ok = [name for name, factory in BACKBONES.items()
-                  if _supports_local_gating(factory)]
-      raise ConfigError(f"model.gating='local' (batch-shaping) works with "
-                        f'{", ".join(local_ok)}; not with '
-                        f'{model_cfg.backbone.name!r}.')
+      local_ok = [
+          name
+          for name, factory in BACKBONES.items()
+          if _supports_local_gating(factory)
+      ]
+      raise ConfigError(
+          f"model.gating='local' (batch-shaping) works with "
+          f'{", ".join(local_ok)}; not with '
+          f'{model_cfg.backbone.name!r}.'
+      )
     try:
       local = LocalGating(**model_cfg.local_gating.to_dict())
     except (TypeError, ValueError) as e:
-      raise ConfigError(f'model.{e}' if str(e).startswith('local_gating')
-                        else f'model.local_gating: {e}') from None
+      raise ConfigError(
+          f'model.{e}'
+          if str(e).startswith('local_gating')
+          else f'model.local_gating: {e}'
+      ) from None
     backbone = backbone.clone(local_gating=local)
   gater = None
   if method == gating.GATER:
     features = _build(model_cfg.gater, None, dtype)
-    gater = Gater(features=features, num_gates=backbone.gate_spec().total,
-                  bottleneck=model_cfg.gater.bottleneck,
-                  batchnorm=model_cfg.gater.batchnorm, dtype=dtype)
-  return GaterNet(backbone=backbone, gater=gater,
-                  mix_prob=model_cfg.semhash.mix_prob,
-                  noise_std=model_cfg.semhash.noise_std,
-                  binarize=model_cfg.semhash.binarize)
+    gater = Gater(
+        features=features,
+        num_gates=backbone.gate_spec().total,
+        bottleneck=model_cfg.gater.bottleneck,
+        batchnorm=model_cfg.gater.batchnorm,
+        dtype=dtype,
+    )
+  return GaterNet(
+      backbone=backbone,
+      gater=gater,
+      mix_prob=model_cfg.semhash.mix_prob,
+      noise_std=model_cfg.semhash.noise_std,
+      binarize=model_cfg.semhash.binarize,
+  )
 
 
-__all__ = ['BACKBONES', 'GATER_FIELDS', 'Backbone', 'GateWire', 'Gater',
-           'GaterNet', 'ResNet', 'create_model', 'cifar_resnet',
-           'cifar_preact_resnet']
+__all__ = [
+    'BACKBONES',
+    'GATER_FIELDS',
+    'Backbone',
+    'GateWire',
+    'Gater',
+    'GaterNet',
+    'ResNet',
+    'create_model',
+    'cifar_resnet',
+    'cifar_preact_resnet',
+]

@@ -22,8 +22,16 @@ docstring and registers its factory in `gaternet_jax.models.BACKBONES`.
 from __future__ import annotations
 
 import dataclasses
-from typing import (Any, ClassVar, Dict, Mapping, Optional, Protocol,
-                    Tuple, runtime_checkable)
+from typing import (
+    Any,
+    ClassVar,
+    Dict,
+    Mapping,
+    Optional,
+    Protocol,
+    Tuple,
+    runtime_checkable,
+)
 
 import jax
 
@@ -49,6 +57,7 @@ class GateWire:
     start, stop: the slice of the site's gates this entry is about; `stop`
       None means the site's last gate.
   """
+
   path: Tuple[str, ...]
   side: str
   offset: int = 0
@@ -79,7 +88,7 @@ class Backbone(Protocol):
     """`{site: (GateWire, ...)}` for every site of `gate_spec()`."""
     ...
 
-  def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
-               train: bool = False) -> Tuple[jax.Array, Extras]:
+  def __call__(
+      self, x: jax.Array, gates: Optional[Gates] = None, *, train: bool = False
+  ) -> Tuple[jax.Array, Extras]:
     ...
-

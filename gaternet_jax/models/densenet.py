@@ -36,6 +36,7 @@ def _site_name(block: int, layer: int) -> str:
 
 class DenseLayer(nn.Module):
   """BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k)-[gate]; returns the k new maps."""
+
   growth_rate: int
   bottleneck_width: int
   dtype: Any = jnp.float32
@@ -51,6 +52,7 @@ class DenseLayer(nn.Module):
 
 class Transition(nn.Module):
   """BN-ReLU-conv1x1(compressed width)-avgpool 2x2."""
+
   features: int
   dtype: Any = jnp.float32
 
@@ -71,6 +73,7 @@ class DenseNetBC(nn.Module):
     bottleneck_factor: the 1x1 conv's width is `bottleneck_factor * k`.
     num_classes: classifier outputs; None returns pooled features.
   """
+
   supports_local_gating: ClassVar[bool] = False
   local_gating: ClassVar[None] = None
 
@@ -83,9 +86,13 @@ class DenseNetBC(nn.Module):
 
   def gate_spec(self) -> GateSpec:
     """The k new maps of each dense layer but each block's first."""
-    return GateSpec(tuple(
-        (_site_name(b + 1, l + 1), int(self.growth_rate))
-        for b in range(NUM_BLOCKS) for l in range(1, self.layers_per_block)))
+    return GateSpec(
+        tuple(
+            (_site_name(b + 1, l + 1), int(self.growth_rate))
+            for b in range(NUM_BLOCKS)
+            for l in range(1, self.layers_per_block)
+        )
+    )
 
   def gate_wiring(self):
     """Per site, the convs its gates act on (for `gaternet_jax.macs`):
@@ -119,8 +126,10 @@ class DenseNetBC(nn.Module):
       for l in range(1, n):
         offset = width + l * k
         entries = [GateWire((_site_name(b + 1, l + 1), 'conv2'), 'out')]
-        entries += [GateWire((_site_name(b + 1, j + 1), 'conv1'), 'in', offset)
-                    for j in range(l + 1, n)]
+        entries += [
+            GateWire((_site_name(b + 1, j + 1), 'conv1'), 'in', offset)
+            for j in range(l + 1, n)
+        ]
         if b < NUM_BLOCKS - 1:
           entries.append(GateWire((f'transition{b + 1}', 'conv'), 'in', offset))
         elif self.num_classes is not None:
@@ -130,8 +139,9 @@ class DenseNetBC(nn.Module):
     return out
 
   @nn.compact
-  def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
-               train: bool = False) -> Tuple[jax.Array, Extras]:
+  def __call__(
+      self, x: jax.Array, gates: Optional[Gates] = None, *, train: bool = False
+  ) -> Tuple[jax.Array, Extras]:
     """`(batch, h, w, c)` images (normalised) -> (`(batch, num_classes)`
     logits, {}) (`backbone.py`'s contract).
 
@@ -145,13 +155,17 @@ class DenseNetBC(nn.Module):
         name = _site_name(b + 1, l + 1)
         # The first layer of a block is not a gated site (section 4.4).
         gate = None if (gates is None or l == 0) else gates[name]
-        new = DenseLayer(k, self.bottleneck_factor * k, self.dtype,
-                         name=name)(y, gate, train=train)
+        new = DenseLayer(k, self.bottleneck_factor * k, self.dtype, name=name)(
+            y, gate, train=train
+        )
         y = jnp.concatenate([y, new], axis=-1)
       if b < NUM_BLOCKS - 1:
         # floor, as the reference implementations' int(theta * c).
-        y = Transition(int(self.compression * y.shape[-1]), self.dtype,
-                       name=f'transition{b + 1}')(y, train=train)
+        y = Transition(
+            int(self.compression * y.shape[-1]),
+            self.dtype,
+            name=f'transition{b + 1}',
+        )(y, train=train)
     y = nn.relu(batch_norm(train, self.dtype, 'bn_final')(y))
     y = jnp.mean(y, axis=(1, 2))
     if self.num_classes is not None:
@@ -159,15 +173,21 @@ class DenseNetBC(nn.Module):
     return y.astype(jnp.float32), {}
 
 
-def densenet_bc(depth: int = 100, growth_rate: int = 12,
-                compression: float = 0.5, **kwargs) -> DenseNetBC:
+def densenet_bc(
+    depth: int = 100, growth_rate: int = 12, compression: float = 0.5, **kwargs
+) -> DenseNetBC:
   """DenseNet-BC of depth 6n+4 (100, 190, 250) and growth rate k."""
   if depth < 10 or (depth - 4) % 6:
-    raise ValueError(f'densenet_bc depth must be 6n+4 (100, 190, 250, ...); '
-                     f'got {depth}.')
+    raise ValueError(
+        f'densenet_bc depth must be 6n+4 (100, 190, 250, ...); ' f'got {depth}.'
+    )
   if not 0.0 < compression <= 1.0:
-    raise ValueError(f'densenet_bc compression must be in (0, 1]; '
-                     f'got {compression}.')
-  return DenseNetBC(layers_per_block=(depth - 4) // 6,
-                    growth_rate=int(growth_rate),
-                    compression=float(compression), **kwargs)
+    raise ValueError(
+        f'densenet_bc compression must be in (0, 1]; ' f'got {compression}.'
+    )
+  return DenseNetBC(
+      layers_per_block=(depth - 4) // 6,
+      growth_rate=int(growth_rate),
+      compression=float(compression),
+      **kwargs,
+  )

@@ -32,6 +32,7 @@ class Gater(nn.Module):
   FC1 (to the bottleneck b) -> [BatchNorm] -> ReLU -> FC2 (to c logits).
   The official GaterNet code has no BatchNorm there; the paper does.
   """
+
   features: nn.Module
   num_gates: int
   bottleneck: int = 8
@@ -61,6 +62,7 @@ class GaterNet(nn.Module):
       (`gates.BINARIZE_RULES`: 'paper', or 'official' for imported official
       checkpoints).
   """
+
   backbone: nn.Module
   gater: Optional[nn.Module] = None
   mix_prob: float = 0.5
@@ -82,9 +84,13 @@ class GaterNet(nn.Module):
       return GateSpec()
     return self.backbone.gate_spec()
 
-  def __call__(self, images: jax.Array, *, train: bool = False,
-               gate_dropout: jax.Array | float = 0.0
-               ) -> Tuple[jax.Array, Dict[str, Any]]:
+  def __call__(
+      self,
+      images: jax.Array,
+      *,
+      train: bool = False,
+      gate_dropout: jax.Array | float = 0.0,
+  ) -> Tuple[jax.Array, Dict[str, Any]]:
     """`(batch, h, w, c)` -> (`(batch, classes)` logits, out).
 
     `out` holds what the losses, statistics and analysis read:
@@ -105,9 +111,11 @@ class GaterNet(nn.Module):
       logits, extras = self.backbone(images, None, train=train)
       samples = extras.pop(GATE_SAMPLES)
       return logits, dict(
-          extras, gates={k: v['gate'] for k, v in samples.items()},
+          extras,
+          gates={k: v['gate'] for k, v in samples.items()},
           gate_values={k: v['value'] for k, v in samples.items()},
-          gate_probs={k: v['prob'] for k, v in samples.items()})
+          gate_probs={k: v['prob'] for k, v in samples.items()},
+      )
     if self.gating == gating_lib.NONE:
       logits, extras = self.backbone(images, None, train=train)
       return logits, dict(extras, gates={})
@@ -115,13 +123,19 @@ class GaterNet(nn.Module):
     gate_logits = self.gater(images, train=train)
     assert gate_logits.shape[-1] == spec.total, (gate_logits.shape, spec.total)
     rng = self.make_rng('gates') if train else None
-    flat = improved_semhash(gate_logits, rng=rng, train=train,
-                            mix_prob=self.mix_prob, noise_std=self.noise_std,
-                            rule=self.binarize)
+    flat = improved_semhash(
+        gate_logits,
+        rng=rng,
+        train=train,
+        mix_prob=self.mix_prob,
+        noise_std=self.noise_std,
+        rule=self.binarize,
+    )
     gates = spec.unflatten(flat)
     used = gates
-    if train and not (isinstance(gate_dropout, (int, float)) and
-                      gate_dropout == 0):
+    if train and not (
+        isinstance(gate_dropout, (int, float)) and gate_dropout == 0
+    ):
       used = drop_gates(gates, spec, gate_dropout, self.make_rng('gates'))
     logits, extras = self.backbone(images, used, train=train)
     return logits, dict(extras, gates=gates)

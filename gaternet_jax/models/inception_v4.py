@@ -91,21 +91,21 @@ from gaternet_jax.models.layers import apply_site
 
 # TF-slim's inception_arg_scope: variance_scaling_initializer() (factor 2,
 # fan_in, truncated normal) for convs; xavier (glorot uniform) for the fc.
-_conv_init = nn.initializers.variance_scaling(2.0, 'fan_in',
-                                              'truncated_normal')
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
 _fc_init = nn.initializers.glorot_uniform()
 
 # TF-slim's names of the 19 concatenating blocks: the gated sites.
 STEM_SITES = ('Mixed_3a', 'Mixed_4a', 'Mixed_5a')
-A_SITES = tuple(f'Mixed_5{s}' for s in 'bcde')        # 4 x Inception-A
-B_SITES = tuple(f'Mixed_6{s}' for s in 'bcdefgh')     # 7 x Inception-B
-C_SITES = tuple(f'Mixed_7{s}' for s in 'bcd')         # 3 x Inception-C
+A_SITES = tuple(f'Mixed_5{s}' for s in 'bcde')  # 4 x Inception-A
+B_SITES = tuple(f'Mixed_6{s}' for s in 'bcdefgh')  # 7 x Inception-B
+C_SITES = tuple(f'Mixed_7{s}' for s in 'bcd')  # 3 x Inception-C
 SITES = STEM_SITES + A_SITES + ('Mixed_6a',) + B_SITES + ('Mixed_7a',) + C_SITES
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvConfig:
   """What every ConvBN of one network shares."""
+
   width: float = 1.0
   bn_momentum: float = 0.9997
   bn_epsilon: float = 1e-3
@@ -119,6 +119,7 @@ class ConvConfig:
 
 class ConvBN(nn.Module):
   """conv (no bias) -> BN -> ReLU; kernels may be non-square (1x7, 7x1)."""
+
   cfg: ConvConfig
   features: int  # at width 1; scaled by cfg.width
   kernel: Tuple[int, int]
@@ -129,12 +130,24 @@ class ConvBN(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """`(batch, h, w, c)` -> `(batch, h', w', cfg.ch(features))`."""
     c = self.cfg
-    y = nn.Conv(c.ch(self.features), self.kernel, strides=self.strides,
-                padding=self.padding, use_bias=False, kernel_init=_conv_init,
-                dtype=c.dtype, name='conv')(x)
-    y = nn.BatchNorm(use_running_average=not train, momentum=c.bn_momentum,
-                     epsilon=c.bn_epsilon, use_scale=c.bn_scale,
-                     dtype=c.dtype, name='bn')(y)
+    y = nn.Conv(
+        c.ch(self.features),
+        self.kernel,
+        strides=self.strides,
+        padding=self.padding,
+        use_bias=False,
+        kernel_init=_conv_init,
+        dtype=c.dtype,
+        name='conv',
+    )(x)
+    y = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=c.bn_momentum,
+        epsilon=c.bn_epsilon,
+        use_scale=c.bn_scale,
+        dtype=c.dtype,
+        name='bn',
+    )(y)
     return nn.relu(y)
 
 
@@ -150,8 +163,9 @@ def _max_pool_3x3_s2(x):
 
 def _avg_pool_3x3(x):
   # TF's SAME average pooling divides by the number of valid inputs.
-  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME',
-                     count_include_pad=False)
+  return nn.avg_pool(
+      x, (3, 3), strides=(1, 1), padding='SAME', count_include_pad=False
+  )
 
 
 def _concat(branches: Sequence[jax.Array], gate: Optional[jax.Array]):
@@ -161,17 +175,20 @@ def _concat(branches: Sequence[jax.Array], gate: Optional[jax.Array]):
 
 class Mixed3a(nn.Module):
   """Stem, 147x147x64 -> 73x73x160: maxpool 3x3/2 | conv 3x3/2 (96)."""
+
   cfg: ConvConfig
 
   @nn.compact
   def __call__(self, x, gate, *, train: bool):
     b1 = _cbn(self.cfg, 96, 3, 'Branch_1_Conv2d_0a_3x3', 2, 'VALID')(
-        x, train=train)
+        x, train=train
+    )
     return _concat([_max_pool_3x3_s2(x), b1], gate)
 
 
 class Mixed4a(nn.Module):
   """Stem, 73x73x160 -> 71x71x192: 1x1-3x3 (96) | 1x1-1x7-7x1-3x3 (96)."""
+
   cfg: ConvConfig
 
   @nn.compact
@@ -188,17 +205,20 @@ class Mixed4a(nn.Module):
 
 class Mixed5a(nn.Module):
   """Stem, 71x71x192 -> 35x35x384: conv 3x3/2 (192) | maxpool 3x3/2."""
+
   cfg: ConvConfig
 
   @nn.compact
   def __call__(self, x, gate, *, train: bool):
     b0 = _cbn(self.cfg, 192, 3, 'Branch_0_Conv2d_1a_3x3', 2, 'VALID')(
-        x, train=train)
+        x, train=train
+    )
     return _concat([b0, _max_pool_3x3_s2(x)], gate)
 
 
 class InceptionA(nn.Module):
   """35x35 block: 1x1 | 1x1-3x3 | 1x1-3x3-3x3 | avgpool-1x1 (4 x 96)."""
+
   cfg: ConvConfig
 
   @nn.compact
@@ -210,13 +230,13 @@ class InceptionA(nn.Module):
     b2 = _cbn(c, 64, 1, 'Branch_2_Conv2d_0a_1x1')(x, train=train)
     b2 = _cbn(c, 96, 3, 'Branch_2_Conv2d_0b_3x3')(b2, train=train)
     b2 = _cbn(c, 96, 3, 'Branch_2_Conv2d_0c_3x3')(b2, train=train)
-    b3 = _cbn(c, 96, 1, 'Branch_3_Conv2d_0b_1x1')(_avg_pool_3x3(x),
-                                                  train=train)
+    b3 = _cbn(c, 96, 1, 'Branch_3_Conv2d_0b_1x1')(_avg_pool_3x3(x), train=train)
     return _concat([b0, b1, b2, b3], gate)
 
 
 class ReductionA(nn.Module):
   """35x35x384 -> 17x17x1024: 3x3/2 (384) | 1x1-3x3-3x3/2 (256) | maxpool."""
+
   cfg: ConvConfig
 
   @nn.compact
@@ -225,13 +245,13 @@ class ReductionA(nn.Module):
     b0 = _cbn(c, 384, 3, 'Branch_0_Conv2d_1a_3x3', 2, 'VALID')(x, train=train)
     b1 = _cbn(c, 192, 1, 'Branch_1_Conv2d_0a_1x1')(x, train=train)
     b1 = _cbn(c, 224, 3, 'Branch_1_Conv2d_0b_3x3')(b1, train=train)
-    b1 = _cbn(c, 256, 3, 'Branch_1_Conv2d_1a_3x3', 2, 'VALID')(b1,
-                                                                train=train)
+    b1 = _cbn(c, 256, 3, 'Branch_1_Conv2d_1a_3x3', 2, 'VALID')(b1, train=train)
     return _concat([b0, b1, _max_pool_3x3_s2(x)], gate)
 
 
 class InceptionB(nn.Module):
   """17x17 block: 1x1 (384) | 1x7-7x1 (256) | 7x1-1x7 x2 (256) | pool (128)."""
+
   cfg: ConvConfig
 
   @nn.compact
@@ -246,27 +266,27 @@ class InceptionB(nn.Module):
     b2 = _cbn(c, 224, (1, 7), 'Branch_2_Conv2d_0c_1x7')(b2, train=train)
     b2 = _cbn(c, 224, (7, 1), 'Branch_2_Conv2d_0d_7x1')(b2, train=train)
     b2 = _cbn(c, 256, (1, 7), 'Branch_2_Conv2d_0e_1x7')(b2, train=train)
-    b3 = _cbn(c, 128, 1, 'Branch_3_Conv2d_0b_1x1')(_avg_pool_3x3(x),
-                                                   train=train)
+    b3 = _cbn(c, 128, 1, 'Branch_3_Conv2d_0b_1x1')(
+        _avg_pool_3x3(x), train=train
+    )
     return _concat([b0, b1, b2, b3], gate)
 
 
 class ReductionB(nn.Module):
   """17x17x1024 -> 8x8x1536: 1x1-3x3/2 (192) | 1x1-1x7-7x1-3x3/2 (320) |
   maxpool."""
+
   cfg: ConvConfig
 
   @nn.compact
   def __call__(self, x, gate, *, train: bool):
     c = self.cfg
     b0 = _cbn(c, 192, 1, 'Branch_0_Conv2d_0a_1x1')(x, train=train)
-    b0 = _cbn(c, 192, 3, 'Branch_0_Conv2d_1a_3x3', 2, 'VALID')(b0,
-                                                                train=train)
+    b0 = _cbn(c, 192, 3, 'Branch_0_Conv2d_1a_3x3', 2, 'VALID')(b0, train=train)
     b1 = _cbn(c, 256, 1, 'Branch_1_Conv2d_0a_1x1')(x, train=train)
     b1 = _cbn(c, 256, (1, 7), 'Branch_1_Conv2d_0b_1x7')(b1, train=train)
     b1 = _cbn(c, 320, (7, 1), 'Branch_1_Conv2d_0c_7x1')(b1, train=train)
-    b1 = _cbn(c, 320, 3, 'Branch_1_Conv2d_1a_3x3', 2, 'VALID')(b1,
-                                                                train=train)
+    b1 = _cbn(c, 320, 3, 'Branch_1_Conv2d_1a_3x3', 2, 'VALID')(b1, train=train)
     return _concat([b0, b1, _max_pool_3x3_s2(x)], gate)
 
 
@@ -276,6 +296,7 @@ class InceptionC(nn.Module):
   The two inner (1x3, 3x1) concatenations are not sites: their channels are
   gated once, at the block's output concatenation.
   """
+
   cfg: ConvConfig
 
   @nn.compact
@@ -283,21 +304,27 @@ class InceptionC(nn.Module):
     c = self.cfg
     b0 = _cbn(c, 256, 1, 'Branch_0_Conv2d_0a_1x1')(x, train=train)
     b1 = _cbn(c, 384, 1, 'Branch_1_Conv2d_0a_1x1')(x, train=train)
-    b1 = [_cbn(c, 256, (1, 3), 'Branch_1_Conv2d_0b_1x3')(b1, train=train),
-          _cbn(c, 256, (3, 1), 'Branch_1_Conv2d_0c_3x1')(b1, train=train)]
+    b1 = [
+        _cbn(c, 256, (1, 3), 'Branch_1_Conv2d_0b_1x3')(b1, train=train),
+        _cbn(c, 256, (3, 1), 'Branch_1_Conv2d_0c_3x1')(b1, train=train),
+    ]
     b2 = _cbn(c, 384, 1, 'Branch_2_Conv2d_0a_1x1')(x, train=train)
     b2 = _cbn(c, 448, (3, 1), 'Branch_2_Conv2d_0b_3x1')(b2, train=train)
     b2 = _cbn(c, 512, (1, 3), 'Branch_2_Conv2d_0c_1x3')(b2, train=train)
-    b2 = [_cbn(c, 256, (1, 3), 'Branch_2_Conv2d_0d_1x3')(b2, train=train),
-          _cbn(c, 256, (3, 1), 'Branch_2_Conv2d_0e_3x1')(b2, train=train)]
-    b3 = _cbn(c, 256, 1, 'Branch_3_Conv2d_0b_1x1')(_avg_pool_3x3(x),
-                                                   train=train)
+    b2 = [
+        _cbn(c, 256, (1, 3), 'Branch_2_Conv2d_0d_1x3')(b2, train=train),
+        _cbn(c, 256, (3, 1), 'Branch_2_Conv2d_0e_3x1')(b2, train=train),
+    ]
+    b3 = _cbn(c, 256, 1, 'Branch_3_Conv2d_0b_1x1')(
+        _avg_pool_3x3(x), train=train
+    )
     # Concatenating the flattened list equals TF-slim's nested concats.
     return _concat([b0, *b1, *b2, b3], gate)
 
 
 class AuxHead(nn.Module):
   """TF-slim's AuxLogits on Mixed_6h: 17x17x1024 -> `(batch, classes)`."""
+
   cfg: ConvConfig
   num_classes: int
 
@@ -309,13 +336,15 @@ class AuxHead(nn.Module):
     # Like TF-slim, the kernel covers the whole remaining grid.
     y = _cbn(c, 768, y.shape[1:3], 'Conv2d_2a', 1, 'VALID')(y, train=train)
     y = y.reshape(y.shape[0], -1)
-    y = nn.Dense(self.num_classes, kernel_init=_fc_init, dtype=c.dtype,
-                 name='Aux_logits')(y)
+    y = nn.Dense(
+        self.num_classes, kernel_init=_fc_init, dtype=c.dtype, name='Aux_logits'
+    )(y)
     return y.astype(jnp.float32)
 
 
 class Head(nn.Module):
   """Global average pool -> dropout (training only) -> fc, as TF-slim."""
+
   num_classes: int
   dropout_rate: float = 0.2
   dtype: Any = jnp.float32
@@ -326,11 +355,13 @@ class Head(nn.Module):
     y = jnp.mean(x, axis=(1, 2))
     if train and self.dropout_rate > 0:
       # Inverted dropout, so evaluation needs no rescaling and no rng.
-      keep = jax.random.bernoulli(self.make_rng('dropout'),
-                                  1.0 - self.dropout_rate, y.shape)
+      keep = jax.random.bernoulli(
+          self.make_rng('dropout'), 1.0 - self.dropout_rate, y.shape
+      )
       y = jnp.where(keep, y / (1.0 - self.dropout_rate), 0).astype(y.dtype)
-    y = nn.Dense(self.num_classes, kernel_init=_fc_init, dtype=self.dtype,
-                 name='Logits')(y)
+    y = nn.Dense(
+        self.num_classes, kernel_init=_fc_init, dtype=self.dtype, name='Logits'
+    )(y)
     return y.astype(jnp.float32)
 
 
@@ -338,38 +369,78 @@ class Head(nn.Module):
 # a max-pool pass-through, filters at width 1 or None), and the convs that
 # read the block's input directly (a max pool is no conv).
 _BLOCK_WIRING = {
-    Mixed3a: ([(None, None), ('Branch_1_Conv2d_0a_3x3', 96)],
-              ['Branch_1_Conv2d_0a_3x3']),
-    Mixed4a: ([('Branch_0_Conv2d_1a_3x3', 96), ('Branch_1_Conv2d_1a_3x3', 96)],
-              ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1']),
-    Mixed5a: ([('Branch_0_Conv2d_1a_3x3', 192), (None, None)],
-              ['Branch_0_Conv2d_1a_3x3']),
-    InceptionA: ([('Branch_0_Conv2d_0a_1x1', 96),
-                  ('Branch_1_Conv2d_0b_3x3', 96),
-                  ('Branch_2_Conv2d_0c_3x3', 96),
-                  ('Branch_3_Conv2d_0b_1x1', 96)],
-                 ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1',
-                  'Branch_2_Conv2d_0a_1x1', 'Branch_3_Conv2d_0b_1x1']),
-    ReductionA: ([('Branch_0_Conv2d_1a_3x3', 384),
-                  ('Branch_1_Conv2d_1a_3x3', 256), (None, None)],
-                 ['Branch_0_Conv2d_1a_3x3', 'Branch_1_Conv2d_0a_1x1']),
-    InceptionB: ([('Branch_0_Conv2d_0a_1x1', 384),
-                  ('Branch_1_Conv2d_0c_7x1', 256),
-                  ('Branch_2_Conv2d_0e_1x7', 256),
-                  ('Branch_3_Conv2d_0b_1x1', 128)],
-                 ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1',
-                  'Branch_2_Conv2d_0a_1x1', 'Branch_3_Conv2d_0b_1x1']),
-    ReductionB: ([('Branch_0_Conv2d_1a_3x3', 192),
-                  ('Branch_1_Conv2d_1a_3x3', 320), (None, None)],
-                 ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1']),
-    InceptionC: ([('Branch_0_Conv2d_0a_1x1', 256),
-                  ('Branch_1_Conv2d_0b_1x3', 256),
-                  ('Branch_1_Conv2d_0c_3x1', 256),
-                  ('Branch_2_Conv2d_0d_1x3', 256),
-                  ('Branch_2_Conv2d_0e_3x1', 256),
-                  ('Branch_3_Conv2d_0b_1x1', 256)],
-                 ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1',
-                  'Branch_2_Conv2d_0a_1x1', 'Branch_3_Conv2d_0b_1x1']),
+    Mixed3a: (
+        [(None, None), ('Branch_1_Conv2d_0a_3x3', 96)],
+        ['Branch_1_Conv2d_0a_3x3'],
+    ),
+    Mixed4a: (
+        [('Branch_0_Conv2d_1a_3x3', 96), ('Branch_1_Conv2d_1a_3x3', 96)],
+        ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1'],
+    ),
+    Mixed5a: (
+        [('Branch_0_Conv2d_1a_3x3', 192), (None, None)],
+        ['Branch_0_Conv2d_1a_3x3'],
+    ),
+    InceptionA: (
+        [
+            ('Branch_0_Conv2d_0a_1x1', 96),
+            ('Branch_1_Conv2d_0b_3x3', 96),
+            ('Branch_2_Conv2d_0c_3x3', 96),
+            ('Branch_3_Conv2d_0b_1x1', 96),
+        ],
+        [
+            'Branch_0_Conv2d_0a_1x1',
+            'Branch_1_Conv2d_0a_1x1',
+            'Branch_2_Conv2d_0a_1x1',
+            'Branch_3_Conv2d_0b_1x1',
+        ],
+    ),
+    ReductionA: (
+        [
+            ('Branch_0_Conv2d_1a_3x3', 384),
+            ('Branch_1_Conv2d_1a_3x3', 256),
+            (None, None),
+        ],
+        ['Branch_0_Conv2d_1a_3x3', 'Branch_1_Conv2d_0a_1x1'],
+    ),
+    InceptionB: (
+        [
+            ('Branch_0_Conv2d_0a_1x1', 384),
+            ('Branch_1_Conv2d_0c_7x1', 256),
+            ('Branch_2_Conv2d_0e_1x7', 256),
+            ('Branch_3_Conv2d_0b_1x1', 128),
+        ],
+        [
+            'Branch_0_Conv2d_0a_1x1',
+            'Branch_1_Conv2d_0a_1x1',
+            'Branch_2_Conv2d_0a_1x1',
+            'Branch_3_Conv2d_0b_1x1',
+        ],
+    ),
+    ReductionB: (
+        [
+            ('Branch_0_Conv2d_1a_3x3', 192),
+            ('Branch_1_Conv2d_1a_3x3', 320),
+            (None, None),
+        ],
+        ['Branch_0_Conv2d_0a_1x1', 'Branch_1_Conv2d_0a_1x1'],
+    ),
+    InceptionC: (
+        [
+            ('Branch_0_Conv2d_0a_1x1', 256),
+            ('Branch_1_Conv2d_0b_1x3', 256),
+            ('Branch_1_Conv2d_0c_3x1', 256),
+            ('Branch_2_Conv2d_0d_1x3', 256),
+            ('Branch_2_Conv2d_0e_3x1', 256),
+            ('Branch_3_Conv2d_0b_1x1', 256),
+        ],
+        [
+            'Branch_0_Conv2d_0a_1x1',
+            'Branch_1_Conv2d_0a_1x1',
+            'Branch_2_Conv2d_0a_1x1',
+            'Branch_3_Conv2d_0b_1x1',
+        ],
+    ),
 }
 
 
@@ -386,6 +457,7 @@ class InceptionV4(nn.Module):
     width: multiplies every conv's filter count (1.0 is Inception-v4).
     bn_momentum, bn_epsilon, bn_scale: BN settings (TF-slim's defaults).
   """
+
   supports_local_gating: ClassVar[bool] = False
   local_gating: ClassVar[None] = None
 
@@ -400,20 +472,27 @@ class InceptionV4(nn.Module):
 
   @property
   def _cfg(self) -> ConvConfig:
-    return ConvConfig(self.width, self.bn_momentum, self.bn_epsilon,
-                      self.bn_scale, self.dtype)
+    return ConvConfig(
+        self.width, self.bn_momentum, self.bn_epsilon, self.bn_scale, self.dtype
+    )
 
   def gate_spec(self) -> GateSpec:
     """The 19 gated concatenations, in depth order (16,608 at width 1)."""
     ch = self._cfg.ch
     stem = (ch(64) + ch(96), 2 * ch(96), ch(192) + 2 * ch(96))
     a = 4 * ch(96)
-    red_a = ch(384) + ch(256) + a          # the max pool passes A's channels
+    red_a = ch(384) + ch(256) + a  # the max pool passes A's channels
     b = ch(384) + 2 * ch(256) + ch(128)
-    red_b = ch(192) + ch(320) + b          # the max pool passes B's channels
+    red_b = ch(192) + ch(320) + b  # the max pool passes B's channels
     c = 6 * ch(256)
-    sizes = (stem + (a,) * len(A_SITES) + (red_a,) + (b,) * len(B_SITES) +
-             (red_b,) + (c,) * len(C_SITES))
+    sizes = (
+        stem
+        + (a,) * len(A_SITES)
+        + (red_a,)
+        + (b,) * len(B_SITES)
+        + (red_b,)
+        + (c,) * len(C_SITES)
+    )
     return GateSpec(tuple(zip(SITES, sizes)))
 
   def gate_wiring(self):
@@ -442,12 +521,14 @@ class InceptionV4(nn.Module):
     """
     spec = dict(self.gate_spec().sites)
     ch = self._cfg.ch
-    blocks = (list(zip(STEM_SITES, (Mixed3a, Mixed4a, Mixed5a))) +
-              [(n, InceptionA) for n in A_SITES] +
-              [('Mixed_6a', ReductionA)] +
-              [(n, InceptionB) for n in B_SITES] +
-              [('Mixed_7a', ReductionB)] +
-              [(n, InceptionC) for n in C_SITES])
+    blocks = (
+        list(zip(STEM_SITES, (Mixed3a, Mixed4a, Mixed5a)))
+        + [(n, InceptionA) for n in A_SITES]
+        + [('Mixed_6a', ReductionA)]
+        + [(n, InceptionB) for n in B_SITES]
+        + [('Mixed_7a', ReductionB)]
+        + [(n, InceptionC) for n in C_SITES]
+    )
     assert tuple(n for n, _ in blocks) == SITES
     out = {}
     for i, (site, cls) in enumerate(blocks):
@@ -458,22 +539,26 @@ class InceptionV4(nn.Module):
         # A pool branch passes the rest of the site through.
         width = ch(f) if name is not None else spec[site] - convs
         if name is not None:
-          entries.append(GateWire((site, name, 'conv'), 'out', 0, start,
-                                   start + width))
+          entries.append(
+              GateWire((site, name, 'conv'), 'out', 0, start, start + width)
+          )
         start += width
       assert start == spec[site], (site, start, spec[site])
       if i + 1 < len(blocks):
         nxt, nxt_cls = blocks[i + 1]
-        entries += [GateWire((nxt, name, 'conv'), 'in')
-                    for name in _BLOCK_WIRING[nxt_cls][1]]
+        entries += [
+            GateWire((nxt, name, 'conv'), 'in')
+            for name in _BLOCK_WIRING[nxt_cls][1]
+        ]
       elif self.num_classes is not None:
         entries.append(GateWire(('Logits', 'Logits'), 'in'))
       out[site] = tuple(entries)
     return out
 
   @nn.compact
-  def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
-               train: bool = False) -> Tuple[jax.Array, Extras]:
+  def __call__(
+      self, x: jax.Array, gates: Optional[Gates] = None, *, train: bool = False
+  ) -> Tuple[jax.Array, Extras]:
     """`(batch, 299, 299, 3)` normalised images -> (`(batch, num_classes)`
     logits, extras) (`backbone.py`'s contract): the extras hold
     'aux_logits' in training with `aux_logits=True`, else nothing.
@@ -490,29 +575,36 @@ class InceptionV4(nn.Module):
     y = x.astype(self.dtype)
     y = _cbn(cfg, 32, 3, 'Conv2d_1a_3x3', 2, 'VALID')(y, train=train)  # 149
     y = _cbn(cfg, 32, 3, 'Conv2d_2a_3x3', 1, 'VALID')(y, train=train)  # 147
-    y = _cbn(cfg, 64, 3, 'Conv2d_2b_3x3')(y, train=train)              # 147
+    y = _cbn(cfg, 64, 3, 'Conv2d_2b_3x3')(y, train=train)  # 147
     for cls, name in zip((Mixed3a, Mixed4a, Mixed5a), STEM_SITES):
-      y = block(cls, name, y)                                       # 35
+      y = block(cls, name, y)  # 35
     for name in A_SITES:
       y = block(InceptionA, name, y)
-    y = block(ReductionA, 'Mixed_6a', y)                            # 17
+    y = block(ReductionA, 'Mixed_6a', y)  # 17
     for name in B_SITES:
       y = block(InceptionB, name, y)
     # Built at init whatever `train` is, so that evaluation-mode init and
     # training share one parameter tree; evaluated only in training.
     extras = {}
-    if self.aux_logits and self.num_classes is not None and (
-        train or self.is_initializing()):
+    if (
+        self.aux_logits
+        and self.num_classes is not None
+        and (train or self.is_initializing())
+    ):
       aux = AuxHead(cfg, self.num_classes, name='AuxLogits')(y, train=train)
       if train:
         extras[AUX_LOGITS] = aux
-    y = block(ReductionB, 'Mixed_7a', y)                            # 8
+    y = block(ReductionB, 'Mixed_7a', y)  # 8
     for name in C_SITES:
       y = block(InceptionC, name, y)
     if self.num_classes is None:
       return jnp.mean(y, axis=(1, 2)).astype(jnp.float32), extras
-    return Head(self.num_classes, self.dropout_rate, self.dtype,
-                name='Logits')(y, train=train), extras
+    return (
+        Head(self.num_classes, self.dropout_rate, self.dtype, name='Logits')(
+            y, train=train
+        ),
+        extras,
+    )
 
 
 def inception_v4(num_classes: Optional[int] = 1000, **kwargs) -> InceptionV4:
@@ -522,6 +614,7 @@ def inception_v4(num_classes: Optional[int] = 1000, **kwargs) -> InceptionV4:
     raise ValueError(f'inception_v4 width must be positive; got {width}.')
   rate = float(kwargs.get('dropout_rate', 0.2))
   if not 0.0 <= rate < 1.0:
-    raise ValueError(f'inception_v4 dropout_rate must be in [0, 1); got '
-                     f'{rate}.')
+    raise ValueError(
+        f'inception_v4 dropout_rate must be in [0, 1); got ' f'{rate}.'
+    )
   return InceptionV4(num_classes=num_classes, **kwargs)

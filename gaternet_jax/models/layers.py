@@ -19,18 +19,31 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 def batch_norm(train: bool, dtype, name: str) -> nn.BatchNorm:
   # momentum 0.9 / eps 1e-5 are PyTorch's BatchNorm2d defaults (0.1 / 1e-5).
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, dtype=dtype, name=name)
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+      name=name,
+  )
 
 
 def conv(features: int, kernel: int, stride: int, dtype, name: str):
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=[(kernel // 2, kernel // 2)] * 2, use_bias=False,
-                 kernel_init=conv_init, dtype=dtype, name=name)
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=[(kernel // 2, kernel // 2)] * 2,
+      use_bias=False,
+      kernel_init=conv_init,
+      dtype=dtype,
+      name=name,
+  )
 
 
 class SqueezeExcite(nn.Module):
   """Squeeze-and-excitation (Hu et al.) on `(batch, h, w, c)` features."""
+
   reduction: int
   dtype: Any = jnp.float32
 
@@ -38,14 +51,16 @@ class SqueezeExcite(nn.Module):
   def __call__(self, y: jax.Array) -> jax.Array:
     c = y.shape[-1]
     s = jnp.mean(y, axis=(1, 2))
-    s = nn.relu(nn.Dense(max(c // self.reduction, 1), dtype=self.dtype,
-                         name='fc1')(s))
+    s = nn.relu(
+        nn.Dense(max(c // self.reduction, 1), dtype=self.dtype, name='fc1')(s)
+    )
     s = nn.sigmoid(nn.Dense(c, dtype=self.dtype, name='fc2')(s))
     return y * s[:, None, None, :]
 
 
-def apply_site(y: jax.Array, gate: Optional[jax.Array],
-               se: Optional[nn.Module]) -> jax.Array:
+def apply_site(
+    y: jax.Array, gate: Optional[jax.Array], se: Optional[nn.Module]
+) -> jax.Array:
   """What happens at a gated site: Eq. 4's channel mask, or SE re-scaling."""
   if se is not None:
     y = se(y)
@@ -71,6 +86,7 @@ class LocalGating:
       mostly on (on the digits demo a bias of 2 left 99% of the gates on
       after the batch-shaping phase, 0 left 78%).
   """
+
   position: str = 'conv1'
   hidden: int = 16
   temperature: float = 2.0 / 3.0
@@ -78,19 +94,30 @@ class LocalGating:
 
   def __post_init__(self):
     if self.position not in ('conv1', 'conv2'):
-      raise ValueError(f"local_gating.position must be 'conv1' or 'conv2'; "
-                       f'got {self.position!r}.')
+      raise ValueError(
+          f"local_gating.position must be 'conv1' or 'conv2'; "
+          f'got {self.position!r}.'
+      )
     if self.hidden < 1 or not self.temperature > 0:
-      raise ValueError(f'local_gating needs hidden >= 1 and temperature > 0;'
-                       f' got {self.hidden} and {self.temperature}.')
+      raise ValueError(
+          f'local_gating needs hidden >= 1 and temperature > 0;'
+          f' got {self.hidden} and {self.temperature}.'
+      )
 
   def module(self, features: int, dtype, name: str = 'gate') -> 'LocalGate':
-    return LocalGate(features, self.hidden, self.temperature, self.bias_init,
-                     dtype, name=name)
+    return LocalGate(
+        features,
+        self.hidden,
+        self.temperature,
+        self.bias_init,
+        dtype,
+        name=name,
+    )
 
 
-def parse_local_gating(cfg: Union[None, Mapping[str, Any], LocalGating]
-                 ) -> Optional[LocalGating]:
+def parse_local_gating(
+    cfg: Union[None, Mapping[str, Any], LocalGating],
+) -> Optional[LocalGating]:
   """A config's `local_gating` (None/empty: the unit is not self-gated)."""
   if cfg is None or isinstance(cfg, LocalGating):
     return cfg
@@ -111,6 +138,7 @@ class LocalGate(nn.Module):
   binary gates, their relaxed values (for the batch-shaping loss) and the
   probability of each gate being on, sigmoid(logit) (for the L0 loss).
   """
+
   features: int
   hidden: int = 16
   temperature: float = 2.0 / 3.0
@@ -122,12 +150,17 @@ class LocalGate(nn.Module):
     s = jnp.mean(x, axis=(1, 2))
     h = nn.Dense(self.hidden, dtype=self.dtype, name='fc1')(s)
     h = nn.relu(batch_norm(train, self.dtype, 'bn')(h))
-    logits = nn.Dense(self.features, dtype=self.dtype, name='fc2',
-                      bias_init=nn.initializers.constant(self.bias_init))(h)
+    logits = nn.Dense(
+        self.features,
+        dtype=self.dtype,
+        name='fc2',
+        bias_init=nn.initializers.constant(self.bias_init),
+    )(h)
     logits = logits.astype(jnp.float32)
     rng = self.make_rng('gates') if train else None
-    gate, value = gumbel_sigmoid(logits, rng=rng, train=train,
-                                 temperature=self.temperature)
+    gate, value = gumbel_sigmoid(
+        logits, rng=rng, train=train, temperature=self.temperature
+    )
     return {'gate': gate, 'value': value, 'prob': jax.nn.sigmoid(logits)}
 
 
@@ -135,4 +168,3 @@ def gate_channels(y: jax.Array, gate: jax.Array) -> jax.Array:
   """Multiplies `(batch, h, w, c)` features by `(batch, c)` gates."""
   assert gate.shape == (y.shape[0], y.shape[-1]), (gate.shape, y.shape)
   return y * gate[:, None, None, :].astype(y.dtype)
-

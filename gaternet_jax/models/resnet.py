@@ -40,6 +40,7 @@ Width = Union[int, Tuple[int, int]]
 
 class _Unit(nn.Module):
   """What every residual unit shares: its fields and its gated parts."""
+
   # The conv whose output a gater's gates act on.
   last_conv: ClassVar[str] = ''
   # Where local gates may act: the convs whose outputs they gate.
@@ -67,8 +68,11 @@ class _Unit(nn.Module):
 
   def _site(self, y: jax.Array, gate: Optional[jax.Array]) -> jax.Array:
     """The gater's site: SE re-scaling and/or Eq. 4's channel mask."""
-    se = (SqueezeExcite(self.se_reduction, self.dtype, name='se')
-          if self.se_reduction else None)
+    se = (
+        SqueezeExcite(self.se_reduction, self.dtype, name='se')
+        if self.se_reduction
+        else None
+    )
     return layers.apply_site(y, gate, se)
 
   def _local(self, y: jax.Array, sample, here: str) -> jax.Array:
@@ -77,8 +81,9 @@ class _Unit(nn.Module):
       return y
     return layers.gate_channels(y, sample['gate'])
 
-  def _projection(self, x: jax.Array, features: int, train: bool,
-                  with_norm: bool = True) -> jax.Array:
+  def _projection(
+      self, x: jax.Array, features: int, train: bool, with_norm: bool = True
+  ) -> jax.Array:
     """Identity, or conv1x1/stride (+ norm) where the shape changes."""
     if x.shape[-1] == features and self.stride == 1:
       return x
@@ -92,6 +97,7 @@ class BasicBlock(_Unit):
   `features`: output channels of both convs. Local gates act on conv1's
   channels.
   """
+
   last_conv: ClassVar[str] = 'conv2'
 
   @classmethod
@@ -99,8 +105,7 @@ class BasicBlock(_Unit):
     return int(features)
 
   @nn.compact
-  def __call__(self, x: jax.Array, gate: Optional[jax.Array], *,
-               train: bool):
+  def __call__(self, x: jax.Array, gate: Optional[jax.Array], *, train: bool):
     """`(batch, h, w, c)` -> (`(batch, h / stride, w / stride, features)`,
     sample)."""
     sample = self._sample(x, self.features, train)
@@ -121,6 +126,7 @@ class Bottleneck(_Unit):
   that. Strides on its 3x3 conv (torchvision's "v1.5"). Local gates act on
   the inner channels after conv1 or conv2 (`local_gating.position`).
   """
+
   last_conv: ClassVar[str] = 'conv3'
   local_positions: ClassVar[Tuple[str, ...]] = ('conv1', 'conv2')
 
@@ -129,8 +135,7 @@ class Bottleneck(_Unit):
     return int(features) * (1 if locally_gated else EXPANSION)
 
   @nn.compact
-  def __call__(self, x: jax.Array, gate: Optional[jax.Array], *,
-               train: bool):
+  def __call__(self, x: jax.Array, gate: Optional[jax.Array], *, train: bool):
     """`(batch, h, w, c)` -> (`(batch, h / stride, w / stride, 4 * width)`,
     sample)."""
     width, out = self.features, EXPANSION * self.features
@@ -155,6 +160,7 @@ class PreActBottleneck(_Unit):
   the pre-activated input and has no BN. Local gates act on the inner
   channels after conv1 or conv2 (`local_gating.position`).
   """
+
   last_conv: ClassVar[str] = 'conv3'
   local_positions: ClassVar[Tuple[str, ...]] = ('conv1', 'conv2')
 
@@ -164,8 +170,7 @@ class PreActBottleneck(_Unit):
     return int(inner if locally_gated else out)
 
   @nn.compact
-  def __call__(self, x: jax.Array, gate: Optional[jax.Array], *,
-               train: bool):
+  def __call__(self, x: jax.Array, gate: Optional[jax.Array], *, train: bool):
     mid, out = self.features
     sample = self._sample(x, mid, train)
     pre = nn.relu(self.norm(train, self.dtype, 'bn1')(x))
@@ -178,8 +183,9 @@ class PreActBottleneck(_Unit):
     y = self.conv(out, 1, 1, self.dtype, 'conv3')(y)
     y = self._site(y, gate)
     identity = x.shape[-1] == out and self.stride == 1
-    y = y + (x if identity else
-             self._projection(pre, out, train, with_norm=False))
+    y = y + (
+        x if identity else self._projection(pre, out, train, with_norm=False)
+    )
     return y, sample
 
 
@@ -205,6 +211,7 @@ class ResNet(nn.Module):
     conv, norm: the layer constructors, `conv(features, kernel, stride,
       dtype, name)` and `norm(train, dtype, name)`.
   """
+
   supports_local_gating: ClassVar[bool] = True
 
   stage_sizes: Sequence[int]
@@ -222,18 +229,26 @@ class ResNet(nn.Module):
   def _units(self):
     """(site name, stride, unit features) of every unit in depth order."""
     for s, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
-      features = tuple(int(v) for v in w) if isinstance(
-          w, (tuple, list)) else int(w)
+      features = (
+          tuple(int(v) for v in w) if isinstance(w, (tuple, list)) else int(w)
+      )
       for b in range(n):
-        yield (f'stage{s + 1}_block{b + 1}', 2 if (s > 0 and b == 0) else 1,
-               features)
+        yield (
+            f'stage{s + 1}_block{b + 1}',
+            2 if (s > 0 and b == 0) else 1,
+            features,
+        )
 
   def gate_spec(self) -> GateSpec:
     """The gated sites, one per residual unit, in depth order: the unit's
     output channels, or with local gating its gated inner channels."""
     local = self.local_gating is not None
-    return GateSpec(tuple((name, self.block_cls.site_width(f, local))
-                          for name, _, f in self._units()))
+    return GateSpec(
+        tuple(
+            (name, self.block_cls.site_width(f, local))
+            for name, _, f in self._units()
+        )
+    )
 
   def gate_wiring(self):
     """A gater's gates switch off the outputs of each unit's last conv;
@@ -246,27 +261,33 @@ class ResNet(nn.Module):
       else:
         at = self.local_gating.position
         reader = 'conv2' if at == 'conv1' else 'conv3'
-        out[name] = (GateWire((name, at), 'out'),
-                     GateWire((name, reader), 'in'))
+        out[name] = (
+            GateWire((name, at), 'out'),
+            GateWire((name, reader), 'in'),
+        )
     return out
 
   def _check(self, gates: Optional[Gates]):
     if self.stem not in STEMS:
       raise ValueError(f'stem must be one of {STEMS}; got {self.stem!r}.')
     if len(self.stage_sizes) != len(self.widths):
-      raise ValueError(f'stage_sizes {tuple(self.stage_sizes)} and widths '
-                       f'{tuple(self.widths)} differ in length.')
+      raise ValueError(
+          f'stage_sizes {tuple(self.stage_sizes)} and widths '
+          f'{tuple(self.widths)} differ in length.'
+      )
     if self.local_gating is not None:
       assert gates is None, 'a locally gated network makes its own gates'
       if self.local_gating.position not in self.block_cls.local_positions:
         raise ValueError(
             f'{self.block_cls.__name__} units gate at local_gating.position '
             f'{" or ".join(map(repr, self.block_cls.local_positions))}; got '
-            f'{self.local_gating.position!r}.')
+            f'{self.local_gating.position!r}.'
+        )
 
   @nn.compact
-  def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
-               train: bool = False) -> Tuple[jax.Array, Extras]:
+  def __call__(
+      self, x: jax.Array, gates: Optional[Gates] = None, *, train: bool = False
+  ) -> Tuple[jax.Array, Extras]:
     """`(batch, h, w, c)` normalised images -> (logits, extras).
 
     Args:
@@ -284,7 +305,8 @@ class ResNet(nn.Module):
     preact = self.block_cls is PreActBottleneck
     first = self.widths[0]
     stem_width = self.stem_width or (
-        first[-1] if isinstance(first, (tuple, list)) else first)
+        first[-1] if isinstance(first, (tuple, list)) else first
+    )
     y = x.astype(self.dtype)
     if self.stem == 'imagenet':
       y = self.conv(stem_width, 7, 2, self.dtype, 'conv')(y)
@@ -300,8 +322,15 @@ class ResNet(nn.Module):
     for name, stride, features in self._units():
       gate = None if gates is None else gates[name]
       y, sample = self.block_cls(
-          features, stride, self.se_reduction, self.dtype, self.local_gating,
-          self.conv, self.norm, name=name)(y, gate, train=train)
+          features,
+          stride,
+          self.se_reduction,
+          self.dtype,
+          self.local_gating,
+          self.conv,
+          self.norm,
+          name=name,
+      )(y, gate, train=train)
       if sample is not None:
         samples[name] = sample
     if preact:

@@ -47,17 +47,24 @@ DEPTHS = {
 
 STANDARD_WIDTHS = (64, 128, 256, 512)
 
-__all__ = ['DEPTHS', 'EXPANSION', 'STANDARD_WIDTHS', 'ImageNetResNet',
-           'imagenet_resnet']
+__all__ = [
+    'DEPTHS',
+    'EXPANSION',
+    'STANDARD_WIDTHS',
+    'ImageNetResNet',
+    'imagenet_resnet',
+]
 
 
-def imagenet_resnet(depth: int = 50,
-                    widths: Sequence[int] = STANDARD_WIDTHS,
-                    se_reduction: int = 0,
-                    num_classes: Optional[int] = 1000,
-                    dtype: Any = jnp.float32,
-                    stem_width: Optional[int] = None,
-                    local_gating: Any = None) -> ResNet:
+def imagenet_resnet(
+    depth: int = 50,
+    widths: Sequence[int] = STANDARD_WIDTHS,
+    se_reduction: int = 0,
+    num_classes: Optional[int] = 1000,
+    dtype: Any = jnp.float32,
+    stem_width: Optional[int] = None,
+    local_gating: Any = None,
+) -> ResNet:
   """ImageNet ResNet-{18, 34, 50, 101, 152}.
 
   Args:
@@ -77,13 +84,22 @@ def imagenet_resnet(depth: int = 50,
     The (unbound) module.
   """
   if depth not in DEPTHS:
-    raise ValueError(f'imagenet_resnet depth must be one of '
-                     f'{sorted(DEPTHS)}; got {depth}.')
+    raise ValueError(
+        f'imagenet_resnet depth must be one of '
+        f'{sorted(DEPTHS)}; got {depth}.'
+    )
   widths = tuple(int(w) for w in widths)
   if len(widths) != 4:
     raise ValueError(f'imagenet_resnet needs 4 stage widths; got {widths}.')
   block_cls, stage_sizes = DEPTHS[depth]
-  return ResNet(stage_sizes=stage_sizes, widths=widths, block_cls=block_cls,
-                stem='imagenet', stem_width=stem_width,
-                num_classes=num_classes, se_reduction=se_reduction,
-                dtype=dtype, local_gating=parse_local_gating(local_gating))
+  return ResNet(
+      stage_sizes=stage_sizes,
+      widths=widths,
+      block_cls=block_cls,
+      stem='imagenet',
+      stem_width=stem_width,
+      num_classes=num_classes,
+      se_reduction=se_reduction,
+      dtype=dtype,
+      local_gating=parse_local_gating(local_gating),
+  )

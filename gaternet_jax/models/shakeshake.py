@@ -49,8 +49,9 @@ NUM_BRANCHES = 2
 
 
 @jax.custom_vjp
-def shake(a: jax.Array, b: jax.Array, alpha: jax.Array,
-          beta: jax.Array) -> jax.Array:
+def shake(
+    a: jax.Array, b: jax.Array, alpha: jax.Array, beta: jax.Array
+) -> jax.Array:
   """alpha * a + (1 - alpha) * b, whose gradient mixes with beta instead.
 
   Args:
@@ -74,8 +75,12 @@ def _shake_bwd(res, g):
   alpha, beta = res
   beta_g = beta.astype(g.dtype)
   # The coefficients are random draws, not learned: they get no gradient.
-  return (beta_g * g, (1 - beta_g) * g, jnp.zeros_like(alpha),
-          jnp.zeros_like(beta))
+  return (
+      beta_g * g,
+      (1 - beta_g) * g,
+      jnp.zeros_like(alpha),
+      jnp.zeros_like(beta),
+  )
 
 
 shake.defvjp(_shake_fwd, _shake_bwd)
@@ -88,6 +93,7 @@ def _site_name(stage: int, block: int, branch: int) -> str:
 
 class Branch(nn.Module):
   """ReLU-conv3x3-BN-ReLU-conv3x3-BN-[gate]."""
+
   features: int
   stride: int
   dtype: Any = jnp.float32
@@ -104,6 +110,7 @@ class Branch(nn.Module):
 
 class ShakeShortcut(nn.Module):
   """ReLU, two strided 1x1 convs (one over a 1-pixel-shifted input), BN."""
+
   features: int
   stride: int
   dtype: Any = jnp.float32
@@ -118,13 +125,15 @@ class ShakeShortcut(nn.Module):
     # A 1x1 conv at stride s is a 1x1 conv of the input subsampled at s.
     p1 = conv(self.features // 2, 1, 1, self.dtype, 'conv1')(x[:, ::s, ::s])
     p2 = conv(self.features // 2, 1, 1, self.dtype, 'conv2')(
-        shifted[:, ::s, ::s])
+        shifted[:, ::s, ::s]
+    )
     y = jnp.concatenate([p1, p2], axis=-1)
     return batch_norm(train, self.dtype, 'bn')(y)
 
 
 class ShakeBlock(nn.Module):
   """shortcut(x) + shake(branch1(x), branch2(x))."""
+
   features: int
   stride: int
   dtype: Any = jnp.float32
@@ -132,9 +141,11 @@ class ShakeBlock(nn.Module):
   @nn.compact
   def __call__(self, x, gate1, gate2, *, train: bool):
     a = Branch(self.features, self.stride, self.dtype, name='branch1')(
-        x, gate1, train=train)
+        x, gate1, train=train
+    )
     b = Branch(self.features, self.stride, self.dtype, name='branch2')(
-        x, gate2, train=train)
+        x, gate2, train=train
+    )
     if train:
       # Shake-Shake-Image: one alpha and one independent beta per sample.
       alpha_rng, beta_rng = jax.random.split(self.make_rng('dropout'))
@@ -145,8 +156,9 @@ class ShakeBlock(nn.Module):
     else:
       y = 0.5 * (a + b)
     if x.shape[-1] != self.features or self.stride != 1:
-      shortcut = ShakeShortcut(self.features, self.stride, self.dtype,
-                               name='shortcut')(x, train=train)
+      shortcut = ShakeShortcut(
+          self.features, self.stride, self.dtype, name='shortcut'
+      )(x, train=train)
     else:
       shortcut = x
     return shortcut + y
@@ -161,6 +173,7 @@ class ShakeShake(nn.Module):
     stem_width: filters of the first 3x3 conv.
     num_classes: classifier outputs; None returns pooled features.
   """
+
   supports_local_gating: ClassVar[bool] = False
   local_gating: ClassVar[None] = None
 
@@ -171,15 +184,18 @@ class ShakeShake(nn.Module):
   dtype: Any = jnp.float32
 
   def _widths(self):
-    return tuple(self.width * 2 ** s for s in range(NUM_STAGES))
+    return tuple(self.width * 2**s for s in range(NUM_STAGES))
 
   def gate_spec(self) -> GateSpec:
     """Two sites (the branches' last convs) per block, in depth order."""
-    return GateSpec(tuple(
-        (_site_name(s + 1, b + 1, r + 1), int(w))
-        for s, w in enumerate(self._widths())
-        for b in range(self.blocks_per_stage)
-        for r in range(NUM_BRANCHES)))
+    return GateSpec(
+        tuple(
+            (_site_name(s + 1, b + 1, r + 1), int(w))
+            for s, w in enumerate(self._widths())
+            for b in range(self.blocks_per_stage)
+            for r in range(NUM_BRANCHES)
+        )
+    )
 
   def gate_wiring(self):
     """Per site, the convs its gates act on (for `gaternet_jax.macs`).
@@ -193,14 +209,18 @@ class ShakeShake(nn.Module):
     for s in range(NUM_STAGES):
       for b in range(self.blocks_per_stage):
         for r in range(NUM_BRANCHES):
-          out[_site_name(s + 1, b + 1, r + 1)] = (GateWire(
-              (f'stage{s + 1}_block{b + 1}', f'branch{r + 1}', 'conv2'),
-              'out'),)
+          out[_site_name(s + 1, b + 1, r + 1)] = (
+              GateWire(
+                  (f'stage{s + 1}_block{b + 1}', f'branch{r + 1}', 'conv2'),
+                  'out',
+              ),
+          )
     return out
 
   @nn.compact
-  def __call__(self, x: jax.Array, gates: Optional[Gates] = None, *,
-               train: bool = False) -> Tuple[jax.Array, Extras]:
+  def __call__(
+      self, x: jax.Array, gates: Optional[Gates] = None, *, train: bool = False
+  ) -> Tuple[jax.Array, Extras]:
     """`(batch, h, w, c)` images (normalised) -> (`(batch, num_classes)`
     logits, {}) (`backbone.py`'s contract).
 
@@ -216,9 +236,9 @@ class ShakeShake(nn.Module):
           g1 = gates[_site_name(s + 1, b + 1, 1)]
           g2 = gates[_site_name(s + 1, b + 1, 2)]
         stride = 2 if (s > 0 and b == 0) else 1
-        y = ShakeBlock(w, stride, self.dtype,
-                       name=f'stage{s + 1}_block{b + 1}')(
-                           y, g1, g2, train=train)
+        y = ShakeBlock(
+            w, stride, self.dtype, name=f'stage{s + 1}_block{b + 1}'
+        )(y, g1, g2, train=train)
     y = nn.relu(y)
     y = jnp.mean(y, axis=(1, 2))
     if self.num_classes is not None:
@@ -226,18 +246,26 @@ class ShakeShake(nn.Module):
     return y.astype(jnp.float32), {}
 
 
-def shake_shake(depth: int = 26, width: int = 64, stem_width: int = 16,
-                **kwargs) -> ShakeShake:
+def shake_shake(
+    depth: int = 26, width: int = 64, stem_width: int = 16, **kwargs
+) -> ShakeShake:
   """Shake-Shake of depth 6n+2 (26: "2x64d", "2x96d" by `width`).
 
   `stem_width=16` is Gastaldi's; `stem_width=width` reproduces GaterNet's
   Table 2 parameter counts exactly (see the module docstring).
   """
   if depth < 8 or (depth - 2) % 6:
-    raise ValueError(f'shake_shake depth must be 6n+2 (26 = 6*4+2); '
-                     f'got {depth}.')
+    raise ValueError(
+        f'shake_shake depth must be 6n+2 (26 = 6*4+2); ' f'got {depth}.'
+    )
   if width < 1 or width % 2:
-    raise ValueError(f'shake_shake width must be even (the shortcut '
-                     f'concatenates two halves); got {width}.')
-  return ShakeShake(blocks_per_stage=(depth - 2) // 6, width=int(width),
-                    stem_width=int(stem_width), **kwargs)
+    raise ValueError(
+        f'shake_shake width must be even (the shortcut '
+        f'concatenates two halves); got {width}.'
+    )
+  return ShakeShake(
+      blocks_per_stage=(depth - 2) // 6,
+      width=int(width),
+      stem_width=int(stem_width),
+      **kwargs,
+  )
