@@ -34,6 +34,7 @@ from gaternet_jax import evaluation
 from gaternet_jax import experiment
 from gaternet_jax import steps as steps_lib
 from gaternet_jax.errors import ConfigError, WorkdirError
+from gaternet_jax.evaluation import describe
 from gaternet_jax.gates import GateSpec, gate_type_counts, is_on
 
 OUT_DIR = 'analysis'
@@ -141,20 +142,6 @@ def frequent_gates(
   inclusive) of the samples: the paper's 100 ~ 9,900 of 10,000."""
   dep = input_dependent_on_counts(on_counts, num_samples)
   return int(np.sum((dep >= low * num_samples) & (dep <= high * num_samples)))
-
-
-def describe(x: np.ndarray) -> Dict[str, float]:
-  """min, mean, max, std and the 10/50/90th percentiles of `x`."""
-  x = np.asarray(x, np.float64)
-  return {
-      'min': float(x.min()),
-      'mean': float(x.mean()),
-      'max': float(x.max()),
-      'std': float(x.std()),
-      'p10': float(np.percentile(x, 10)),
-      'p50': float(np.percentile(x, 50)),
-      'p90': float(np.percentile(x, 90)),
-  }
 
 
 def knn_label_agreement(

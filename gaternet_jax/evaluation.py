@@ -22,6 +22,20 @@ from gaternet_jax.errors import WorkdirError
 from gaternet_jax.gates import GateSpec, gate_type_counts
 
 
+def describe(x: np.ndarray) -> Dict[str, float]:
+  """min, mean, max, std and the 10/50/90th percentiles of `x` (float64)."""
+  x = np.asarray(x, np.float64)
+  return {
+      'min': float(x.min()),
+      'mean': float(x.mean()),
+      'max': float(x.max()),
+      'std': float(x.std()),
+      'p10': float(np.percentile(x, 10)),
+      'p50': float(np.percentile(x, 50)),
+      'p90': float(np.percentile(x, 90)),
+  }
+
+
 def summarize_macs(
     per_sample: np.ndarray, mac_counter: macs_lib.MacCounter
 ) -> Dict[str, float]:
@@ -29,25 +43,22 @@ def summarize_macs(
 
   `macs_dense` is the ungated backbone's cost, `macs_overhead` what the
   gater (or gating modules) adds, `macs_mean` the mean conditional cost of
-  the examples (overhead included) with its spread, `macs_reduction`
-  = 1 - macs_mean / macs_dense (what a user saves end to end), and
-  `macs_backbone_reduction` the same without the overhead (what the gates
-  save in the backbone).
+  the examples (overhead included) with its spread (`describe`'s figures),
+  `macs_reduction` = 1 - macs_mean / macs_dense (what a user saves end to
+  end), and `macs_backbone_reduction` the same without the overhead (what
+  the gates save in the backbone).
   """
-  x = np.asarray(per_sample, np.float64)
+  stats = describe(per_sample)
   dense = float(mac_counter.dense_backbone)
   overhead = float(mac_counter.dense_gater)
-  mean = float(x.mean())
+  mean = stats['mean']
   return {
       'macs_dense': dense,
       'macs_overhead': overhead,
-      'macs_mean': mean,
-      'macs_std': float(x.std()),
-      'macs_min': float(x.min()),
-      'macs_max': float(x.max()),
-      'macs_p10': float(np.percentile(x, 10)),
-      'macs_p50': float(np.percentile(x, 50)),
-      'macs_p90': float(np.percentile(x, 90)),
+      **{
+          f'macs_{k}': stats[k]
+          for k in ('mean', 'std', 'min', 'max', 'p10', 'p50', 'p90')
+      },
       'macs_reduction': 1.0 - mean / dense,
       'macs_backbone_reduction': 1.0 - (mean - overhead) / dense,
   }
