@@ -30,6 +30,13 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 flags.DEFINE_enum('mode', 'train', cli.MODES, 'What to do with the config.')
+flags.DEFINE_bool(
+    'allow_config_change',
+    False,
+    'Resume a --workdir whose run was trained with other values of fields '
+    'that change its trajectory (batch size, seed, schedule, data, ...); '
+    'without it that is refused.',
+)
 flags.DEFINE_string(
     'coordinator_address',
     None,
@@ -108,7 +115,7 @@ def main(argv):
       or '/orbax/' not in record.pathname
   )
   try:
-    cli.run(FLAGS.mode, config, FLAGS.workdir)
+    cli.run(FLAGS.mode, config, FLAGS.workdir, FLAGS.allow_config_change)
   except UserError as e:
     distributed.fail(f'error: {e}')  # Every process of the job stops.
   except Exception as e:  # pylint: disable=broad-except

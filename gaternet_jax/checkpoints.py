@@ -57,20 +57,28 @@ class Checkpointer:
       state: Any,
       force: bool = False,
       train_seconds: Optional[float] = None,
+      metadata: Optional[Mapping[str, Any]] = None,
   ) -> bool:
     """Saves `state` at `step` if the interval says so (or `force`), with
-    the training time so far (`train_seconds`) in the step's metadata."""
-    metadata = (
-        None
-        if train_seconds is None
-        else {'train_seconds': float(train_seconds)}
-    )
+    the training time so far (`train_seconds`) and `metadata` (JSON) in
+    the step's metadata."""
+    custom = dict(metadata or {})
+    if train_seconds is not None:
+      custom['train_seconds'] = float(train_seconds)
     return self._manager.save(
         int(step),
         args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
         force=force,
-        custom_metadata=metadata,
+        custom_metadata=custom or None,
     )
+
+  def custom_metadata(self, step: Optional[int] = None) -> Mapping[str, Any]:
+    """The metadata `save` stored with the checkpoint at `step` (default:
+    the latest); {} if none."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return {}
+    return self._manager.metadata(step).custom_metadata or {}
 
   def train_seconds(self, step: Optional[int] = None) -> float:
     """Training time recorded with the checkpoint at `step` (0 if none)."""
@@ -175,11 +183,18 @@ def graft(tree: Mapping[str, Any], path: tuple, subtree: Any, what: str):
   old_struct = jax.tree_util.tree_structure(old)
   new_struct = jax.tree_util.tree_structure(subtree)
   if old_struct != new_struct:
+    want = set(flax.traverse_util.flatten_dict(old, sep='/'))
+    have = set(flax.traverse_util.flatten_dict(subtree, sep='/'))
+    missing, extra = sorted(want - have), sorted(have - want)
+    where = (
+        f'it lacks {missing[0]}'
+        + (f' and {len(missing) - 1} more' if len(missing) > 1 else '')
+        if missing
+        else f'it has {extra[0]}, which this model lacks'
+    )
     raise WorkdirError(
-        f"The pretrained {what} does not have this model's layers "
-        f'(expected {sorted(flax.traverse_util.flatten_dict(old, sep="/"))[:4]}'
-        f'..., got {sorted(flax.traverse_util.flatten_dict(subtree, sep="/"))[:4]}'
-        f'...); check that its config matches.'
+        f"The pretrained {what} does not have this model's layers ({where});"
+        f' check that its config matches.'
     )
   for (p, a), b in zip(
       jax.tree_util.tree_leaves_with_path(old),

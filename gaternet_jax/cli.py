@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Dict
 
@@ -10,6 +9,7 @@ import jax
 import ml_collections
 
 from gaternet_jax import metrics as metrics_lib
+from gaternet_jax import paths
 from gaternet_jax.errors import UserError
 from gaternet_jax.macs import format_macs
 
@@ -60,15 +60,24 @@ def print_training_report(results: Dict[str, Dict[str, Any]], seconds: float):
   print(f'wall time {metrics_lib.format_seconds(seconds)}')
 
 
-def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Runs `mode`; its last stdout line is one JSON object of the results.
+def run(
+    mode: str,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    allow_config_change: bool = False,
+) -> Any:
+  """Runs `mode`; its last stdout line is one JSON object of the results
+  (valid JSON: a NaN is written as null).
+
+  `allow_config_change`: --mode=train may resume a workdir whose config
+  changed the training trajectory (resume.py).
 
   Raises:
     UserError: for what the user can fix, an accelerator (or host) out of
       memory for the config's batch size included.
   """
   try:
-    return _run(mode, config, workdir)
+    return _run(mode, config, workdir, allow_config_change)
   except jax.errors.JaxRuntimeError as e:
     message = str(e)
     if 'RESOURCE_EXHAUSTED' not in message and 'Out of memory' not in message:
@@ -81,7 +90,12 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
     ) from e
 
 
-def _run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
+def _run(
+    mode: str,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    allow_config_change: bool,
+) -> Any:
   if mode == 'summary':
     from gaternet_jax import summary  # pylint: disable=g-import-not-at-top
 
@@ -112,7 +126,9 @@ def _run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
     from gaternet_jax import train  # pylint: disable=g-import-not-at-top
 
     t = time.time()
-    out = train.train_and_evaluate(config, workdir)
+    out = train.train_and_evaluate(
+        config, workdir, allow_config_change=allow_config_change
+    )
     print_training_report(out, time.time() - t)
   elif mode == 'analyze':
     from gaternet_jax import analysis  # pylint: disable=g-import-not-at-top
@@ -122,5 +138,5 @@ def _run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Any:
     out = analysis.headline(result)
   else:
     raise ValueError(mode)
-  print(json.dumps(out, sort_keys=True))
+  print(paths.dumps(out, sort_keys=True))
   return out

@@ -15,3 +15,7 @@ class ConfigError(UserError):
 
 class WorkdirError(UserError):
   """The workdir holds something this run must not overwrite."""
+
+
+class TrainingDiverged(UserError):
+  """A train step left NaN or infinite values in the loss or the weights."""

@@ -14,6 +14,7 @@ import numpy as np
 from gaternet_jax import checkpoints
 from gaternet_jax import datasets
 from gaternet_jax import experiment
+from gaternet_jax import fingerprint
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import recipe
 from gaternet_jax import sharding
@@ -123,12 +124,17 @@ def run(
 
 
 def eval_weights(
-    config: ml_collections.ConfigDict, workdir: str, purpose: str = 'evaluate'
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    purpose: str = 'evaluate',
+    dataset: Optional[datasets.Dataset] = None,
 ) -> str:
   """Where the weights to evaluate come from: 'checkpoint' (the latest of
-  `workdir`) or 'official' (`config.init.official_checkpoint`); checked
-  before any data is loaded."""
+  `workdir`, whose run must have built `config`'s network on its dataset:
+  fingerprint.check_workdir) or 'official'
+  (`config.init.official_checkpoint`); checked before any data is loaded."""
   if checkpoints.has_checkpoint(workdir):
+    fingerprint.check_workdir(config, workdir, dataset)
     return 'checkpoint'
   if recipe.official_checkpoint(config):
     return 'official'
@@ -191,7 +197,7 @@ def evaluate(
 ) -> Dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir` (or, when it has none,
   `config.init.official_checkpoint`) on the config's test split."""
-  source = eval_weights(config, workdir)
+  source = eval_weights(config, workdir, dataset=dataset)
   exp = experiment.setup(config, dataset)
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
   state = restore_for_eval(

@@ -28,7 +28,8 @@ import ml_collections
 from gaternet_jax import data as data_lib
 from gaternet_jax import datasets
 from gaternet_jax import gating
-from gaternet_jax.errors import DataError
+from gaternet_jax import paths
+from gaternet_jax.errors import DataError, WorkdirError
 from gaternet_jax.models import create_model
 
 # The variable collections a checkpoint holds (steps.TrainState).
@@ -198,3 +199,27 @@ def difference(
         f"{old_data['num_classes']} classes"
     )
   return None
+
+
+def check_workdir(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dataset: Any = None,
+):
+  """Refuses a workdir whose run built another network or read another
+  dataset than `config` (on `dataset`, if given): its checkpoints are not
+  this config's to resume, evaluate or analyse.
+
+  Raises:
+    WorkdirError: naming what differs.
+  """
+  path = paths.join(workdir, 'config.json')
+  if not paths.resolve(path).exists():
+    return
+  differs = difference(config, paths.read_json(path, "run's config"), dataset)
+  if differs:
+    key, why = differs
+    raise WorkdirError(
+        f'{workdir} holds a run with a different `{key}` config ({why}); '
+        f'use its own config ({path}) or choose another --workdir.'
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from absl import logging
 import jax
@@ -24,60 +24,86 @@ def _scalar(v) -> float:
 
 
 class JsonlWriter:
-  """Appends `{"step": s, "kind": k, **values}` lines to a file.
+  """Writes `{"step": s, "kind": k, "time": t, **values}` lines to a file.
 
-  A run resumed at step k first drops the records of steps after k (written
-  after the checkpoint it resumes from, and about to be written again), so
-  the file reads as that of an uninterrupted run.
+  The lines are kept in memory and the whole file is rewritten at
+  `flush()`, atomically (`paths.write_text`: a temporary file and a rename;
+  on Cloud Storage, which has no append, one object write), so neither a
+  kill nor a full disk leaves half a line. The trainer flushes before every
+  checkpoint (a resumed run finds every record up to its checkpoint), and
+  a write flushes when the last flush is `flush_secs` old.
 
-  Cloud Storage objects cannot be appended to: on a gs:// path the file's
-  lines are kept in memory and the whole object is rewritten at `flush()`
-  (the trainer flushes with every checkpoint, so a resumed run finds every
-  record up to its checkpoint) and at most every `remote_flush_secs`.
+  A run resumed at step k first drops the records of steps after k
+  (written after the checkpoint it resumes from, and about to be written
+  again), so the file reads as that of an uninterrupted run. A line that is
+  not a JSON record (a damaged file) is kept where it is, with a warning:
+  records are only ever dropped for their step.
   """
 
   def __init__(
       self,
       path: str,
       resume_step: Optional[int] = None,
-      remote_flush_secs: float = 60.0,
+      flush_secs: Optional[float] = None,
   ):
     self._path = path
-    self._remote = bool(path) and paths.is_remote(path)
     self._lines: List[str] = []
     self._dirty = False
     self._flushed_at = time.time()
-    self._every = remote_flush_secs
-    self._file = None
-    if not path:
+    if flush_secs is None:
+      flush_secs = 60.0 if path and paths.is_remote(path) else 10.0
+    self._every = flush_secs
+    if not path or not paths.resolve(path).exists():
       return
-    exists = paths.resolve(path).exists()
-    if exists and resume_step is not None:
-      _drop_records_after(path, resume_step)
-    if self._remote:
-      if exists:
-        self._lines = (
-            paths.resolve(path)
-            .read_text(encoding='utf-8')
-            .splitlines(keepends=True)
-        )
-    else:
-      self._file = open(path, 'a', encoding='utf-8')
+    self._lines = paths.read_lines(path)
+    if resume_step is not None:
+      self._drop_records_after(resume_step)
+
+  def _drop_records_after(self, step: int):
+    kept, damaged = [], []
+    for i, line in enumerate(self._lines):
+      rec = _record(line)
+      if rec is None:
+        damaged.append(i + 1)
+      elif rec['step'] > step:
+        continue
+      kept.append(line if line.endswith('\n') else line + '\n')
+    if damaged:
+      logging.warning(
+          '%s: line(s) %s are not JSON records (a damaged file); kept as '
+          'they are.',
+          self._path,
+          ', '.join(map(str, damaged[:10])) + (' ...' * (len(damaged) > 10)),
+      )
+    if len(kept) != len(self._lines):
+      logging.info(
+          'Dropped %d records after step %d from %s.',
+          len(self._lines) - len(kept),
+          step,
+          self._path,
+      )
+      self._lines = kept
+      self._dirty = True
+      self.flush()
+
+  def has_record(self, step: int, kind: str, key: str) -> bool:
+    """Whether the file holds a `kind` record of `step` with `key`."""
+    for line in self._lines:
+      rec = _record(line)
+      if rec and rec['step'] == step and rec.get('kind') == kind:
+        if key in rec:
+          return True
+    return False
 
   def _write(self, kind: str, step: int, values: Mapping[str, Any]):
     if not self._path:
       return
     rec = {'step': int(step), 'kind': kind, 'time': time.time()}
     rec.update(values)
-    line = json.dumps(rec) + '\n'
-    if self._remote:
-      self._lines.append(line)
-      self._dirty = True
-      if time.time() - self._flushed_at >= self._every:
-        self.flush()
-      return
-    self._file.write(line)
-    self._file.flush()
+    self._lines.append(paths.dumps(rec) + '\n')
+    self._dirty = True
+    if time.time() - self._flushed_at >= self._every:
+      self.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     self._write('scalars', step, {k: _scalar(v) for k, v in scalars.items()})
@@ -86,43 +112,25 @@ class JsonlWriter:
     self._write('texts', step, dict(texts))
 
   def flush(self):
-    if self._file is not None:
-      self._file.flush()
-    if self._remote and self._dirty:
+    if self._path and self._dirty:
       paths.write_text(self._path, ''.join(self._lines))
       self._dirty = False
       self._flushed_at = time.time()
 
   def close(self):
     self.flush()
-    if self._file is not None:
-      self._file.close()
-      self._file = None
     self._path = None
 
 
-def _drop_records_after(path: str, step: int):
-  """Rewrites `path` (atomically) without the records of steps > `step`."""
-  lines = (
-      paths.resolve(path).read_text(encoding='utf-8').splitlines(keepends=True)
-  )
-  kept = []
-  for line in lines:
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:  # A line cut short by the crash.
-      continue
-    if int(rec.get('step', 0)) <= step:
-      kept.append(line if line.endswith('\n') else line + '\n')
-  if len(kept) == len(lines):
-    return
-  logging.info(
-      'Dropped %d records after step %d from %s.',
-      len(lines) - len(kept),
-      step,
-      path,
-  )
-  paths.write_text(path, ''.join(kept))
+def _record(line: str) -> Optional[Dict[str, Any]]:
+  """The record of a metrics.jsonl line, or None if it is not one."""
+  try:
+    rec = json.loads(line)
+  except ValueError:
+    return None
+  if not isinstance(rec, dict) or not isinstance(rec.get('step'), int):
+    return None
+  return rec
 
 
 class LoggingWriter:
@@ -137,6 +145,10 @@ class LoggingWriter:
   def write_texts(self, step: int, texts: Mapping[str, str]):
     for k, v in texts.items():
       logging.info('[%d] %s: %s', step, k, v)
+
+  def has_record(self, step: int, kind: str, key: str) -> bool:
+    del step, kind, key
+    return False
 
   def flush(self):
     pass
@@ -158,6 +170,14 @@ class MultiWriter:
   def write_texts(self, step, texts):
     for w in self._writers:
       w.write_texts(step, texts)
+
+  def has_record(self, step: int, kind: str, key: str) -> bool:
+    """Whether a writer that reads its records back holds this one."""
+    return any(
+        w.has_record(step, kind, key)
+        for w in self._writers
+        if hasattr(w, 'has_record')
+    )
 
   def flush(self):
     for w in self._writers:
@@ -293,18 +313,99 @@ def average(metrics: List[Dict[str, Any]]) -> Dict[str, float]:
   }
 
 
+class TrainWindow:
+  """The train metrics of the steps since the last log.
+
+  `add(first_step, metrics)` after each call of the train step(s) (each
+  value a scalar, or `(n,)` for n scanned steps); `first_nonfinite()` says
+  whether one of those steps left non-finite values (`nonfinite_key`'s
+  code, fetched only where the host syncs anyway: before a log, an eval or
+  a checkpoint); `pop()` returns their per-step means and empties the
+  window. A checkpoint between two logs carries the window in its
+  metadata (`to_json`, `from_json`), so that the run resumed from it logs
+  the same means as one never stopped.
+  """
+
+  def __init__(self, nonfinite_key: str):
+    self._key = nonfinite_key
+    self._entries: List[Tuple[int, Dict[str, Any]]] = []
+    self._checked = 0  # entries whose codes were fetched, all 0
+
+  def __bool__(self) -> bool:
+    return bool(self._entries)
+
+  def add(self, first_step: int, metrics: Dict[str, Any]):
+    self._entries.append((first_step, metrics))
+
+  def first_nonfinite(self) -> Optional[Tuple[int, int]]:
+    """`(step, code)` of the first step whose code is not 0, or None."""
+    new = self._entries[self._checked :]
+    codes = jax.device_get([m.get(self._key, 0) for _, m in new])
+    for (first, _), c in zip(new, codes):
+      c = np.atleast_1d(c)
+      bad = np.flatnonzero(c)
+      if bad.size:
+        return first + int(bad[0]), int(c[bad[0]])
+    self._checked = len(self._entries)
+    return None
+
+  def pop(self) -> Dict[str, float]:
+    values = [
+        {k: v for k, v in m.items() if k != self._key} for _, m in self._entries
+    ]
+    self._entries, self._checked = [], 0
+    return average(values)
+
+  def to_json(self) -> Optional[Dict[str, Any]]:
+    """The window as JSON: `{'first_step', 'values': {k: [...]},
+    'dtypes': {k: name}}` (exact: each float32 is a float64, which JSON
+    keeps), or None when empty."""
+    if not self._entries:
+      return None
+    fetched = jax.device_get([m for _, m in self._entries])
+    keys = [k for k in fetched[0] if k != self._key]
+    stacked = {
+        k: np.concatenate([np.atleast_1d(m[k]) for m in fetched]) for k in keys
+    }
+    return {
+        'first_step': self._entries[0][0],
+        'values': {k: [float(x) for x in v] for k, v in stacked.items()},
+        'dtypes': {k: str(v.dtype) for k, v in stacked.items()},
+    }
+
+  @classmethod
+  def from_json(
+      cls, nonfinite_key: str, saved: Optional[Dict[str, Any]]
+  ) -> 'TrainWindow':
+    window = cls(nonfinite_key)
+    if saved:
+      window.add(
+          int(saved['first_step']),
+          {
+              k: np.asarray(v, np.float64).astype(
+                  jax.numpy.dtype(saved['dtypes'][k])
+              )
+              for k, v in saved['values'].items()
+          },
+      )
+      window._checked = 1
+    return window
+
+
 def create_progress(
     num_train_steps: int,
     batch_size: int,
     writer: Any,
     every_secs: float,
     first_step: int = 0,
+    use_tensorboard: bool = True,
 ):
-  """clu's ReportProgress (steps/s and ETA) when clu imports; else ours.
+  """clu's ReportProgress (steps/s and ETA) when the run writes TensorBoard
+  summaries and clu imports; else ours.
 
   Both are called as `progress(step, sync=...)` after each step.
   """
-  if tensorboard_available():
+  if use_tensorboard and tensorboard_available():
     try:
       from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     except ImportError:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from typing import Any, Union
 
 from etils import epath
+
+from gaternet_jax.errors import WorkdirError
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,20 +47,66 @@ def write_bytes(path: PathLike, data: bytes):
     target.write_bytes(data)
     return
   tmp = target.with_name(target.name + '.tmp')
-  tmp.write_bytes(data)
-  os.replace(tmp, target)
+  try:
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+  except BaseException:
+    # A full disk or a kill: the target keeps its old contents, and no
+    # half-written temporary file stays behind.
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def write_text(path: PathLike, text: str):
-  write_bytes(path, text.encode('utf-8'))
+  # surrogateescape: lines read back from a damaged file keep their bytes.
+  write_bytes(path, text.encode('utf-8', 'surrogateescape'))
+
+
+def jsonable(obj: Any) -> Any:
+  """`obj` with every NaN or infinite float replaced by None, so that its
+  JSON is valid JSON (which has no NaN)."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [jsonable(v) for v in obj]
+  return obj
+
+
+def dumps(obj: Any, **kwargs) -> str:
+  """`json.dumps` of `jsonable(obj)`: never a bare NaN or Infinity."""
+  return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
 
 
 def write_json(path: PathLike, obj: Any):
-  write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+  write_text(path, dumps(obj, indent=2, sort_keys=True))
 
 
-def read_json(path: PathLike) -> Any:
-  return json.loads(resolve(path).read_text(encoding='utf-8'))
+def read_json(path: PathLike, what: str = 'file') -> Any:
+  """The JSON object in `path`; a WorkdirError (one sentence) if it is not
+  valid JSON (a damaged or truncated `what`)."""
+  raw = resolve(path).read_bytes()
+  try:
+    return json.loads(raw.decode('utf-8'))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    reason = e.reason if isinstance(e, UnicodeDecodeError) else e.msg
+    raise WorkdirError(
+        f'The {what} {os.fspath(resolve(path))} is damaged (not valid JSON: '
+        f'{reason}); restore it or move it away.'
+    ) from e
+
+
+def read_lines(path: PathLike) -> list:
+  """The lines of a text file, each with its newline; bytes that are not
+  UTF-8 are kept (surrogateescape) so that rewriting the file keeps them."""
+  return (
+      resolve(path)
+      .read_bytes()
+      .decode('utf-8', 'surrogateescape')
+      .splitlines(keepends=True)
+  )
 
 
 def save_figure(fig, path: PathLike, dpi: int) -> str:

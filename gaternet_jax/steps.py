@@ -109,13 +109,38 @@ def train_step(
   grads, (logits, gates, new_model_state, terms) = jax.grad(loss, has_aux=True)(
       state.params
   )
+
   new_state = state.apply_gradients(
       grads=grads, batch_stats=new_model_state['batch_stats']
   )
   out = dict(terms, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']))
   if spec:
     out['gates_on'] = jnp.mean(is_on(spec.flatten(gates)))
+  out[NONFINITE] = nonfinite_code(terms['loss'], new_state)
   return new_state, out
+
+
+# The train metric that says whether a step left non-finite values: 0 none,
+# 1 the loss, 2 the parameters or BatchNorm statistics (with a finite loss).
+# The trainer reads it where it fetches the metrics anyway, and never logs it.
+NONFINITE = 'nonfinite'
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [
+      jnp.all(jnp.isfinite(x))
+      for x in jax.tree_util.tree_leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def nonfinite_code(loss: jax.Array, state: TrainState) -> jax.Array:
+  """`NONFINITE`'s value (int32) for a step's loss and its new state."""
+  weights_ok = _all_finite((state.params, state.batch_stats))
+  return jnp.where(jnp.isfinite(loss), jnp.where(weights_ok, 0, 2), 1).astype(
+      jnp.int32
+  )
 
 
 def example_metrics(

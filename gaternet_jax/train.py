@@ -8,7 +8,6 @@ schedules; evaluation.py sums the evals.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -28,8 +27,10 @@ from gaternet_jax import metrics as metrics_lib
 from gaternet_jax import optim
 from gaternet_jax import paths
 from gaternet_jax import recipe
+from gaternet_jax import resume
 from gaternet_jax import sharding
-from gaternet_jax.errors import ConfigError, WorkdirError
+from gaternet_jax import steps as steps_lib
+from gaternet_jax.errors import ConfigError, TrainingDiverged, WorkdirError
 from gaternet_jax.steps import TrainState
 
 
@@ -113,26 +114,6 @@ def _check_workdir_path(workdir: str):
     )
 
 
-def _check_workdir_config(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    dataset: Optional[datasets.Dataset] = None,
-):
-  """Refuses to resume a workdir whose run built another network or read
-  another dataset (`config`'s, or `dataset` if given): their fingerprints
-  differ (fingerprint.py)."""
-  path = paths.join(workdir, 'config.json')
-  if not paths.resolve(path).exists():
-    return
-  differs = fingerprint.difference(config, paths.read_json(path), dataset)
-  if differs:
-    key, why = differs
-    raise WorkdirError(
-        f'{workdir} holds a run with a different `{key}` config ({why}); '
-        f'resume it with its own config ({path}) or choose a new --workdir.'
-    )
-
-
 def _initial_state(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -141,25 +122,49 @@ def _initial_state(
     rng: jax.Array,
     ckpt: checkpoints.Checkpointer,
     init_fn: Optional[Callable[[TrainState], TrainState]],
-) -> Tuple[TrainState, float]:
-  """(the state training starts from, seconds trained before this call).
+    allow_config_change: bool = False,
+) -> Tuple[TrainState, Dict[str, Any]]:
+  """(the state training starts from, its checkpoint's metadata).
 
-  The latest checkpoint's when `workdir` has one; else a fresh state mapped
+  The latest checkpoint's when `workdir` has one (its config must not
+  change the run's trajectory: resume.check); else a fresh state mapped
   by `init_fn` (pretrained weights), and the run's config.json is written.
   """
   state = exp.new_state(lr_fn, rng)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
-    logging.info('Resumed %s at step %d.', workdir, int(state.step))
-    return state, ckpt.train_seconds()
+    step = int(state.step)
+    resume.check(config, workdir, step, allow_config_change)
+    logging.info('Resumed %s at step %d.', workdir, step)
+    return state, dict(ckpt.custom_metadata(step))
   if init_fn is not None:
     state = sharding.replicate(init_fn(state), exp.mesh)
   if jax.process_index() == 0:
-    paths.write_json(
-        paths.join(workdir, 'config.json'),
-        json.loads(config.to_json_best_effort()),
-    )
-  return state, 0.0
+    paths.write_json(paths.join(workdir, 'config.json'), resume.as_json(config))
+  return state, {}
+
+
+def _diverged(
+    config: ml_collections.ConfigDict,
+    step: int,
+    code: int,
+    lr_fn,
+    ckpt: checkpoints.Checkpointer,
+) -> TrainingDiverged:
+  """The one-sentence error of a step that left non-finite values."""
+  what = 'loss' if code == 1 else 'parameters (with a finite loss)'
+  last = ckpt.latest_step()
+  kept = (
+      f'the latest checkpoint, step {last}, holds finite values'
+      if last is not None
+      else 'no checkpoint was written'
+  )
+  return TrainingDiverged(
+      f'Training diverged at step {step}: the {what} became NaN or Inf at a '
+      f'learning rate of {float(lr_fn(step - 1)):.4g}, most likely because '
+      f'optimizer.learning_rate ({config.optimizer.learning_rate}) or a loss '
+      f'weight is too large; {kept}.'
+  )
 
 
 def _advance_fn(
@@ -213,6 +218,7 @@ def train(
     init_fn: Optional[Callable[[TrainState], TrainState]] = None,
     dataset: Optional[datasets.Dataset] = None,
     step_callback: Optional[Callable[[int], None]] = None,
+    allow_config_change: bool = False,
 ) -> Dict[str, Any]:
   """Trains one model to `config`'s end, resuming from `workdir` if it can.
 
@@ -224,15 +230,21 @@ def train(
       load pretrained weights); not called when resuming.
     dataset: an already loaded dataset (else `config.data` is loaded).
     step_callback: called with each finished step number (for tests).
+    allow_config_change: resume `workdir` even if `config` changes its
+      training trajectory (resume.py); else that is refused.
 
   Returns:
     The final evaluation metrics (also written to `workdir/results.json`).
+
+  Raises:
+    TrainingDiverged: a step left NaN or Inf in the loss or the weights;
+      no checkpoint of such a state is written.
   """
   _check_loop_config(config)
   workdir = str(paths.resolve(workdir))
   _check_workdir_path(workdir)
   paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
-  _check_workdir_config(config, workdir, dataset)
+  fingerprint.check_workdir(config, workdir, dataset)
   exp = experiment.setup(config, dataset)
   ds, spec, mesh = exp.ds, exp.spec, exp.mesh
   _check_gate_losses(config, exp.model)
@@ -248,9 +260,10 @@ def train(
       max_to_keep=config.keep_checkpoints,
       save_every_steps=config.checkpoint_every_steps,
   )
-  state, trained_before = _initial_state(
-      config, workdir, exp, lr_fn, init_rng, ckpt, init_fn
+  state, saved = _initial_state(
+      config, workdir, exp, lr_fn, init_rng, ckpt, init_fn, allow_config_change
   )
+  trained_before = float(saved.get('train_seconds', 0.0))
   train_rng = sharding.replicate(train_rng, mesh)
   start = int(state.step)
 
@@ -278,6 +291,7 @@ def train(
       writer,
       config.progress_every_secs,
       first_step=start,
+      use_tensorboard=config.tensorboard,
   )
 
   def evaluate(state):
@@ -285,7 +299,11 @@ def train(
 
   preempted = _PreemptionCheck()
   results = None
-  buffer = []
+  # The train metrics since the last log; a checkpoint between two logs
+  # stored the first part of its window.
+  window = metrics_lib.TrainWindow.from_json(
+      steps_lib.NONFINITE, saved.get('window')
+  )
   advance = _advance_fn(
       config,
       ds,
@@ -302,30 +320,46 @@ def train(
   try:
     while step < total_steps:
       state, m, n = advance(state, step)
-      buffer.append(m)
+      window.add(step + 1, m)
       step += n
       stop = preempted(step)
       progress(step, sync=lambda m=m: jax.block_until_ready(m))
-      if step % config.log_every_steps == 0 or step == total_steps:
-        scalars = metrics_lib.average(buffer)
+      trained = trained_before + time.time() - t0
+      last = step == total_steps
+      log_now = step % config.log_every_steps == 0 or last
+      eval_now = step % eval_every == 0 or last
+      # Checkpoints stay on their grid (and the last step): only a SIGTERM
+      # saves between.
+      save_now = step % config.checkpoint_every_steps == 0 or last or stop
+      if log_now or eval_now or save_now:
+        # Where the host waits for the step anyway: no NaN or Inf reaches
+        # the metrics, the evals or a checkpoint.
+        bad = window.first_nonfinite()
+        if bad is not None:
+          raise _diverged(config, *bad, lr_fn, ckpt)
+      if log_now:
+        scalars = window.pop()
         scalars['learning_rate'] = float(lr_fn(step - 1))
         writer.write_scalars(
             step, {f'train/{k}': v for k, v in scalars.items()}
         )
-        buffer = []
-      if step % eval_every == 0 or step == total_steps:
+      if eval_now:
         results = evaluate(state)
         writer.write_scalars(
             step, {f'{ds.test_split_name}/{k}': v for k, v in results.items()}
         )
-      trained = trained_before + time.time() - t0
-      if ckpt.save(
-          step,
-          state,
-          force=(step == total_steps) or stop,
-          train_seconds=trained,
-      ):
-        writer.flush()  # Metrics up to a checkpoint outlive a crash.
+      if save_now:
+        # The records up to this step reach the disk before the checkpoint
+        # does: a run resumed from it finds all of them.
+        writer.flush()
+        pending = window.to_json()
+        ckpt.save(
+            step,
+            state,
+            force=True,
+            train_seconds=trained,
+            metadata={'window': pending} if pending else None,
+        )
       if step_callback is not None:
         step_callback(step)
       if stop:
@@ -354,8 +388,10 @@ def train(
       split=ds.test_split_name,
       train_seconds=trained,
   )
-  if not finished_before:  # (metrics.jsonl has a finished run's results.)
-    writer.write_texts(int(state.step), {'results': json.dumps(results)})
+  # Once: a finished run that is re-run (or was killed before this line)
+  # finds its results record, or writes it now.
+  if not writer.has_record(int(state.step), 'texts', 'results'):
+    writer.write_texts(int(state.step), {'results': paths.dumps(results)})
   writer.close()
   if jax.process_index() == 0:
     paths.write_json(paths.join(workdir, 'results.json'), results)
@@ -367,6 +403,7 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
     dataset: Optional[datasets.Dataset] = None,
+    allow_config_change: bool = False,
 ) -> Dict[str, Any]:
   """GaterNet's recipe: pretraining stages (if any), then this config's run.
 
@@ -375,6 +412,7 @@ def train_and_evaluate(
     workdir: this run's directory; pretraining stages without a workdir of
       their own run in `<workdir>/pretrain/<stage>`.
     dataset: an already loaded dataset (else `config.data` is loaded).
+    allow_config_change: resume runs whose config changed (`train`).
 
   Returns:
     {'final': results of this run, '<stage>': results of each pretraining
@@ -392,7 +430,12 @@ def train_and_evaluate(
   for stage in recipe.pretraining_stages(config, workdir):
     if stage.train and not resuming:
       logging.info('Pretraining stage %r in %s.', stage.name, stage.workdir)
-      out[stage.name] = train(stage.config, stage.workdir, dataset=dataset)
+      out[stage.name] = train(
+          stage.config,
+          stage.workdir,
+          dataset=dataset,
+          allow_config_change=allow_config_change,
+      )
     elif checkpoints.has_checkpoint(stage.workdir):
       logging.info('Pretrained %r: evaluating %s.', stage.name, stage.workdir)
       out[stage.name] = evaluation.evaluate(
@@ -419,6 +462,10 @@ def train_and_evaluate(
     return state
 
   out['final'] = train(
-      config, workdir, init_fn if init_fns else None, dataset=dataset
+      config,
+      workdir,
+      init_fn if init_fns else None,
+      dataset=dataset,
+      allow_config_change=allow_config_change,
   )
   return out

@@ -17,7 +17,7 @@ from gaternet_jax import augment
 from gaternet_jax import data
 from gaternet_jax import datasets
 from gaternet_jax import experiment
-from gaternet_jax import train as train_lib
+from gaternet_jax import fingerprint
 from gaternet_jax.errors import ConfigError
 from tests import helpers
 
@@ -172,4 +172,4 @@ def test_imagenet_workdir_of_the_old_config_resumes(tmp_path):
   old['data'].update(crop_padding=0, flip=False)
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump(old, f)
-  train_lib._check_workdir_config(config, str(tmp_path))  # pylint: disable=protected-access
+  fingerprint.check_workdir(config, str(tmp_path))  # pylint: disable=protected-access

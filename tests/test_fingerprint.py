@@ -10,7 +10,6 @@ import pytest
 from configs import cifar10_r20, cifar10_r20_baseline, imagenet_r152
 from gaternet_jax import data as data_lib
 from gaternet_jax import fingerprint
-from gaternet_jax import train as train_lib
 from gaternet_jax.errors import WorkdirError
 from tests import helpers
 
@@ -60,21 +59,21 @@ def test_a_change_of_parameter_shapes_is_refused_and_named(tmp_path):
       match=r'different `model` config \(its '
       r'.*\(64,\) float32, this config.s \(128,\)',
   ):
-    train_lib._check_workdir_config(wider, wd)
+    fingerprint.check_workdir(wider, wd)
   config = cifar10_r20.get_config()
   _write(wd, _stored(config))
-  train_lib._check_workdir_config(config, wd)
+  fingerprint.check_workdir(config, wd)
   wider = cifar10_r20.get_config()
   wider.model.backbone.widths = (16, 32, 128)
   with pytest.raises(
       WorkdirError,
       match='its gate site .* has 64 filters, ' "this config's 128",
   ):
-    train_lib._check_workdir_config(wider, wd)
+    fingerprint.check_workdir(wider, wd)
   ungated = cifar10_r20.get_config()
   ungated.model.gating = 'none'
   with pytest.raises(WorkdirError, match="its gating is 'gater'"):
-    train_lib._check_workdir_config(ungated, wd)
+    fingerprint.check_workdir(ungated, wd)
 
 
 def test_fields_that_build_the_same_network_are_accepted(tmp_path):
@@ -88,10 +87,10 @@ def test_fields_that_build_the_same_network_are_accepted(tmp_path):
   _write(wd, stored)
   config = cifar10_r20_baseline.get_config()
   config.model.backbone.se_reduction = 0
-  train_lib._check_workdir_config(config, wd)
+  fingerprint.check_workdir(config, wd)
   config.model.backbone.se_reduction = 4  # builds squeeze-excitation
   with pytest.raises(WorkdirError, match='different `model`.*/se/'):
-    train_lib._check_workdir_config(config, wd)
+    fingerprint.check_workdir(config, wd)
 
 
 def test_a_different_dataset_is_refused_and_where_it_lives_is_not(tmp_path):
@@ -103,7 +102,7 @@ def test_a_different_dataset_is_refused_and_where_it_lives_is_not(tmp_path):
   moved.data.crop_padding = 0
   moved.batch_size = 64
   moved.eval_batch_size = 500
-  train_lib._check_workdir_config(moved, wd)
+  fingerprint.check_workdir(moved, wd)
   other = cifar10_r20.get_config()
   other.data.name = 'cifar100'
   with pytest.raises(
@@ -112,7 +111,7 @@ def test_a_different_dataset_is_refused_and_where_it_lives_is_not(tmp_path):
       r'dataset is cifar10, \(32, 32, 3\) images of 10 '
       r'classes\)',
   ):
-    train_lib._check_workdir_config(other, wd)
+    fingerprint.check_workdir(other, wd)
 
 
 def test_a_loaded_dataset_is_its_own_identity(tmp_path):
@@ -121,10 +120,10 @@ def test_a_loaded_dataset_is_its_own_identity(tmp_path):
   _write(wd, _stored(config))
   # config.json says no more of a dataset given in memory than its name.
   ds = helpers.synthetic_dataset()
-  train_lib._check_workdir_config(config, wd, ds)
+  fingerprint.check_workdir(config, wd, ds)
   config.model.backbone.depth = 14
   with pytest.raises(WorkdirError, match='different `model`'):
-    train_lib._check_workdir_config(config, wd, ds)
+    fingerprint.check_workdir(config, wd, ds)
 
 
 def test_an_older_config_json_is_read_in_todays_terms(tmp_path):
@@ -135,11 +134,11 @@ def test_an_older_config_json_is_read_in_todays_terms(tmp_path):
   del model['local_gating'], model['dtype']  # fields it did not write yet
   del model['semhash']['binarize']
   _write(wd, stored)
-  train_lib._check_workdir_config(cifar10_r20.get_config(), wd)
+  fingerprint.check_workdir(cifar10_r20.get_config(), wd)
   model['gated'] = False
   _write(wd, stored)
   with pytest.raises(WorkdirError, match="its gating is 'none'"):
-    train_lib._check_workdir_config(cifar10_r20.get_config(), wd)
+    fingerprint.check_workdir(cifar10_r20.get_config(), wd)
 
 
 def test_a_model_todays_code_cannot_build_is_refused(tmp_path):
@@ -151,4 +150,4 @@ def test_a_model_todays_code_cannot_build_is_refused(tmp_path):
       WorkdirError,
       match='different `model` config .*does ' 'not build here.*removed_option',
   ):
-    train_lib._check_workdir_config(cifar10_r20.get_config(), wd)
+    fingerprint.check_workdir(cifar10_r20.get_config(), wd)

@@ -9,8 +9,8 @@ import pytest
 
 from configs import cifar10_r20_baseline, default, digits_bas, digits_bas_l0
 from gaternet_jax import benchmark
+from gaternet_jax import fingerprint
 from gaternet_jax import gating
-from gaternet_jax import train as train_lib
 from gaternet_jax.errors import ConfigError, WorkdirError
 from gaternet_jax.models import create_model
 from tests import helpers
@@ -101,8 +101,8 @@ def test_a_workdir_written_in_the_old_terms_still_resumes(tmp_path, module):
   wd = str(tmp_path)
   with open(os.path.join(wd, 'config.json'), 'w', encoding='utf-8') as f:
     json.dump(old, f)
-  train_lib._check_workdir_config(config, wd)
+  fingerprint.check_workdir(config, wd)
   other = ml_collections.ConfigDict(config.to_dict())
   other.model.gating = 'none'
   with pytest.raises(WorkdirError, match='different `model`'):
-    train_lib._check_workdir_config(other, wd)
+    fingerprint.check_workdir(other, wd)

@@ -17,6 +17,7 @@ import pytest
 from gaternet_jax import checkpoints
 from gaternet_jax import evaluation
 from gaternet_jax import experiment
+from gaternet_jax import fingerprint
 from gaternet_jax import losses
 from gaternet_jax import optim
 from gaternet_jax import recipe
@@ -96,12 +97,15 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
   wd = str(tmp_path / 'killed')
   with pytest.raises(Killed):  # dies after step 5; last checkpoint is step 4
     train_lib.train(config, wd, dataset=ds, step_callback=kill_at(5))
-  # train() returned only after its async save had been committed.
-  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['1', '2', '4']
+  # train() returned only after its async save had been committed, and
+  # checkpoints stay on their grid (no save of step 1 off it).
+  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['2', '4']
+  config.keep_checkpoints = 2
   with pytest.raises(Killed):  # dies again right after a checkpointed step
     train_lib.train(config, wd, dataset=ds, step_callback=kill_at(6))
   # ... and after max_to_keep had deleted the oldest one.
-  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['2', '4', '6']
+  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['4', '6']
+  config.keep_checkpoints = 3
   resumed = train_lib.train(config, wd, dataset=ds)
   a, b = _params(str(tmp_path / 'ref')), _params(wd)
   assert a['step'] == b['step'] == 7
@@ -323,9 +327,9 @@ def test_recipe_pretrains_then_initialises_both_parts(tmp_path):
   )
   # Resuming the joint run never retrains a stage, even one that is gone.
   shutil.rmtree(stages[0].workdir)
-  config.num_train_steps = 4
+  config.num_train_steps = 4  # a longer run: a change the flag allows
   again = train_lib.train_and_evaluate(
-      config, str(tmp_path / 'gated'), dataset=ds
+      config, str(tmp_path / 'gated'), dataset=ds, allow_config_change=True
   )
   assert set(again) == {'final'} and again['final']['step'] == 4
   assert not os.path.exists(stages[0].workdir)
@@ -353,10 +357,13 @@ def test_recipe_reads_a_named_pretraining_run_without_training_it(tmp_path):
       out['baseline']['accuracy']
       == evaluation.evaluate(base, given, dataset=ds)['accuracy']
   )
-  # --mode=eval of a run with the config of another network: one sentence.
+  # --mode=eval of a run with the config of another network: one sentence
+  # that names the layer that differs.
   wider = helpers.tiny_config(gated=False)
   wider.model.backbone.widths = (4, 8, 32)
-  with pytest.raises(train_lib.WorkdirError, match='check that its config'):
+  with pytest.raises(
+      train_lib.WorkdirError, match=r'different `model` config.*\(16,\)'
+  ):
     evaluation.evaluate(wider, given, dataset=ds)
   # A named run without checkpoints is refused in one sentence.
   config.pretrain.backbone_workdir = config.pretrain.gater_workdir = str(
@@ -603,18 +610,18 @@ def test_a_baseline_workdir_serves_as_a_pretraining_stage(tmp_path):
   with open(os.path.join(wd, 'config.json'), 'w', encoding='utf-8') as f:
     f.write(cifar10_r20_baseline.get_config().to_json_best_effort())
   (stage,) = recipe.pretraining_stages(cifar10_r20.get_config(), wd)
-  train_lib._check_workdir_config(stage.config, wd)
+  fingerprint.check_workdir(stage.config, wd)
   other = cifar10_r20_baseline.get_config()
   other.model.backbone.depth = 32
   with pytest.raises(WorkdirError, match='different `model`'):
-    train_lib._check_workdir_config(other, wd)
+    fingerprint.check_workdir(other, wd)
   gated = cifar10_r20.get_config()
   with open(os.path.join(wd, 'config.json'), 'w', encoding='utf-8') as f:
     f.write(gated.to_json_best_effort())
-  train_lib._check_workdir_config(gated, wd)
+  fingerprint.check_workdir(gated, wd)
   gated.model.gater.bottleneck = 16
   with pytest.raises(WorkdirError, match='different `model`'):
-    train_lib._check_workdir_config(gated, wd)
+    fingerprint.check_workdir(gated, wd)
 
 
 def test_each_pretraining_run_follows_its_own_networks_scheme():
