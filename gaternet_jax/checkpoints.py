@@ -8,6 +8,7 @@ read from other workdirs' checkpoints and copied into a new state.
 
 from __future__ import annotations
 
+import shutil
 from typing import Any, Mapping, Optional
 
 import flax
@@ -65,12 +66,36 @@ class Checkpointer:
     custom = dict(metadata or {})
     if train_seconds is not None:
       custom['train_seconds'] = float(train_seconds)
+    if force or self._manager.should_save(int(step)):
+      self._check_free_space(state)
     return self._manager.save(
         int(step),
         args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
         force=force,
         custom_metadata=custom or None,
     )
+
+  def _check_free_space(self, state: Any):
+    """Refuses to start a checkpoint the local disk has no room for: a
+    save that fails half-way leaves Orbax's threads failing one by one.
+    (The save before it is finished first, as Orbax's save would.)"""
+    if paths.is_remote(self.directory):
+      return
+    self._manager.wait_until_finished()
+    need = sum(
+        int(np.prod(x.shape)) * x.dtype.itemsize
+        for x in jax.tree_util.tree_leaves(state)
+        if hasattr(x, 'dtype')
+    )
+    need = int(need * 1.1) + (256 << 10)  # metadata, the format's files
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise WorkdirError(
+          f'The disk of {self.directory} has {free / 2**20:.2f} MiB free and '
+          f'a checkpoint needs about {need / 2**20:.2f} MiB; free some space '
+          f'and run the same command again to resume from step '
+          f'{self.latest_step()}.'
+      )
 
   def custom_metadata(self, step: Optional[int] = None) -> Mapping[str, Any]:
     """The metadata `save` stored with the checkpoint at `step` (default:

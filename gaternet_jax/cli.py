@@ -78,6 +78,11 @@ def run(
   """
   try:
     return _run(mode, config, workdir, allow_config_change)
+  except (OSError, ValueError) as e:
+    sentence = paths.disk_error(e)
+    if sentence is None or isinstance(e, UserError):
+      raise
+    raise UserError(sentence) from e
   except jax.errors.JaxRuntimeError as e:
     message = str(e)
     if 'RESOURCE_EXHAUSTED' not in message and 'Out of memory' not in message:

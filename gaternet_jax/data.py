@@ -18,6 +18,8 @@ Sources (`data.name` / `data.source`):
 import codecs
 import contextlib
 import dataclasses
+import gzip
+import importlib.util
 import io
 import os
 import pickle
@@ -434,21 +436,76 @@ def _check_labels(labels, num_classes, what):
 # digits: scikit-learn's bundled 8x8 digits.
 
 
+def _digits_file() -> str:
+  """scikit-learn's bundled digits.csv.gz, found without importing
+  scikit-learn (which takes seconds to import)."""
+  spec = importlib.util.find_spec('sklearn')
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError(
+        "The digits dataset is scikit-learn's; install it (pip install "
+        'scikit-learn).'
+    )
+  return os.path.join(
+      list(spec.submodule_search_locations)[0],
+      'datasets',
+      'data',
+      'digits.csv.gz',
+  )
+
+
+def _approximate_mode(counts: np.ndarray, n: int, rng) -> np.ndarray:
+  """`n` draws spread over classes of `counts` in proportion, the draws
+  left by rounding down given to the largest remainders (ties broken by
+  `rng`): scikit-learn's `_approximate_mode`, which its stratified split
+  uses."""
+  exact = counts / counts.sum() * n
+  floored = np.floor(exact)
+  missing = int(n - floored.sum())
+  remainder = exact - floored
+  for value in np.sort(np.unique(remainder))[::-1]:
+    if missing <= 0:
+      break
+    (tied,) = np.where(remainder == value)
+    chosen = rng.choice(tied, size=min(len(tied), missing), replace=False)
+    floored[chosen] += 1
+    missing -= len(chosen)
+  return floored.astype(int)
+
+
+def stratified_split(labels: np.ndarray, test_size: float, seed: int):
+  """(train indices, test indices) of scikit-learn's
+  `train_test_split(..., test_size, random_state=seed, stratify=labels)`,
+  the same draws in the same order (tests/test_data.py checks it against
+  scikit-learn)."""
+  n = len(labels)
+  n_test = int(np.ceil(test_size * n))
+  n_train = n - n_test
+  rng = np.random.RandomState(seed)
+  classes, inverse = np.unique(labels, return_inverse=True)
+  counts = np.bincount(inverse)
+  by_class = np.split(
+      np.argsort(inverse, kind='mergesort'), np.cumsum(counts)[:-1]
+  )
+  n_i = _approximate_mode(counts, n_train, rng)
+  t_i = _approximate_mode(counts - n_i, n_test, rng)
+  train, test = [], []
+  for i in range(len(classes)):
+    order = by_class[i].take(rng.permutation(counts[i]), mode='clip')
+    train.extend(order[: n_i[i]])
+    test.extend(order[n_i[i] : n_i[i] + t_i[i]])
+  return rng.permutation(train), rng.permutation(test)
+
+
 def _load_digits():
   """(N, 8, 8, 1) uint8 digits with a fixed stratified 80/20 split."""
-  # Imported here: scikit-learn is slow to import and only digits needs it.
-  from sklearn import datasets as sk_datasets
-  from sklearn import model_selection
-
-  digits = sk_datasets.load_digits()
+  with gzip.open(_digits_file(), 'rt') as f:
+    table = np.loadtxt(f, delimiter=',')
   # Pixel values are 0..16.
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-  images = images[..., None]
-  labels = digits.target.astype(np.int32)
-  x_train, x_test, y_train, y_test = model_selection.train_test_split(
-      images, labels, test_size=0.2, random_state=0, stratify=labels
-  )
-  return (x_train, y_train), (x_test, y_test)
+  images = np.round(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0))
+  images = images.astype(np.uint8)[..., None]
+  labels = table[:, -1].astype(np.int32)
+  train, test = stratified_split(labels, test_size=0.2, seed=0)
+  return (images[train], labels[train]), (images[test], labels[test])
 
 
 # ----------------------------------------------------------------------------

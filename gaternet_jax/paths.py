@@ -10,11 +10,13 @@ temporary file and a rename (atomic on a POSIX filesystem).
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
-from typing import Any, Union
+import re
+from typing import Any, Optional, Union
 
 from etils import epath
 
@@ -115,3 +117,51 @@ def save_figure(fig, path: PathLike, dpi: int) -> str:
   fig.savefig(buf, format='png', dpi=dpi)
   write_bytes(path, buf.getvalue())
   return os.fspath(resolve(path))
+
+
+# What an OSError of a workdir's file says about the disk, not the code.
+_DISK_ERRORS = (
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+)
+
+
+def disk_error(e: BaseException) -> Optional[str]:
+  """One sentence for an OSError that a full, read-only or forbidden path
+  caused (None for other errors)."""
+  if isinstance(e, OSError):
+    code, filename, strerror = e.errno, e.filename, e.strerror
+  else:  # Orbax's tensorstore errors carry the errno in their text.
+    found = re.search(r"os_error_code='(\d+)'", str(e))
+    if not found:
+      return None
+    code, filename = int(found.group(1)), None
+    strerror = os.strerror(code)
+  if code not in _DISK_ERRORS:
+    return None
+  where = f' {filename}' if filename else ''
+  return (
+      f'Cannot write{where} ({strerror}); free some space or choose a '
+      f'--workdir this user can write, then run the same command again.'
+  )
+
+
+def check_writable(directory: PathLike):
+  """Creates `directory` (and its parents) and writes and removes a file in
+  it; a WorkdirError before any work if that fails."""
+  path = resolve(directory)
+  probe = path / '.write_check'
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b'')
+    probe.unlink()
+  except OSError as e:
+    sentence = disk_error(e)
+    if sentence is None:
+      raise
+    raise WorkdirError(sentence) from e

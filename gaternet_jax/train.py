@@ -243,7 +243,7 @@ def train(
   _check_loop_config(config)
   workdir = str(paths.resolve(workdir))
   _check_workdir_path(workdir)
-  paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
+  paths.check_writable(workdir)
   fingerprint.check_workdir(config, workdir, dataset)
   exp = experiment.setup(config, dataset)
   ds, spec, mesh = exp.ds, exp.spec, exp.mesh

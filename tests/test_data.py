@@ -664,3 +664,20 @@ def test_fake_dataset_and_dataset_info():
   assert len(masks) == 3 and sum(m.sum() for m in masks) == 10
   with pytest.raises(DataError):
     dataset_info(ConfigDict(dict(name='mnist')))
+
+
+@pytest.mark.parametrize('seed,test_size', [(0, 0.2), (3, 0.25), (7, 0.1)])
+def test_stratified_split_is_scikit_learns(seed, test_size):
+  # The digits split is drawn without importing scikit-learn (seconds a
+  # process); it must be scikit-learn's split, draw for draw.
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  for labels in (data._load_digits()[0][1], rng.integers(0, 7, 503)):
+    index = np.arange(len(labels))
+    want_train, want_test = model_selection.train_test_split(
+        index, test_size=test_size, random_state=seed, stratify=labels
+    )
+    train, test = data.stratified_split(labels, test_size, seed)
+    np.testing.assert_array_equal(train, want_train)
+    np.testing.assert_array_equal(test, want_test)
