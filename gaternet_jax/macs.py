@@ -63,8 +63,10 @@ class Layer:
 
 def _record_layers(
     model: nn.Module, image_shape: Sequence[int]
-) -> List[Tuple[Tuple[str, ...], str, tuple, tuple, Any]]:
-  """(path, kind, input shape, output shape, module) of every conv/dense."""
+) -> Tuple[List[Tuple[Tuple[str, ...], str, tuple, tuple, Any]], Any]:
+  """(path, kind, input shape, output shape, module) of every conv/dense
+  call of an evaluation-mode apply (init may call more: Inception-v4's
+  auxiliary head), and the shapes of the variables init made."""
   calls = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -93,11 +95,12 @@ def _record_layers(
         train=False,
     )
     calls.clear()  # Keep only the apply's calls, not init's.
-    return model.apply(variables, x, train=False)
+    model.apply(variables, x, train=False)
+    return variables
 
   with nn.intercept_methods(interceptor):
-    jax.eval_shape(run)
-  return calls
+    variables = jax.eval_shape(run)
+  return calls, variables
 
 
 def _layer(path, kind, in_shape, out_shape, module) -> Layer:
@@ -228,13 +231,22 @@ def count(
     NotImplementedError: `conditional`, the model is gated and its backbone's
       `gate_wiring()` raises it (conditional MACs are then unknown).
   """
-  layers = [_layer(*c) for c in _record_layers(model, image_shape)]
+  return count_with_variables(model, image_shape, conditional)[0]
+
+
+def count_with_variables(
+    model: nn.Module, image_shape: Sequence[int], conditional: bool = True
+) -> Tuple['MacCounter', Any]:
+  """`count`'s counter and the shapes (`jax.ShapeDtypeStruct`s) of the
+  model's variables, from the same trace."""
+  calls, variables = _record_layers(model, image_shape)
+  layers = [_layer(*c) for c in calls]
   spec = model.gate_spec()
   if spec and not conditional:
-    return MacCounter(layers, GateSpec())
+    return MacCounter(layers, GateSpec()), variables
   if spec:
     _wire(layers, model.backbone.gate_wiring(), spec, ('backbone',))
-  return MacCounter(layers, spec)
+  return MacCounter(layers, spec), variables
 
 
 def format_macs(n: float) -> str:

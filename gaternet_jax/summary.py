@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import jax
-import jax.numpy as jnp
 from flax import traverse_util
 import ml_collections
 
@@ -31,16 +30,12 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """
   image_shape, num_classes = data_lib.dataset_info(config.data)
   model = create_model(config.model, num_classes)
-  variables = jax.eval_shape(
-      lambda: model.init(
-          {'params': jax.random.key(0), 'gates': jax.random.key(1)},
-          jnp.zeros((1,) + image_shape),
-          train=False,
-      )
+  # One trace of the model's init gives both its MACs and its variables.
+  counter, variables = macs_lib.count_with_variables(
+      model, image_shape, conditional=False
   )
   params = variables['params']
   spec = model.gate_spec()
-  counter = macs_lib.count(model, image_shape, conditional=False)
   flat = traverse_util.flatten_dict(params.get('backbone', {}))
   gating_modules = sum(
       v.size for k, v in flat.items() if macs_lib.LOCAL_GATE_MODULE in k[:-1]

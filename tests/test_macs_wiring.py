@@ -403,3 +403,14 @@ def test_densenet_closed_inputs_are_image_independent_constants(counters):
     nonzero += int((a != 0).any())
   assert checked >= 6
   assert nonzero > 0  # BN(0) is not zero: the slice is folded, not zero.
+
+
+def test_inception_auxiliary_head_costs_no_inference_macs():
+  # Init builds the auxiliary head, evaluation never runs it: its layers
+  # have parameters but no MACs in the count.
+  model = _gated(inception_v4(num_classes=10, width=1 / 16, aux_logits=True))
+  counter, variables = macs.count_with_variables(model, (299, 299, 3))
+  assert 'AuxLogits' in variables['params']['backbone']
+  assert counter.layers and not [
+      l for l in counter.layers if 'AuxLogits' in l.path
+  ]
