@@ -1,19 +1,25 @@
-"""Config values that cannot work are refused before anything loads."""
+"""Config values that cannot work are refused before anything loads, and a
+bad --config file or override is one sentence."""
 
 import importlib
 import math
 import os
 import re
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 import pytest
 
 from configs import cifar10_densenet_bc100_k12
 from configs import default
 from gaternet_jax import cli
 from gaternet_jax import config_checks
+from gaternet_jax import flag_errors
 from gaternet_jax.errors import ConfigError
 from tests.test_main import REPO, _assert_one_line_error, _main
+
+DEFAULT = os.path.join(REPO, 'configs', 'default.py')
 
 
 def _with(config, field, value):
@@ -228,7 +234,137 @@ def test_every_config_file_passes_in_every_mode():
 
 
 # ---------------------------------------------------------------------------
-# Through main.py.
+# The --config flag: its file and its overrides (gaternet_jax/flag_errors.py).
+
+
+def _flag_error(config_file, *overrides):
+  """The sentence for parsing `--config=config_file` and `overrides`."""
+  argv = ['main.py', f'--config={config_file}', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      'config',
+      None,
+      '',
+      flag_values=flag_values,
+      lock_config=True,
+      sys_argv=argv,
+  )
+  with pytest.raises(Exception) as raised:
+    flag_values(argv)
+  return flag_errors.config_flag_error(raised.value, argv, flag_values)
+
+
+@pytest.mark.parametrize(
+    'source, sentence',
+    [
+        (
+            'def make_config():\n  return None\n',
+            'the --config file {} has no get_config() function.',
+        ),
+        (
+            'def get_config(:\n  pass\n',
+            'cannot load the --config file {} (SyntaxError at line 1: '
+            'invalid syntax).',
+        ),
+        (
+            'import os\nX = undefined_name\n',
+            'cannot load the --config file {} (NameError at line 2: name '
+            "'undefined_name' is not defined).",
+        ),
+        (
+            "def get_config():\n  raise RuntimeError('no GPU here')\n",
+            'cannot load the --config file {} (RuntimeError at line 2: no '
+            'GPU here).',
+        ),
+        (  # config_flags wraps a TypeError in a flags.Error.
+            'def get_config():\n  return len(5)\n',
+            'cannot load the --config file {} (TypeError at line 2: object '
+            "of type 'int' has no len()).",
+        ),
+        (
+            'from configs import base\n\ndef get_config():\n'
+            '  return base.base_config().optimizer.learnig_rate\n',
+            'cannot load the --config file {} (AttributeError at line 4: '
+            'config has no field learnig_rate (did you mean learning_rate?)).',
+        ),
+        (  # A config's ValueError is a sentence for the user.
+            "def get_config():\n  raise ValueError('Use configs/x.py.')\n",
+            'Use configs/x.py.',
+        ),
+    ],
+)
+def test_a_bad_config_file_is_one_sentence(tmp_path, source, sentence):
+  path = tmp_path / 'bad_config.py'
+  path.write_text(source)
+  assert _flag_error(str(path)) == sentence.format(path)
+
+
+@pytest.mark.parametrize(
+    'override, sentence',
+    [
+        (
+            '--config.optimizer.learnig_rate=0.1',
+            '--config.optimizer.learnig_rate: config has no field '
+            'learnig_rate (did you mean learning_rate?).',
+        ),
+        (
+            '--config.nothing.here=1',
+            '--config.nothing.here: config has no field nothing.',
+        ),
+        (
+            '--config.batch_size=abc',
+            "--config.batch_size must be a whole number; got 'abc'.",
+        ),
+        (
+            '--config.batch_size=True',
+            "--config.batch_size must be a whole number; got 'True'.",
+        ),
+        (
+            '--config.eval_every_epochs=often',
+            "--config.eval_every_epochs must be a number; got 'often'.",
+        ),
+        (
+            '--config.tensorboard=maybe',
+            "--config.tensorboard must be True or False; got 'maybe'.",
+        ),
+    ],
+)
+def test_a_bad_override_is_one_sentence(override, sentence):
+  assert _flag_error(DEFAULT, override) == sentence
+
+
+def test_another_flag_error_is_left_to_absl():
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values)
+  error = flags.UnrecognizedFlagError('nosuchflag')
+  assert flag_errors.config_flag_error(error, ['main.py'], flag_values) is None
+
+
+# ---------------------------------------------------------------------------
+# Through main.py: one Python start each.
+
+
+def test_unknown_field_through_main_keeps_the_suggestion():
+  proc = _main(
+      '--config=configs/default.py',
+      '--workdir=/nonexistent/run',
+      '--config.optimizer.learnig_rate=0.1',
+  )
+  _assert_one_line_error(proc)
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: --config.optimizer.learnig_rate: config has no field '
+      'learnig_rate (did you mean learning_rate?).'
+  )
+
+
+def test_config_file_without_get_config_through_main(tmp_path):
+  path = tmp_path / 'no_get_config.py'
+  path.write_text('import ml_collections\n')
+  proc = _main(f'--config={path}', '--mode=summary')
+  _assert_one_line_error(proc)
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'error: the --config file {path} has no get_config() function.'
+  )
 
 
 def test_a_size_of_zero_is_refused_before_the_data_loads(tmp_path):
