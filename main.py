@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from gaternet_jax import cli
 from gaternet_jax import distributed
+from gaternet_jax import flag_errors
 from gaternet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -60,25 +61,22 @@ flags.DEFINE_integer(
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, with an error the --config file raises itself
-  (config_flags wraps it in its traceback) cut to one line."""
+  """absl's flag parsing, with what goes wrong in the --config file, or in
+  an override of one of its fields, cut to one sentence."""
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    message = str(e).strip()
-    if not (message.startswith('flag --config=') and 'Traceback' in message):
-      # Other flags: absl's own report and exit.
-      sys.stderr.write(
-          f'FATAL Flags parsing error: {message}\n'
-          'Pass --helpshort or --helpfull to see help on '
-          'flags.\n'
-      )
-      sys.exit(1)
-    reason = message.splitlines()[-1].strip()
-    # A config's ValueError is a sentence written for the user.
-    if reason.startswith('ValueError: '):
-      sys.exit(f"error: {reason[len('ValueError: '):]}")
-    sys.exit(f'error: cannot load the --config file ({reason}).')
+  except Exception as e:  # pylint: disable=broad-except
+    sentence = flag_errors.config_flag_error(e, argv)
+    if sentence is not None:
+      sys.exit(f'error: {sentence}')
+    if not isinstance(e, flags.Error):
+      raise
+    # Other flags: absl's own report and exit.
+    sys.stderr.write(
+        f'FATAL Flags parsing error: {str(e).strip()}\n'
+        'Pass --helpshort or --helpfull to see help on flags.\n'
+    )
+    sys.exit(1)
 
 
 def main(argv):
@@ -91,6 +89,9 @@ def main(argv):
   except (OSError, ImportError, SyntaxError) as e:
     reason = str(e).strip().splitlines()[-1].strip()
     sys.exit(f'error: cannot load the --config file ({reason}).')
+  if config is None and FLAGS['config'].present:
+    path = config_flags.get_config_filename(FLAGS['config'])
+    sys.exit(f'error: get_config() of the --config file {path} returned None.')
   if config is None:
     sys.exit(
         'error: --config is required (for example '

@@ -8,6 +8,7 @@ from typing import Any, Dict
 import jax
 import ml_collections
 
+from gaternet_jax import config_checks
 from gaternet_jax import metrics as metrics_lib
 from gaternet_jax import paths
 from gaternet_jax.errors import UserError
@@ -74,8 +75,10 @@ def run(
 
   Raises:
     UserError: for what the user can fix, an accelerator (or host) out of
-      memory for the config's batch size included.
+      memory for the config's batch size included; a config value that
+      cannot work is refused before anything loads.
   """
+  config_checks.check(config, mode)
   try:
     return _run(mode, config, workdir, allow_config_change)
   except (OSError, ValueError) as e:
