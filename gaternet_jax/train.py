@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from gaternet_jax import checkpoints
+from gaternet_jax import config_checks
 from gaternet_jax import datasets
 from gaternet_jax import device_data
 from gaternet_jax import evaluation
@@ -32,23 +33,6 @@ from gaternet_jax import sharding
 from gaternet_jax import steps as steps_lib
 from gaternet_jax.errors import ConfigError, TrainingDiverged, WorkdirError
 from gaternet_jax.steps import TrainState
-
-
-def _check_loop_config(config: ml_collections.ConfigDict):
-  """Raises a ConfigError for a loop field that would hang or lose work."""
-  for key in (
-      'log_every_steps',
-      'checkpoint_every_steps',
-      'keep_checkpoints',
-      'steps_per_call',
-  ):
-    value = config[key]
-    if not isinstance(value, int) or value < 1:
-      raise ConfigError(f'{key} must be a whole number >= 1; got {value!r}.')
-  if not config.eval_every_epochs > 0:
-    raise ConfigError(
-        f'eval_every_epochs must be > 0; got ' f'{config.eval_every_epochs!r}.'
-    )
 
 
 def _check_gate_losses(config: ml_collections.ConfigDict, model: Any):
@@ -240,7 +224,7 @@ def train(
     TrainingDiverged: a step left NaN or Inf in the loss or the weights;
       no checkpoint of such a state is written.
   """
-  _check_loop_config(config)
+  config_checks.check(config, 'train')  # (main.py did; direct callers)
   workdir = str(paths.resolve(workdir))
   _check_workdir_path(workdir)
   paths.check_writable(workdir)
