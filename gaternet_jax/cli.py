@@ -79,6 +79,7 @@ def run(
       cannot work is refused before anything loads.
   """
   config_checks.check(config, mode)
+  config_checks.check_model(config)
   try:
     return _run(mode, config, workdir, allow_config_change)
   except (OSError, ValueError) as e:

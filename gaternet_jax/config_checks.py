@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import ml_collections
 
-from gaternet_jax.errors import ConfigError
+from gaternet_jax.errors import ConfigError, UserError
 
 # cli.MODES (which imports this module); the rules say what each reads.
 _MODES = ('train', 'eval', 'summary', 'benchmark', 'analyze')
@@ -229,6 +229,30 @@ def check(config: ml_collections.ConfigDict, mode: str):
   if mode == 'train':
     for stage_config, stage_mode, label in _stages(config):
       _check_fields(stage_config, stage_mode, label)
+
+
+def check_model(config: ml_collections.ConfigDict):
+  """Refuses a `config.model` whose network does not build for its
+  dataset's images (say widths of another length than its stages): traced
+  with `jax.eval_shape`, nothing computed (about a second for the largest
+  ImageNet networks)."""
+  # pylint: disable=g-import-not-at-top
+  from gaternet_jax import data as data_lib
+  from gaternet_jax import fingerprint
+
+  if 'model' not in config or 'data' not in config:
+    return
+  image_shape, num_classes = data_lib.dataset_info(config.data)
+  try:
+    fingerprint.model_fingerprint(config.model, image_shape, num_classes)
+  except UserError:
+    raise
+  except (ValueError, TypeError, KeyError) as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    raise ConfigError(
+        f'config.model does not build a network for '
+        f'{tuple(image_shape)} images: {reason}'
+    ) from e
 
 
 def _check_fields(

@@ -383,3 +383,15 @@ def test_a_size_of_zero_is_refused_before_the_data_loads(tmp_path):
       'error: config.batch_size must be a whole number >= 1; got 0.'
   )
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_a_model_that_does_not_build_is_one_sentence():
+  config = default.get_config()
+  config_checks.check_model(config)
+  config.model.backbone.widths = (4, 8, 16, 32)  # 4 widths, 3 stages
+  with pytest.raises(
+      ConfigError,
+      match=r'config.model does not build a network for \(8, 8, 1\) images: '
+      r'stage_sizes \(1, 1, 1\) and widths \(4, 8, 16, 32\) differ',
+  ):
+    config_checks.check_model(config)

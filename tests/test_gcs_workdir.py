@@ -27,6 +27,8 @@ gcs = gcs_emulator.make_fixture(scope='module')
 STEPS = 6
 DIGITS = [
     '--config=configs/default.py',
+    '--config.model.backbone.widths=(4,8,16)',  # the demo, narrower
+    '--config.model.gater.widths=(4,8,16)',
     f'--config.num_train_steps={STEPS}',
     '--config.checkpoint_every_steps=3',
     '--config.log_every_steps=1',
