@@ -39,6 +39,9 @@ UNTRACKED = (
     'benchmark',
     'analysis',
     'data.data_dir',  # where the same files are
+    'data.cache',  # how fast they are read
+    'data.prefetch',
+    'data.num_parallel_calls',
 )
 
 
