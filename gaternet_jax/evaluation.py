@@ -125,9 +125,9 @@ def run(
 def eval_weights(
     config: ml_collections.ConfigDict, workdir: str, purpose: str = 'evaluate'
 ) -> str:
-  """Where the weights to evaluate come from: 'checkpoint' (the latest of
-  `workdir`) or 'official' (`config.init.official_checkpoint`); checked
-  before any data is loaded."""
+  """Where the weights to evaluate come from: 'checkpoint' (the latest
+  intact one of `workdir`) or 'official' (`config.init.official_checkpoint`);
+  checked before any data is loaded."""
   if checkpoints.has_checkpoint(workdir):
     return 'checkpoint'
   if recipe.official_checkpoint(config):
@@ -189,8 +189,8 @@ def evaluate(
     workdir: str,
     dataset: Optional[datasets.Dataset] = None,
 ) -> Dict[str, Any]:
-  """Evaluates the latest checkpoint of `workdir` (or, when it has none,
-  `config.init.official_checkpoint`) on the config's test split."""
+  """Evaluates the latest intact checkpoint of `workdir` (or, when it has
+  none, `config.init.official_checkpoint`) on the config's test split."""
   source = eval_weights(config, workdir)
   exp = experiment.setup(config, dataset)
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
@@ -205,5 +205,8 @@ def evaluate(
       split=ds.test_split_name,
   )
   if source == 'checkpoint':
-    results['train_seconds'] = checkpoints.train_seconds(workdir)
+    # The evaluated step's, not the latest (which may be corrupt).
+    results['train_seconds'] = checkpoints.train_seconds(
+        workdir, step=results['step']
+    )
   return results
