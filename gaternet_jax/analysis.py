@@ -758,7 +758,7 @@ def _write_tensorboard(
 def run_analysis(
     config: ml_collections.ConfigDict, workdir: str
 ) -> Dict[str, Any]:
-  """Analyses the gates of `workdir`'s latest checkpoint.
+  """Analyses the gates of `workdir`'s latest intact checkpoint.
 
   Args:
     config: the run's config; `config.analysis` says what to analyse.
@@ -770,7 +770,7 @@ def run_analysis(
     PNGs' paths) and 'out_dir'.
 
   Raises:
-    WorkdirError: no workdir, or no checkpoint in it.
+    WorkdirError: no workdir, or no intact checkpoint in it.
     ConfigError: an `analysis` field out of range.
   """
   if not workdir:

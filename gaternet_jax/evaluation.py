@@ -129,9 +129,9 @@ def eval_weights(
     purpose: str = 'evaluate',
     dataset: Optional[datasets.Dataset] = None,
 ) -> str:
-  """Where the weights to evaluate come from: 'checkpoint' (the latest of
-  `workdir`, whose run must have built `config`'s network on its dataset:
-  fingerprint.check_workdir) or 'official'
+  """Where the weights to evaluate come from: 'checkpoint' (the latest
+  intact one of `workdir`, whose run must have built `config`'s network
+  on its dataset: fingerprint.check_workdir) or 'official'
   (`config.init.official_checkpoint`); checked before any data is loaded."""
   if checkpoints.has_checkpoint(workdir):
     fingerprint.check_workdir(config, workdir, dataset)
@@ -195,8 +195,8 @@ def evaluate(
     workdir: str,
     dataset: Optional[datasets.Dataset] = None,
 ) -> Dict[str, Any]:
-  """Evaluates the latest checkpoint of `workdir` (or, when it has none,
-  `config.init.official_checkpoint`) on the config's test split."""
+  """Evaluates the latest intact checkpoint of `workdir` (or, when it has
+  none, `config.init.official_checkpoint`) on the config's test split."""
   source = eval_weights(config, workdir, dataset=dataset)
   exp = experiment.setup(config, dataset)
   sharding.check_batch_size(config.eval_batch_size, 'eval_batch_size')
@@ -211,5 +211,8 @@ def evaluate(
       split=ds.test_split_name,
   )
   if source == 'checkpoint':
-    results['train_seconds'] = checkpoints.train_seconds(workdir)
+    # The evaluated step's, not the latest (which may be corrupt).
+    results['train_seconds'] = checkpoints.train_seconds(
+        workdir, step=results['step']
+    )
   return results

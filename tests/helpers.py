@@ -1,4 +1,4 @@
-"""Small configs and synthetic datasets shared by the tests."""
+"""Small configs, synthetic datasets and states shared by the tests."""
 
 import ml_collections
 import numpy as np
@@ -86,3 +86,23 @@ def synthetic_dataset(
       # The pad-crop and flip that tiny_config's data asks for.
       augmentation=train_augmentation(tiny_config().data),
   )
+
+
+def dense_train_state(step: int = 0, width: int = 64):
+  """A Dense(width) layer's flax TrainState (SGD) on 64 inputs, at `step`,
+  with random parameters that are a function of `step` (so that their
+  checkpoint's array files do not compress to a few bytes)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from flax.training import train_state  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  model = nn.Dense(width)
+  params = model.init(jax.random.key(0), jnp.ones((1, 64)))['params']
+  params = jax.tree_util.tree_map(
+      lambda x: jax.random.normal(jax.random.key(step), x.shape), params
+  )
+  return train_state.TrainState.create(
+      apply_fn=model.apply, params=params, tx=optax.sgd(0.1)
+  ).replace(step=jnp.int32(step))

@@ -159,6 +159,39 @@ def test_train_kill_resume_and_analyze_on_a_gs_workdir(gcs, tmp_path):
   assert png.startswith(b'\x89PNG')
 
 
+def test_a_corrupt_step_on_gs_is_moved_aside_not_deleted(gcs):
+  """Cloud Storage has no rename: the corrupt step is copied, then removed."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from gaternet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+
+  url = gcs.unique_url('corrupt')
+  prefix = url[len(f'gs://{gcs.bucket}/') :] + '/'
+  ckpt = checkpoints.Checkpointer(url, save_every_steps=1)
+  for step in (1, 2, 3):
+    ckpt.save(step, helpers.dense_train_state(step), train_seconds=step)
+  ckpt.close()
+  data = epath.Path(url, 'checkpoints', '3', 'default', 'ocdbt.process_0', 'd')
+  biggest = max(data.iterdir(), key=lambda f: len(f.read_bytes()))
+  biggest.write_bytes(biggest.read_bytes()[:100])  # Truncated.
+
+  def files(folder):
+    return {
+        n[len(folder) :]: epath.Path(url, n).read_bytes()
+        for n in _names(gcs, prefix)
+        if n.startswith(folder) and not n.endswith('/')
+    }
+
+  before = files('checkpoints/3/')
+  ckpt = checkpoints.Checkpointer(url, save_every_steps=1)
+  state = ckpt.restore(helpers.dense_train_state())
+  assert int(state.step) == 2 and ckpt.train_seconds() == 2.0
+  assert ckpt.latest_step() == 2
+  ckpt.close()
+  assert not files('checkpoints/3/')
+  assert files('corrupt_checkpoints/3/') == before
+
+
 def test_cifar_folder_and_archive_data_dirs_on_gs(gcs, tmp_path):
   from etils import epath  # pylint: disable=g-import-not-at-top
   from gaternet_jax.errors import DataError  # pylint: disable=g-import-not-at-top
