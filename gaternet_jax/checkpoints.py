@@ -17,6 +17,7 @@ those steps again); a read-only one (eval, analyze) leaves them in place.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -167,6 +168,20 @@ def _quiet_abandoned_reads():
 
   hook.gaternet_jax_quiet = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
+  # Their completions also reach Orbax's event loop after it closed, and
+  # asyncio's RuntimeError there is printed by TensorStore's threads,
+  # past any hook: a callback handed to a closed loop, which could never
+  # run it, is dropped instead.
+  loop_class = asyncio.base_events.BaseEventLoop
+  handoff = loop_class.call_soon_threadsafe
+
+  def call_soon_threadsafe(self, callback, *args, **kwargs):
+    if self.is_closed():
+      logging.debug('Dropped a callback for a closed event loop.')
+      return None
+    return handoff(self, callback, *args, **kwargs)
+
+  loop_class.call_soon_threadsafe = call_soon_threadsafe  # type: ignore
 
 
 class Checkpointer:
@@ -373,12 +388,12 @@ class Checkpointer:
     checked against the step's checksums; _Corrupt if any part is
     unreadable or garbled."""
     custom = self._custom_metadata(step)
+    _quiet_abandoned_reads()
     try:
       metadata = self._manager.item_metadata(step)
       saved = _shapes(metadata)
     except Exception as e:  # pylint: disable=broad-except
       raise _Corrupt(f'its array metadata cannot be read ({_reason(e)})') from e
-    _quiet_abandoned_reads()
     try:
       value = read(step, metadata)
     except (WorkdirError, MemoryError):

@@ -35,10 +35,6 @@ TIMEOUT = 600
 STEPS = 10
 DIGITS = [
     '--config=configs/default.py',
-    # The demo's ResNet-8s at a quarter of their widths: the same code
-    # paths, compiled for 8 devices in a fraction of the time.
-    '--config.model.backbone.widths=(4,8,16)',
-    '--config.model.gater.widths=(4,8,16)',
     f'--config.num_train_steps={STEPS}',
     '--config.optimizer.learning_rate=0.005',
     '--config.checkpoint_every_steps=5',
