@@ -448,7 +448,7 @@ def probes() -> List[Probe]:
               *TINY,
               '--workdir={wd}',
               '--mode=eval',
-              '--config.model.backbone.widths=(8,16,32)',
+              '--config.model.backbone.depth=14',
           ],
           'refuse',
           ('different `model` config',),
