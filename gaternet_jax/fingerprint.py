@@ -18,6 +18,8 @@ lives) leaves the fingerprint as it is: a checkpoint restores either way.
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any, Dict, Optional, Tuple
 
 from flax import traverse_util
@@ -64,6 +66,24 @@ def model_fingerprint(
     {'gating': the method, 'gate_sites': [[name, filters], ...],
      'variables': {'params/backbone/.../kernel': [shape, dtype], ...}}.
   """
+  key = (
+      json.dumps(model_cfg.to_dict(), sort_keys=True, default=str),
+      tuple(int(n) for n in image_shape),
+      int(num_classes),
+  )
+  if key not in _MODEL_FINGERPRINTS:
+    _MODEL_FINGERPRINTS[key] = _trace_model(model_cfg, image_shape, num_classes)
+  return copy.deepcopy(_MODEL_FINGERPRINTS[key])
+
+
+# A process checks the same network more than once (its config before any
+# data loads, then against a workdir's): each is traced once.
+_MODEL_FINGERPRINTS: Dict[Tuple[str, Tuple[int, ...], int], Dict[str, Any]] = {}
+
+
+def _trace_model(
+    model_cfg: ml_collections.ConfigDict, image_shape, num_classes: int
+) -> Dict[str, Any]:
   model = create_model(model_cfg, num_classes)
   x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
   rngs = {'params': jax.random.key(0), 'gates': jax.random.key(1)}

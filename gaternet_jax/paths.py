@@ -153,8 +153,13 @@ def disk_error(e: BaseException) -> Optional[str]:
 
 def check_writable(directory: PathLike):
   """Creates `directory` (and its parents) and writes and removes a file in
-  it; a WorkdirError before any work if that fails."""
+  it; a WorkdirError before any work if it is a file or that fails."""
   path = resolve(directory)
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(
+        f'--workdir {os.fspath(directory)} is a file, not a directory; '
+        f'choose another --workdir.'
+    )
   probe = path / '.write_check'
   try:
     path.mkdir(parents=True, exist_ok=True)

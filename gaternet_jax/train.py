@@ -89,15 +89,6 @@ class _PreemptionCheck:
       self._previous = None
 
 
-def _check_workdir_path(workdir: str):
-  path = paths.resolve(workdir)
-  if path.exists() and not path.is_dir():
-    raise WorkdirError(
-        f'--workdir {workdir} is a file, not a directory; '
-        f'choose another --workdir.'
-    )
-
-
 def _initial_state(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -226,7 +217,6 @@ def train(
   """
   config_checks.check(config, 'train')  # (main.py did; direct callers)
   workdir = str(paths.resolve(workdir))
-  _check_workdir_path(workdir)
   paths.check_writable(workdir)
   fingerprint.check_workdir(config, workdir, dataset)
   exp = experiment.setup(config, dataset)
@@ -402,7 +392,7 @@ def train_and_evaluate(
     {'final': results of this run, '<stage>': results of each pretraining
     stage}.
   """
-  _check_workdir_path(workdir)
+  paths.check_writable(workdir)
   out = {}
   init_fns = []
   if recipe.official_checkpoint(config):
