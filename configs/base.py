@@ -68,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Final rate of the scheduled dropout on the gates (Appendix B: 0.05 for
   # DenseNet, Shake-Shake and Inception-v4), rising linearly from 0.
   c.model.gate_dropout = 0.0
+  # A compacted model (`--mode=compact` writes it; models/compaction.py):
+  # per gated site a pattern of its gates, '1' always on (folded), '0'
+  # always off (filters removed), '*' input-dependent. '' is the model as
+  # built.
+  c.model.compaction = ''
 
   # Training scheme of the CIFAR ResNets: SGD 0.9, lr 0.1 divided by 10
   # at epochs 80 and 120 of 160, batch 128, weight decay 1e-4.
@@ -146,6 +151,46 @@ def base_config() -> ml_collections.ConfigDict:
   c.benchmark = ml_collections.ConfigDict(
       dict(warmup_steps=3, steps=20, batch_size=0)
   )  # 0: c.batch_size
+
+  # --mode=compact (gaternet_jax/compact.py): the gates of a trained run on
+  # the calibration `split` ('train' or 'test', in batches of `batch_size`,
+  # 0: eval_batch_size) say which are always on, always off or
+  # input-dependent; the smaller equivalent network is written to the new
+  # workdir `output`, after checking that its logits equal the trained
+  # model's within `tolerance` (relative) on every calibration image.
+  # `unseen`: what a compacted model does with an image that would open an
+  # always-off gate: 'report' (its filter is removed; --mode=eval counts
+  # such images) or 'keep' (always-off filters stay, input-dependent).
+  c.compact = ml_collections.ConfigDict(
+      dict(
+          output='',
+          split='train',
+          batch_size=0,
+          unseen='report',
+          tolerance=1e-5,
+      )
+  )
+
+  # --mode=speed (gaternet_jax/speed.py): inference latency at batch 1 and
+  # throughput at `batch_size` (0: eval_batch_size) of the dense backbone,
+  # the masked (gated) model, the compacted one and dynamic execution, each
+  # next to its MAC reduction. Without a trained workdir the gates are drawn
+  # at random: per image at each of `densities` (dynamic execution), per
+  # filter for the compacted model. Each timing is the median of `runs`
+  # calls after `warmup` calls; dynamic execution runs `num_buckets` static
+  # widths per gated site and gathers each input's own filters up to
+  # `per_input_batch` inputs a batch (above that, the batch's union).
+  c.speed = ml_collections.ConfigDict(
+      dict(
+          densities=(0.9, 0.7, 0.5, 0.3),
+          batch_size=0,
+          runs=10,
+          warmup=2,
+          num_buckets=8,
+          per_input_batch=8,
+          seed=0,
+      )
+  )
 
   # --mode=analyze (gaternet_jax/analysis.py): the gates of a trained run on
   # `split` ('test' or 'train'), streamed in batches of `batch_size` (0:

@@ -458,7 +458,7 @@ def _check_analysis_config(cfg: ml_collections.ConfigDict):
     )
 
 
-def _split_batches(ds, split: str, batch_size: int):
+def split_batches(ds, split: str, batch_size: int):
   """(padded batches, split name, number of examples) of `split`."""
   if split == 'test':
     return (
@@ -783,7 +783,7 @@ def run_analysis(
   ds, model, spec, mesh = exp.ds, exp.model, exp.spec, exp.mesh
   batch_size = cfg.batch_size or config.eval_batch_size
   sharding.check_batch_size(batch_size, 'analysis.batch_size')
-  batches, split, num_examples = _split_batches(ds, cfg.split, batch_size)
+  batches, split, num_examples = split_batches(ds, cfg.split, batch_size)
   state = evaluation.restore_for_eval(
       config, workdir, model, exp.image_shape, mesh, source
   )

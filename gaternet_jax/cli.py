@@ -14,7 +14,15 @@ from gaternet_jax import paths
 from gaternet_jax.errors import UserError
 from gaternet_jax.macs import format_macs
 
-MODES = ('train', 'eval', 'summary', 'benchmark', 'analyze')
+MODES = (
+    'train',
+    'eval',
+    'summary',
+    'benchmark',
+    'analyze',
+    'compact',
+    'speed',
+)
 
 
 def _gate_line(r: Dict[str, Any]) -> str:
@@ -145,6 +153,16 @@ def _run(
     result = analysis.run_analysis(config, workdir)
     print(analysis.format_report(result))
     out = analysis.headline(result)
+  elif mode == 'compact':
+    from gaternet_jax import compact  # pylint: disable=g-import-not-at-top
+
+    out = compact.run_compact(config, workdir)
+    print(compact.format_report(out, config.compact.output))
+  elif mode == 'speed':
+    from gaternet_jax import speed  # pylint: disable=g-import-not-at-top
+
+    out = speed.run_speed(config, workdir)
+    print(speed.format_report(out))
   else:
     raise ValueError(mode)
   print(paths.dumps(out, sort_keys=True))

@@ -23,7 +23,15 @@ import ml_collections
 from gaternet_jax.errors import ConfigError, UserError
 
 # cli.MODES (which imports this module); the rules say what each reads.
-_MODES = ('train', 'eval', 'summary', 'benchmark', 'analyze')
+_MODES = (
+    'train',
+    'eval',
+    'summary',
+    'benchmark',
+    'analyze',
+    'compact',
+    'speed',
+)
 _ALL = _MODES
 _TRAIN = ('train',)
 
@@ -68,6 +76,12 @@ def _in(interval: str, test: Callable[[float], bool]) -> _Allowed:
   """A number in `interval` ('[0, 1)'), which `test` tells."""
   return _Allowed(
       f'a number in {interval}', lambda v: _is_number(v) and test(v)
+  )
+
+
+def _one_of(*choices: str) -> _Allowed:
+  return _Allowed(
+      f'one of {", ".join(map(repr, choices))}', lambda v: v in choices
   )
 
 
@@ -196,6 +210,27 @@ _RULES = (
     _Rule('benchmark.batch_size', _whole(0), ('benchmark',)),
     _Rule('benchmark.steps', _SIZE, ('benchmark',)),
     _Rule('benchmark.warmup_steps', _whole(0), ('benchmark',)),
+    # --mode=compact (gaternet_jax/compact.py).
+    _Rule(
+        'compact.output',
+        _Allowed('the path of a new workdir', lambda v: bool(v)),
+        ('compact',),
+    ),
+    _Rule('compact.split', _one_of('train', 'test'), ('compact',)),
+    _Rule('compact.batch_size', _whole(0), ('compact',)),
+    _Rule('compact.unseen', _one_of('report', 'keep'), ('compact',)),
+    _Rule('compact.tolerance', _above(0), ('compact',)),
+    # --mode=speed (gaternet_jax/speed.py).
+    _Rule(
+        'speed.densities',
+        _all('fractions in (0, 1]', _in('(0, 1]', lambda v: 0 < v <= 1)),
+        ('speed',),
+    ),
+    _Rule('speed.batch_size', _whole(0), ('speed',)),
+    _Rule('speed.runs', _SIZE, ('speed',)),
+    _Rule('speed.warmup', _whole(0), ('speed',)),
+    _Rule('speed.num_buckets', _SIZE, ('speed',)),
+    _Rule('speed.per_input_batch', _SIZE, ('speed',)),
     # --mode=analyze (gaternet_jax/analysis.py).
     _Rule('analysis.batch_size', _whole(0), ('analyze',)),
     _Rule('analysis.tsne_samples', _whole(0), ('analyze',)),

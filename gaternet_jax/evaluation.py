@@ -90,6 +90,8 @@ def summarize_eval(
         gates_input_dependent=kinds['input_dependent'],
         gated_filters=spec.total,
     )
+  if 'unseen_gate_images' in sums:
+    out['unseen_gate_fraction'] = float(sums['unseen_gate_images']) / n
   if mac_counter is not None and per_sample_macs is not None:
     out.update(summarize_macs(per_sample_macs, mac_counter))
   return out

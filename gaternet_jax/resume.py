@@ -38,6 +38,8 @@ UNTRACKED = (
     'steps_per_call',  # on-device steps per call: the same steps
     'benchmark',
     'analysis',
+    'compact',
+    'speed',
     'data.data_dir',  # where the same files are
     'data.cache',  # how fast they are read
     'data.prefetch',

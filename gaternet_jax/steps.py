@@ -23,6 +23,7 @@ from gaternet_jax import macs as macs_lib
 from gaternet_jax import optim
 from gaternet_jax import sharding
 from gaternet_jax.gates import GateSpec, gate_on_counts, is_on
+from gaternet_jax.models.backbone import UNSEEN_GATES
 
 
 class TrainState(train_state.TrainState):
@@ -196,7 +197,9 @@ def eval_step(
   Returns {'count', 'correct', 'loss_sum'} and, for gated models,
   'gate_l1_sum' and 'gate_on_counts' `(c,)` (per gate, samples with it on);
   with a `mac_counter`, 'macs_saved' `(batch,)`: the MACs each example's
-  closed gates save, -1 where the batch is padded.
+  closed gates save, -1 where the batch is padded; for a compacted model,
+  'unseen_gate_images': examples a removed or folded gate would have
+  gated otherwise.
   """
   logits, model_out = predict(state, batch['image'], mean, std)
   m = example_metrics(logits, model_out, batch['label'], spec, mac_counter)
@@ -211,6 +214,9 @@ def eval_step(
     out['gate_on_counts'] = gate_on_counts(model_out['gates'], spec, mask)
   if mac_counter is not None:
     out['macs_saved'] = jnp.where(mask > 0, m['macs_saved'], -1.0)
+  if UNSEEN_GATES in model_out:
+    # A compacted model: images whose constant gates left their pattern.
+    out['unseen_gate_images'] = jnp.sum((model_out[UNSEEN_GATES] > 0) * mask)
   return out
 
 

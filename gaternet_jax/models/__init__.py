@@ -11,6 +11,7 @@ from gaternet_jax import gating
 from gaternet_jax.errors import ConfigError
 from gaternet_jax.gates import BINARIZE_RULES
 from gaternet_jax.models.backbone import Backbone, GateWire
+from gaternet_jax.models.compaction import Compaction
 from gaternet_jax.models.densenet import densenet_bc
 from gaternet_jax.models.gaternet import Gater, GaterNet
 from gaternet_jax.models import inception_v4 as _inception_v4_lib
@@ -97,12 +98,16 @@ def create_model(
           else f'model.local_gating: {e}'
       ) from None
     backbone = backbone.clone(local_gating=local)
+  num_gates = backbone.gate_spec().total
+  compaction = _compaction(model_cfg, backbone, method)
+  if compaction is not None:
+    backbone = backbone.clone(compaction=compaction)
   gater = None
   if method == gating.GATER:
     features = _build(model_cfg.gater, None, dtype)
     gater = Gater(
         features=features,
-        num_gates=backbone.gate_spec().total,
+        num_gates=num_gates,
         bottleneck=model_cfg.gater.bottleneck,
         batchnorm=model_cfg.gater.batchnorm,
         dtype=dtype,
@@ -113,7 +118,40 @@ def create_model(
       mix_prob=model_cfg.semhash.mix_prob,
       noise_std=model_cfg.semhash.noise_std,
       binarize=model_cfg.semhash.binarize,
+      compaction=compaction,
   )
+
+
+def _compaction(model_cfg, backbone, method: str) -> Compaction | None:
+  """`model_cfg.compaction` parsed and checked against the backbone."""
+  try:
+    compaction = Compaction.parse(model_cfg.get('compaction', ''))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if compaction is None:
+    return None
+  if method == gating.NONE:
+    raise ConfigError(
+        "model.compaction is set but model.gating='none': a compacted "
+        'model comes from a gated one.'
+    )
+  if not isinstance(backbone, ResNet) or backbone.se_reduction:
+    raise ConfigError(
+        'model.compaction works with the ResNet backbones (cifar_resnet, '
+        'cifar_preact_resnet, imagenet_resnet) without squeeze-and-'
+        f'excitation; not {model_cfg.backbone.name!r}'
+        + (
+            f' with se_reduction={backbone.se_reduction}'
+            if isinstance(backbone, ResNet)
+            else ''
+        )
+        + '.'
+    )
+  try:
+    compaction.check(backbone.gate_spec())
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return compaction
 
 
 __all__ = [

@@ -13,7 +13,10 @@ A backbone is a Flax module that
     'gate_samples': {site: {'gate', 'value', 'prob'}} of locally gated
                     units (each `(batch, filters)` float32);
     'aux_logits':   `(batch, num_classes)` of an auxiliary classifier, in
-                    training.
+                    training;
+    'unseen_gates': `(batch,)` int32, in a compacted network
+                    (models/compaction.py): how many of each input's
+                    constant gates left their calibration pattern.
 
 `GaterNet` wraps any backbone the same way; a new family implements this
 docstring and registers its factory in `gaternet_jax.models.BACKBONES`.
@@ -40,6 +43,7 @@ from gaternet_jax.gates import GateSpec, Gates
 # Keys of a backbone's `extras`.
 GATE_SAMPLES = 'gate_samples'
 AUX_LOGITS = 'aux_logits'
+UNSEEN_GATES = 'unseen_gates'
 
 Extras = Dict[str, Any]
 

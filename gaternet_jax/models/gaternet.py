@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from gaternet_jax import gating as gating_lib
 from gaternet_jax.gates import GateSpec, drop_gates, improved_semhash
-from gaternet_jax.models.backbone import GATE_SAMPLES
+from gaternet_jax.models.backbone import GATE_SAMPLES, UNSEEN_GATES
+from gaternet_jax.models.compaction import Compaction
 from gaternet_jax.models.layers import batch_norm
 
 
@@ -61,6 +62,10 @@ class GaterNet(nn.Module):
     binarize: how SemHash's binary gates are cut from the gater's logits
       (`gates.BINARIZE_RULES`: 'paper', or 'official' for imported official
       checkpoints).
+    compaction: a compacted model's constant gates (models/compaction.py;
+      its backbone carries the same): the gater still emits every gate's
+      logit, passes the input-dependent gates on and counts the constant
+      ones that leave their pattern.
   """
 
   backbone: nn.Module
@@ -68,6 +73,7 @@ class GaterNet(nn.Module):
   mix_prob: float = 0.5
   noise_std: float = 1.0
   binarize: str = 'paper'
+  compaction: Optional[Compaction] = None
 
   @property
   def gating(self) -> str:
@@ -101,7 +107,9 @@ class GaterNet(nn.Module):
       'gate_values': local gates' relaxed values, a gate PyTree (the
                      batch-shaping loss's input);
       'gate_probs':  local gates' on-probabilities, a gate PyTree (L0's);
-      'aux_logits':  an auxiliary classifier's logits, in training.
+      'aux_logits':  an auxiliary classifier's logits, in training;
+      'unseen_gates': a compacted model's `(batch,)` count of constant
+                     gates that left their calibration pattern.
 
     In training the rng stream 'gates' drives SemHash's noise and mixing
     (or the Gumbel noise of local gates) and, when `gate_dropout` > 0 (the
@@ -120,8 +128,9 @@ class GaterNet(nn.Module):
       logits, extras = self.backbone(images, None, train=train)
       return logits, dict(extras, gates={})
     spec = self.backbone.gate_spec()
+    full = spec if self.compaction is None else self.compaction.full_spec()
     gate_logits = self.gater(images, train=train)
-    assert gate_logits.shape[-1] == spec.total, (gate_logits.shape, spec.total)
+    assert gate_logits.shape[-1] == full.total, (gate_logits.shape, full.total)
     rng = self.make_rng('gates') if train else None
     flat = improved_semhash(
         gate_logits,
@@ -131,11 +140,19 @@ class GaterNet(nn.Module):
         noise_std=self.noise_std,
         rule=self.binarize,
     )
+    unseen = None
+    if self.compaction is not None:
+      unseen = self.compaction.unseen(flat)
+      flat = flat[:, self.compaction.flat_indices()[0]]
     gates = spec.unflatten(flat)
     used = gates
-    if train and not (
-        isinstance(gate_dropout, (int, float)) and gate_dropout == 0
+    if (
+        train
+        and spec
+        and not (isinstance(gate_dropout, (int, float)) and gate_dropout == 0)
     ):
       used = drop_gates(gates, spec, gate_dropout, self.make_rng('gates'))
     logits, extras = self.backbone(images, used, train=train)
+    if unseen is not None:
+      extras[UNSEEN_GATES] = unseen
     return logits, dict(extras, gates=gates)

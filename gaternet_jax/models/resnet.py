@@ -25,10 +25,17 @@ from typing import Any, Callable, ClassVar, Optional, Sequence, Tuple, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gaternet_jax.gates import GateSpec, Gates
 from gaternet_jax.models import layers
-from gaternet_jax.models.backbone import GATE_SAMPLES, Extras, GateWire
+from gaternet_jax.models.backbone import (
+    GATE_SAMPLES,
+    UNSEEN_GATES,
+    Extras,
+    GateWire,
+)
+from gaternet_jax.models.compaction import Compaction, SitePlan
 from gaternet_jax.models.layers import LocalGating, SqueezeExcite
 
 # Bottleneck units output `EXPANSION * width` channels.
@@ -53,6 +60,8 @@ class _Unit(nn.Module):
   local_gating: Optional[LocalGating] = None
   conv: Callable = layers.conv
   norm: Callable = layers.batch_norm
+  # A compacted unit's site (models/compaction.py), or None.
+  compaction: Optional[SitePlan] = None
 
   @classmethod
   def site_width(cls, features: Width, locally_gated: bool) -> int:
@@ -60,11 +69,80 @@ class _Unit(nn.Module):
     gated, else its output)."""
     raise NotImplementedError
 
-  def _sample(self, x: jax.Array, features: int, train: bool):
-    """The unit's own gate sample from its input (local gating), or None."""
+  def _gates(
+      self, x: jax.Array, features: int, gate: Optional[jax.Array], train: bool
+  ):
+    """(local sample, gater gate) of the unit.
+
+    With local gating the unit's own module samples its gates from its
+    input (`gate`, when given, replaces the sample's binary gates: fixed
+    gate patterns for benchmarks and tests) and the gater's gate is None;
+    without, the sample is None and `gate` is the gater's.
+    """
     if self.local_gating is None:
-      return None
-    return self.local_gating.module(features, self.dtype)(x, train=train)
+      return None, gate
+    sample = self.local_gating.module(features, self.dtype)(x, train=train)
+    if self.compaction is not None:
+      # The module computes every gate; the unit uses the input-dependent
+      # ones and counts the constant ones that leave their pattern.
+      unseen = self.compaction.unseen(sample['gate'])
+      sample = {k: self.compaction.select(v) for k, v in sample.items()}
+      sample['unseen'] = unseen
+    if gate is not None:
+      sample = dict(sample, gate=gate.astype(sample['gate'].dtype))
+    return sample, None
+
+  def _width(self, full: int) -> int:
+    """Channels of the gated conv: `full`, or the compacted site's kept
+    ones."""
+    return full if self.compaction is None else self.compaction.width
+
+  def _conv(self, y, features: int, kernel: int, stride: int, name: str):
+    """`self.conv`; a compacted conv with no channels left gives zeros."""
+    if features:
+      return self.conv(features, kernel, stride, self.dtype, name)(y)
+    b, h, w, _ = y.shape
+    return jnp.zeros((b, -(-h // stride), -(-w // stride), 0), y.dtype)
+
+  def _mask(self, y: jax.Array, gate: Optional[jax.Array]) -> jax.Array:
+    """Eq. 4's channel mask; a compacted site's gates act on its first
+    channels (the input-dependent ones)."""
+    if gate is None:
+      return y
+    if self.compaction is not None:
+      b, kept = y.shape[0], self.compaction.width
+      gate = jnp.concatenate(
+          [gate.astype(y.dtype), jnp.ones((b, kept - gate.shape[1]), y.dtype)],
+          axis=-1,
+      )
+    return layers.gate_channels(y, gate)
+
+  def _add(self, y: jax.Array, shortcut: jax.Array) -> jax.Array:
+    """The residual add; a compacted gater site adds its kept channels at
+    their places."""
+    if self.compaction is None or self.local_gating is not None:
+      return y + shortcut
+    return shortcut.at[..., np.asarray(self.compaction.channels)].add(y)
+
+  def _branch_removed(self) -> bool:
+    """A compacted gater site whose every gate is off: the unit is its
+    shortcut."""
+    return (
+        self.compaction is not None
+        and self.local_gating is None
+        and self.compaction.width == 0
+    )
+
+  def _widths(self, inner: int, out: int) -> Tuple[int, int, int]:
+    """Output channels of a bottleneck's three convs, the gated one
+    compacted."""
+    widths = [inner, inner, out]
+    if self.local_gating is None:
+      widths[2] = self._width(out)
+    else:
+      at = self.local_positions.index(self.local_gating.position)
+      widths[at] = self._width(inner)
+    return widths[0], widths[1], widths[2]
 
   def _site(self, y: jax.Array, gate: Optional[jax.Array]) -> jax.Array:
     """The gater's site: SE re-scaling and/or Eq. 4's channel mask."""
@@ -73,13 +151,13 @@ class _Unit(nn.Module):
         if self.se_reduction
         else None
     )
-    return layers.apply_site(y, gate, se)
+    return self._mask(layers.apply_site(y, None, se), gate)
 
   def _local(self, y: jax.Array, sample, here: str) -> jax.Array:
     """`y` gated by the unit's local sample if it acts after conv `here`."""
     if sample is None or self.local_gating.position != here:
       return y
-    return layers.gate_channels(y, sample['gate'])
+    return self._mask(y, sample['gate'])
 
   def _projection(
       self, x: jax.Array, features: int, train: bool, with_norm: bool = True
@@ -108,14 +186,20 @@ class BasicBlock(_Unit):
   def __call__(self, x: jax.Array, gate: Optional[jax.Array], *, train: bool):
     """`(batch, h, w, c)` -> (`(batch, h / stride, w / stride, features)`,
     sample)."""
-    sample = self._sample(x, self.features, train)
-    y = self.conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
+    sample, gate = self._gates(x, self.features, gate, train)
+    if self._branch_removed():
+      return nn.relu(self._projection(x, self.features, train)), sample
+    local = self.local_gating is not None
+    width = self._width(self.features)
+    y = self._conv(
+        x, width if local else self.features, 3, self.stride, 'conv1'
+    )
     y = nn.relu(self.norm(train, self.dtype, 'bn1')(y))
     y = self._local(y, sample, 'conv1')
-    y = self.conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = self._conv(y, self.features if local else width, 3, 1, 'conv2')
     y = self.norm(train, self.dtype, 'bn2')(y)
     y = self._site(y, gate)
-    y = nn.relu(y + self._projection(x, self.features, train))
+    y = nn.relu(self._add(y, self._projection(x, self.features, train)))
     return y, sample
 
 
@@ -139,17 +223,20 @@ class Bottleneck(_Unit):
     """`(batch, h, w, c)` -> (`(batch, h / stride, w / stride, 4 * width)`,
     sample)."""
     width, out = self.features, EXPANSION * self.features
-    sample = self._sample(x, width, train)
-    y = self.conv(width, 1, 1, self.dtype, 'conv1')(x)
+    sample, gate = self._gates(x, width, gate, train)
+    if self._branch_removed():
+      return nn.relu(self._projection(x, out, train)), sample
+    w1, w2, w3 = self._widths(width, out)
+    y = self._conv(x, w1, 1, 1, 'conv1')
     y = nn.relu(self.norm(train, self.dtype, 'bn1')(y))
     y = self._local(y, sample, 'conv1')
-    y = self.conv(width, 3, self.stride, self.dtype, 'conv2')(y)
+    y = self._conv(y, w2, 3, self.stride, 'conv2')
     y = nn.relu(self.norm(train, self.dtype, 'bn2')(y))
     y = self._local(y, sample, 'conv2')
-    y = self.conv(out, 1, 1, self.dtype, 'conv3')(y)
+    y = self._conv(y, w3, 1, 1, 'conv3')
     y = self.norm(train, self.dtype, 'bn3')(y)
     y = self._site(y, gate)
-    y = nn.relu(y + self._projection(x, out, train))
+    y = nn.relu(self._add(y, self._projection(x, out, train)))
     return y, sample
 
 
@@ -172,21 +259,24 @@ class PreActBottleneck(_Unit):
   @nn.compact
   def __call__(self, x: jax.Array, gate: Optional[jax.Array], *, train: bool):
     mid, out = self.features
-    sample = self._sample(x, mid, train)
+    sample, gate = self._gates(x, mid, gate, train)
     pre = nn.relu(self.norm(train, self.dtype, 'bn1')(x))
-    y = self.conv(mid, 1, 1, self.dtype, 'conv1')(pre)
-    y = nn.relu(self.norm(train, self.dtype, 'bn2')(y))
-    y = self._local(y, sample, 'conv1')
-    y = self.conv(mid, 3, self.stride, self.dtype, 'conv2')(y)
-    y = nn.relu(self.norm(train, self.dtype, 'bn3')(y))
-    y = self._local(y, sample, 'conv2')
-    y = self.conv(out, 1, 1, self.dtype, 'conv3')(y)
-    y = self._site(y, gate)
     identity = x.shape[-1] == out and self.stride == 1
-    y = y + (
+    shortcut = (
         x if identity else self._projection(pre, out, train, with_norm=False)
     )
-    return y, sample
+    if self._branch_removed():
+      return shortcut, sample
+    w1, w2, w3 = self._widths(mid, out)
+    y = self._conv(pre, w1, 1, 1, 'conv1')
+    y = nn.relu(self.norm(train, self.dtype, 'bn2')(y))
+    y = self._local(y, sample, 'conv1')
+    y = self._conv(y, w2, 3, self.stride, 'conv2')
+    y = nn.relu(self.norm(train, self.dtype, 'bn3')(y))
+    y = self._local(y, sample, 'conv2')
+    y = self._conv(y, w3, 1, 1, 'conv3')
+    y = self._site(y, gate)
+    return self._add(y, shortcut), sample
 
 
 STEMS = ('cifar', 'imagenet')
@@ -225,6 +315,7 @@ class ResNet(nn.Module):
   local_gating: Optional[LocalGating] = None
   conv: Callable = layers.conv
   norm: Callable = layers.batch_norm
+  compaction: Optional[Compaction] = None
 
   def _units(self):
     """(site name, stride, unit features) of every unit in depth order."""
@@ -242,6 +333,12 @@ class ResNet(nn.Module):
   def gate_spec(self) -> GateSpec:
     """The gated sites, one per residual unit, in depth order: the unit's
     output channels, or with local gating its gated inner channels."""
+    if self.compaction is not None:
+      return self.compaction.spec()
+    return self.uncompacted_gate_spec()
+
+  def uncompacted_gate_spec(self) -> GateSpec:
+    """The gate spec of the network before any compaction."""
     local = self.local_gating is not None
     return GateSpec(
         tuple(
@@ -255,7 +352,10 @@ class ResNet(nn.Module):
     local gates those of the gated conv and the inputs of the conv after
     it."""
     out = {}
+    sites = set(self.gate_spec().names)
     for name, _, _ in self._units():
+      if name not in sites:
+        continue  # A compacted unit without input-dependent gates.
       if self.local_gating is None:
         out[name] = (GateWire((name, self.block_cls.last_conv), 'out'),)
       else:
@@ -276,7 +376,6 @@ class ResNet(nn.Module):
           f'{tuple(self.widths)} differ in length.'
       )
     if self.local_gating is not None:
-      assert gates is None, 'a locally gated network makes its own gates'
       if self.local_gating.position not in self.block_cls.local_positions:
         raise ValueError(
             f'{self.block_cls.__name__} units gate at local_gating.position '
@@ -293,7 +392,8 @@ class ResNet(nn.Module):
     Args:
       x: images.
       gates: None, or `{site: (batch, filters)}` for every site of
-        `gate_spec()` (a gater's gates).
+        `gate_spec()`: a gater's gates, or with local gating fixed gates
+        that replace the units' own (benchmarks and tests).
       train: BN uses batch statistics (and updates 'batch_stats') if True.
 
     Returns:
@@ -318,9 +418,10 @@ class ResNet(nn.Module):
       y = self.conv(stem_width, 3, 1, self.dtype, 'conv')(y)
       if not preact:
         y = nn.relu(self.norm(train, self.dtype, 'bn')(y))
-    samples = {}
+    samples, unseen = {}, []
+    sites = set(self.gate_spec().names)
     for name, stride, features in self._units():
-      gate = None if gates is None else gates[name]
+      gate = None if gates is None else gates.get(name)
       y, sample = self.block_cls(
           features,
           stride,
@@ -329,13 +430,20 @@ class ResNet(nn.Module):
           self.local_gating,
           self.conv,
           self.norm,
+          None if self.compaction is None else self.compaction.site(name),
           name=name,
       )(y, gate, train=train)
       if sample is not None:
-        samples[name] = sample
+        if 'unseen' in sample:
+          unseen.append(sample.pop('unseen'))
+        if name in sites:
+          samples[name] = sample
     if preact:
       y = nn.relu(self.norm(train, self.dtype, 'bn_final')(y))
     y = jnp.mean(y, axis=(1, 2))
     if self.num_classes is not None:
       y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
-    return y.astype(jnp.float32), ({GATE_SAMPLES: samples} if samples else {})
+    extras: Extras = {GATE_SAMPLES: samples} if samples else {}
+    if unseen:
+      extras[UNSEEN_GATES] = sum(unseen)
+    return y.astype(jnp.float32), extras
