@@ -33,6 +33,7 @@ import numpy as np
 from gaternet_jax import analysis
 from gaternet_jax import augment
 from gaternet_jax import checkpoints
+from gaternet_jax import data as data_lib
 from gaternet_jax import dynamic
 from gaternet_jax import evaluation
 from gaternet_jax import experiment
@@ -86,7 +87,11 @@ def compact_variables(
         continue
       unit = dict(tree['backbone'][plan.name])
       if not plan.local and site.width == 0:
-        unit = {k: v for k, v in unit.items() if k.startswith('shortcut')}
+        # The shortcut alone, and what it reads.
+        keep = {'shortcut_conv', 'shortcut_bn'} if plan.projection else set()
+        if plan.projection and plan.pre_norm:
+          keep.add(plan.pre_norm)
+        unit = {k: v for k, v in unit.items() if k in keep}
       else:
         if step.conv in unit:
           if site.width == 0:
@@ -97,9 +102,14 @@ def compact_variables(
           unit[step.norm] = {k: v[index] for k, v in unit[step.norm].items()}
         if plan.local:
           reader = plan.steps[plan.gated + 1].conv
-          if reader in unit:
+          if reader in unit and site.width == 0:
+            del unit[reader]  # It reads no channel: zeros.
+          elif reader in unit:
             unit[reader] = {'kernel': unit[reader]['kernel'][:, :, index, :]}
-      tree['backbone'][plan.name] = unit
+      if unit:
+        tree['backbone'][plan.name] = unit
+      else:  # An identity shortcut and no branch: no variables left.
+        del tree['backbone'][plan.name]
   return out
 
 
@@ -153,16 +163,18 @@ def run_compact(
   """
   if jax.process_count() > 1:
     raise UserError('--mode=compact runs in one process; start it alone.')
-  output = config.compact.output
-  _check_output(workdir, output)
-  source = evaluation.eval_weights(config, workdir, purpose='compact')
-  exp = experiment.setup(config)
-  model = exp.model
+  _, num_classes = data_lib.dataset_info(config.data)
+  model = create_model(config.model, num_classes)
   dynamic.check_supported(model, 'compaction')
   if model.backbone.compaction is not None:
     raise UserError(
         'this model is compacted already (config.model.compaction is set).'
     )
+  output = config.compact.output
+  _check_output(workdir, output)
+  source = evaluation.eval_weights(config, workdir, purpose='compact')
+  exp = experiment.setup(config)
+  model = exp.model
   state = evaluation.restore_for_eval(
       config, workdir, model, exp.image_shape, exp.mesh, source
   )

@@ -16,10 +16,12 @@ runs the smaller convs:
 Widths are bucketed so that XLA compiles a few programs rather than one per
 pattern: per site, `lax.switch` over `num_buckets + 1` static widths (0, and
 `num_buckets` steps up to the full width) runs the smallest one that holds
-the batch's largest count of open gates. The bucket's extra channels are
-closed ones, multiplied by their gate (0) as in the masked model. At batch
-> 1 every input gathers its own filters (`vmap`); the batch shares one
-bucket. The result equals the masked model's up to float summation order.
+the open channels. The bucket's extra channels are closed ones, multiplied
+by their gate (0) as in the masked model. Up to `per_input_batch` inputs a
+batch, every input gathers its own filters (`vmap`) and the batch shares
+the bucket of its largest count; larger batches compute the union of their
+inputs' open channels, each input masked by its own gates. The result
+equals the masked model's up to float summation order.
 
 A gater (GaterNet) runs first, as in the masked model: `gater_gates` is
 that part alone, so benchmarks can report its cost apart.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import jax
 from jax import lax
@@ -114,12 +116,14 @@ def check_supported(model: Any, what: str) -> None:
 
 def unit_plans(backbone: ResNet) -> Tuple[UnitPlan, ...]:
   """The backbone's units as `UnitPlan`s, in depth order."""
-  local = backbone.local_gating is not None
-  position = backbone.local_gating.position if local else None
+  local_gating = backbone.local_gating
+  local = local_gating is not None
+  position = local_gating.position if local_gating is not None else ''
   plans = []
   in_width = None
   for name, stride, features in backbone._units():  # pylint: disable=protected-access
     cls = backbone.block_cls
+    steps: Tuple[Step, ...]
     if cls is BasicBlock:
       out = int(features)
       pre, steps = None, (
@@ -218,44 +222,79 @@ def _open_first(gate: jax.Array, width: int) -> jax.Array:
 
 
 def _gated_segment(
-    plan: UnitPlan, p, s, y: jax.Array, gate: jax.Array, width: int, shortcut
+    plan: UnitPlan,
+    p,
+    s,
+    y: jax.Array,
+    index: jax.Array,
+    g: jax.Array,
+    shortcut: Optional[jax.Array],
 ) -> jax.Array:
-  """One input's gated part of a unit at a static `width`.
+  """The gated part of a unit on channels `index` only.
 
-  Local gates: the gated step and the next conv (without its BN), `y` the
-  gated step's input; returns the next conv's output. A gater's gates: the
-  last step, then the add into `shortcut`; returns the sum.
+  `g`: `(batch, len(index))` the gates of those channels. Local gates: the
+  gated step and the next conv (without its BN), `y` the gated step's
+  input; returns the next conv's output. A gater's gates: the last step,
+  then the add into `shortcut`; returns the sum.
   """
-  index = _open_first(gate, width)
-  g = gate[index].astype(y.dtype)
   step = plan.steps[plan.gated]
   y = conv(y, p[step.conv]['kernel'][..., index], step.stride)
   if step.norm is not None:
     y = batch_norm(y, p[step.norm], s[step.norm], index)
   if step.relu:
     y = jax.nn.relu(y)
-  y = y * g
+  y = y * g[:, None, None, :].astype(y.dtype)
   if plan.local:
     reader = plan.steps[plan.gated + 1]
     return conv(y, p[reader.conv]['kernel'][:, :, index, :], reader.stride)
+  assert shortcut is not None
   return shortcut.at[..., index].add(y)
 
 
 def _switch(
-    plan: UnitPlan, p, s, y: jax.Array, gate: jax.Array, shortcut, widths
+    plan: UnitPlan,
+    p,
+    s,
+    y: jax.Array,
+    gate: jax.Array,
+    shortcut: Optional[jax.Array],
+    widths: Tuple[int, ...],
+    per_input_batch: int,
 ) -> jax.Array:
-  """`_gated_segment` at the smallest of `widths` that holds every input's
-  open channels; each input gathers its own."""
-  count = jnp.max(jnp.sum(is_on(gate), axis=-1))
+  """`_gated_segment` at the smallest of `widths` that holds the open
+  channels: each input's own (gathered per input) for batches of up to
+  `per_input_batch`, else the batch's union."""
+  batch = y.shape[0]
+  union = batch > per_input_batch
+  opened = is_on(gate)
+  if union:
+    count = jnp.sum(jnp.any(opened, axis=0))
+  else:
+    count = jnp.max(jnp.sum(opened, axis=-1))
   branch_index = jnp.searchsorted(jnp.asarray(widths), count)
 
   def branch(width):
     def run(y, gate, shortcut):
-      if y.shape[0] == 1:
-        return _gated_segment(plan, p, s, y, gate[0], width, shortcut)
-      one = lambda y, g, sc: _gated_segment(
-          plan, p, s, y[None], g, width, None if sc is None else sc[None]
-      )[0]
+      if union:
+        index = _open_first(jnp.max(gate, axis=0), width)
+        return _gated_segment(plan, p, s, y, index, gate[:, index], shortcut)
+
+      def one(y, gate, shortcut):
+        index = _open_first(gate, width)
+        return _gated_segment(
+            plan,
+            p,
+            s,
+            y[None],
+            index,
+            gate[None, index],
+            None if shortcut is None else shortcut[None],
+        )[0]
+
+      if batch == 1:
+        return one(y[0], gate[0], None if shortcut is None else shortcut[0])[
+            None
+        ]
       return jax.vmap(one)(y, gate, shortcut)
 
     return run
@@ -266,7 +305,13 @@ def _switch(
 
 
 def _unit(
-    plan: UnitPlan, p, s, x: jax.Array, gate: Optional[jax.Array], widths
+    plan: UnitPlan,
+    p,
+    s,
+    x: jax.Array,
+    gate: Optional[jax.Array],
+    widths: Tuple[int, ...],
+    per_input_batch: int,
 ) -> jax.Array:
   """One residual unit; `gate` None runs it dense."""
   y = x
@@ -284,7 +329,16 @@ def _unit(
   while i < len(plan.steps):
     step = plan.steps[i]
     if gate is not None and i == plan.gated:
-      y = _switch(plan, p, s, y, gate, None if plan.local else shortcut, widths)
+      y = _switch(
+          plan,
+          p,
+          s,
+          y,
+          gate,
+          None if plan.local else shortcut,
+          widths,
+          per_input_batch,
+      )
       if not plan.local:
         return jax.nn.relu(y) if plan.post_relu else y
       i += 1  # The gated segment ran the next conv too.
@@ -302,8 +356,9 @@ def _unit(
 
 def _local_gate(backbone: ResNet, p, s, x: jax.Array, width: int) -> jax.Array:
   """A unit's binary local gates from its input (evaluation mode)."""
+  assert backbone.local_gating is not None
   module = backbone.local_gating.module(width, backbone.dtype)
-  sample = module.apply(
+  sample: Any = module.apply(
       {'params': p['gate'], 'batch_stats': s['gate']}, x, train=False
   )
   return sample['gate']
@@ -326,6 +381,7 @@ def backbone_apply(
     images: jax.Array,
     gates: Optional[Gates] = None,
     num_buckets: int = 8,
+    per_input_batch: int = 8,
 ) -> Tuple[jax.Array, Gates]:
   """(logits, gates) of the backbone run dynamically (evaluation mode).
 
@@ -338,6 +394,9 @@ def backbone_apply(
       `gater_gates`); for local gates None uses the units' own, a PyTree
       replaces them (their modules still run).
     num_buckets: static widths per site (see the module docstring).
+    per_input_batch: batches up to this size gather each input's own
+      filters; larger ones compute the union of the batch's open channels
+      (per-input weights would be `batch` copies of the network).
   """
   backbone = model.backbone
   params = variables['params']['backbone']
@@ -370,7 +429,15 @@ def backbone_apply(
     else:
       gate = _local_gate(backbone, p, s, y, sizes[plan.name])
     used[plan.name] = gate
-    y = _unit(plan, p, s, y, gate, buckets(sizes[plan.name], num_buckets))
+    y = _unit(
+        plan,
+        p,
+        s,
+        y,
+        gate,
+        buckets(sizes[plan.name], num_buckets),
+        per_input_batch,
+    )
   if preact:
     y = jax.nn.relu(batch_norm(y, params['bn_final'], stats['bn_final']))
   y = jnp.mean(y, axis=(1, 2))
@@ -386,12 +453,15 @@ def apply(
     images: jax.Array,
     gates: Optional[Gates] = None,
     num_buckets: int = 8,
+    per_input_batch: int = 8,
 ) -> Tuple[jax.Array, Gates]:
   """(logits, gates) of the whole model run dynamically: a GaterNet's
   gater first (unless `gates` are given), then `backbone_apply`."""
   if gates is None and model.gating == gating_lib.GATER:
     gates = gater_gates(model, variables, images)
-  return backbone_apply(model, variables, images, gates, num_buckets)
+  return backbone_apply(
+      model, variables, images, gates, num_buckets, per_input_batch
+  )
 
 
 def masked_backbone(
@@ -404,15 +474,6 @@ def masked_backbone(
     return module.backbone(images, gates, train=False)[0]
 
   return model.apply(variables, images, gates, method=run)
-
-
-def jitted(fn: Callable[..., Any], model: Any, **kwargs) -> Callable[..., Any]:
-  """`fn(model, variables, images, gates)` jitted with `model` static."""
-  return jax.jit(
-      lambda variables, images, gates=None: fn(
-          model, variables, images, gates, **kwargs
-      )
-  )
 
 
 __all__ = [

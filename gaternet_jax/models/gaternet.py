@@ -117,7 +117,7 @@ class GaterNet(nn.Module):
     """
     if self.gating == gating_lib.LOCAL:
       logits, extras = self.backbone(images, None, train=train)
-      samples = extras.pop(GATE_SAMPLES)
+      samples = extras.pop(GATE_SAMPLES, {})
       return logits, dict(
           extras,
           gates={k: v['gate'] for k, v in samples.items()},

@@ -98,11 +98,12 @@ class _Unit(nn.Module):
     return full if self.compaction is None else self.compaction.width
 
   def _conv(self, y, features: int, kernel: int, stride: int, name: str):
-    """`self.conv`; a compacted conv with no channels left gives zeros."""
-    if features:
+    """`self.conv`; a compacted conv with no channels left, on either side,
+    computes nothing: zeros."""
+    if features and y.shape[-1]:
       return self.conv(features, kernel, stride, self.dtype, name)(y)
     b, h, w, _ = y.shape
-    return jnp.zeros((b, -(-h // stride), -(-w // stride), 0), y.dtype)
+    return jnp.zeros((b, -(-h // stride), -(-w // stride), features), y.dtype)
 
   def _mask(self, y: jax.Array, gate: Optional[jax.Array]) -> jax.Array:
     """Eq. 4's channel mask; a compacted site's gates act on its first
@@ -260,8 +261,10 @@ class PreActBottleneck(_Unit):
   def __call__(self, x: jax.Array, gate: Optional[jax.Array], *, train: bool):
     mid, out = self.features
     sample, gate = self._gates(x, mid, gate, train)
-    pre = nn.relu(self.norm(train, self.dtype, 'bn1')(x))
     identity = x.shape[-1] == out and self.stride == 1
+    if self._branch_removed() and identity:
+      return x, sample
+    pre = nn.relu(self.norm(train, self.dtype, 'bn1')(x))
     shortcut = (
         x if identity else self._projection(pre, out, train, with_norm=False)
     )
