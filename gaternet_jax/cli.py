@@ -139,6 +139,14 @@ def _run(
     from gaternet_jax import evaluation  # pylint: disable=g-import-not-at-top
 
     out = evaluation.evaluate(config, workdir)
+    if out.get('unseen_gate_fraction'):
+      print(
+          f'{out["unseen_gate_fraction"]:.2%} of the images would have '
+          'switched a gate that compaction removed or folded (they ran '
+          'with the calibration pattern); compact with '
+          "--config.compact.unseen='keep' or a larger calibration split to "
+          'keep those filters.'
+      )
   elif mode == 'train':
     from gaternet_jax import train  # pylint: disable=g-import-not-at-top
 

@@ -299,6 +299,12 @@ def run_speed(
         jnp.asarray(batch['image']), mean=bench.exp.mean, std=bench.exp.std
     )
     gates = bench.own_gates(images)
+    want = bench.masked_fn(bench.variables, images, gates)
+    got = bench.dynamic_fn(bench.variables, images, gates)
+    scale = jnp.maximum(jnp.max(jnp.abs(want), axis=-1), 1e-30)
+    result['dynamic_max_relative_error'] = float(
+        jnp.max(jnp.max(jnp.abs(got - want), axis=-1) / scale)
+    )
     n = min(bench.runs, images.shape[0])
     one_gates = [{k: v[i : i + 1] for k, v in gates.items()} for i in range(n)]
     on = np.asarray(is_on(bench.spec.flatten(gates)))
@@ -363,4 +369,10 @@ def format_report(result: Mapping[str, Any]) -> str:
   lines.append(
       'x: speedup over the dense backbone; ratio: speedup / MAC speedup.'
   )
+  if 'dynamic_max_relative_error' in result:
+    lines.append(
+        'dynamic execution on the trained gates: largest relative logit '
+        f'error {result["dynamic_max_relative_error"]:.1e} against the '
+        'masked model.'
+    )
   return '\n'.join(lines)

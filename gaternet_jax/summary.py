@@ -26,7 +26,9 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   what the gater or the gating modules add), num_classes and image_shape.
   Batch-shaping's gating modules live inside the backbone's units, so their
   parameters count in params_backbone (and, on their own, in
-  params_gating_modules) and their MACs in macs_gater.
+  params_gating_modules) and their MACs in macs_gater. A compacted model
+  adds params_uncompacted, macs_backbone_uncompacted and
+  gated_filters_uncompacted: the network before `--mode=compact`.
   """
   image_shape, num_classes = data_lib.dataset_info(config.data)
   model = create_model(config.model, num_classes)
@@ -40,7 +42,7 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   gating_modules = sum(
       v.size for k, v in flat.items() if macs_lib.LOCAL_GATE_MODULE in k[:-1]
   )
-  return {
+  out = {
       'params_total': count(params),
       'params_backbone': count(params.get('backbone', {})),
       'params_gater': count(params.get('gater', {})),
@@ -53,3 +55,15 @@ def model_summary(config: ml_collections.ConfigDict) -> Dict[str, Any]:
       'num_classes': num_classes,
       'image_shape': list(image_shape),
   }
+  if config.model.get('compaction'):
+    # A compacted model (models/compaction.py): the network it came from.
+    full = config.copy_and_resolve_references()
+    with full.unlocked():
+      full.model.compaction = ''
+    before = model_summary(full)
+    out.update(
+        params_uncompacted=before['params_total'],
+        macs_backbone_uncompacted=before['macs_backbone'],
+        gated_filters_uncompacted=before['gated_filters'],
+    )
+  return out

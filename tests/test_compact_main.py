@@ -92,10 +92,18 @@ def test_compaction_removes_filters_and_evaluates_the_same(trained, compacted):
   # The calibration split was train; on test, images may open a gate that
   # train never did: counted, not hidden.
   assert 0.0 <= small_eval['unseen_gate_fraction'] <= 1.0
-  # Summary of the compacted config shows the smaller network.
+  # Summary of the compacted config shows the smaller network and the one
+  # it came from.
   summary = cli.run('summary', config, '')
   assert summary['params_total'] == report['params_after']
   assert summary['macs_backbone'] == report['macs_backbone_after']
+  assert summary['params_uncompacted'] == report['params_before']
+  assert summary['macs_backbone_uncompacted'] == report['macs_backbone_before']
+  # And analyze reads it like any run.
+  config.analysis.tsne_samples = 0
+  analysis = cli.run('analyze', config, output)
+  assert analysis['gated_filters'] == gates['input_dependent']
+  assert analysis['accuracy'] == trained_eval['accuracy']
 
 
 def test_compaction_never_overwrites(trained, compacted):
@@ -130,6 +138,7 @@ def test_speed_mode_times_the_trained_model(trained):
   config.speed.batch_size = 16
   result = cli.run('speed', config, workdir)
   assert result['trained']
+  assert result['dynamic_max_relative_error'] < 1e-4
   assert set(result['rows']) == {'trained', '50%'}
   for row in result['rows'].values():
     for way in ('masked', 'compacted', 'dynamic'):
