@@ -4,6 +4,7 @@
   python main.py --config=configs/default.py --workdir=/tmp/gaternet_demo \
       --mode=analyze
   python main.py --config=configs/cifar10_r20.py --mode=summary
+  python main.py --config=configs/imagenet_r50_bas.py --mode=speed
 
 Several processes (a Cloud TPU VM pod slice, Slurm, ...) join one job by
 themselves; elsewhere give each process --coordinator_address,
@@ -97,7 +98,10 @@ def main(argv):
         'error: --config is required (for example '
         '--config=configs/default.py).'
     )
-  if FLAGS.mode in ('train', 'eval', 'analyze') and not FLAGS.workdir:
+  if (
+      FLAGS.mode in ('train', 'eval', 'analyze', 'compact')
+      and not FLAGS.workdir
+  ):
     sys.exit(f'error: --workdir is required for --mode={FLAGS.mode}.')
   try:
     # Before any other JAX call: the runtime decides what devices exist.

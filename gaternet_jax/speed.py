@@ -40,7 +40,6 @@ import ml_collections
 import numpy as np
 
 from gaternet_jax import augment
-from gaternet_jax import checkpoints
 from gaternet_jax import compact
 from gaternet_jax import dynamic
 from gaternet_jax import evaluation
@@ -271,9 +270,10 @@ def run_speed(
 ) -> Dict[str, Any]:
   """The figures of the module docstring: {'dense', 'gater' (GaterNet),
   'rows': {label: {way: figures}}, ...}."""
-  trained = bool(workdir) and checkpoints.has_checkpoint(workdir)
+  trained = bool(workdir)
   if trained:
-    evaluation.eval_weights(config, workdir, purpose='benchmark')
+    # A workdir without a checkpoint (or of another model) is one sentence.
+    evaluation.eval_weights(config, workdir, purpose='time')
   bench = _Bench(config, workdir if trained else None)
   result: Dict[str, Any] = {
       'device': jax.devices()[0].device_kind,

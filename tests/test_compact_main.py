@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 
+import ml_collections
 import pytest
 
 from configs import digits_bas
@@ -127,6 +128,18 @@ def test_a_baseline_workdir_cannot_be_compacted(tmp_path):
   config.compact.output = str(tmp_path / 'out')
   with pytest.raises(UserError, match="model.gating='none'"):
     cli.run('compact', config, str(tmp_path / 'nothing_trained'))
+
+
+def test_speed_mode_refuses_what_it_cannot_time(tmp_path):
+  config = _config()
+  config.model.gating = 'gater'
+  config.model.backbone = ml_collections.ConfigDict(
+      dict(name='densenet_bc', depth=16, growth_rate=8)
+  )
+  with pytest.raises(UserError, match='supports the ResNet backbones'):
+    cli.run('speed', config, None)
+  with pytest.raises(WorkdirError, match='no checkpoint to time'):
+    cli.run('speed', _config(), str(tmp_path))
 
 
 def test_speed_mode_times_the_trained_model(trained):

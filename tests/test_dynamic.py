@@ -274,7 +274,7 @@ def test_compacted_gater_counts_gates_that_leave_their_pattern():
 def test_unsupported_models_get_one_sentence():
   c = _config(CASES['cifar-basic-gater'][0], 'gater', None)
   c.model.backbone = ml_collections.ConfigDict(
-      dict(name='densenet_bc', depth=10, growth_rate=4)
+      dict(name='densenet_bc', depth=16, growth_rate=8)
   )
   model = create_model(c.model, 5)
   with pytest.raises(UserError, match='supports the ResNet backbones'):
