@@ -177,9 +177,10 @@ def base_config() -> ml_collections.ConfigDict:
   # next to its MAC reduction. Without a trained workdir the gates are drawn
   # at random: per image at each of `densities` (dynamic execution), per
   # filter for the compacted model. Each timing is the median of `runs`
-  # calls after `warmup` calls; dynamic execution runs `num_buckets` static
-  # widths per gated site and gathers each input's own filters up to
-  # `per_input_batch` inputs a batch (above that, the batch's union).
+  # calls (the four networks take turns) after `warmup` calls. Dynamic
+  # execution runs `num_buckets` static widths per gated site and gathers
+  # each input's own filters up to `per_input_batch` inputs a batch (above
+  # that, the batch's union).
   c.speed = ml_collections.ConfigDict(
       dict(
           densities=(0.9, 0.7, 0.5, 0.3),

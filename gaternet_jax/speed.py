@@ -22,16 +22,27 @@ speedup curve of a network without training one. With a trained workdir,
 one more row uses the model's own gates on the first test images (the
 compacted network then keeps the gates those images use).
 
-Each row's `speedup` is the dense time over its time; `mac_speedup` is the
-dense MACs over its MACs per image; `ratio` is speedup / mac_speedup (1: the
-MACs saved show up fully as time).
+Each row times the four networks in turns (dense, masked, compacted,
+dynamic, then again), so that whatever else the machine does falls on all
+of them alike; its `speedup`s are the dense median time over each one's;
+`mac_speedup` is the dense MACs over its MACs per image; `ratio` is
+speedup / mac_speedup (1: the MACs saved show up fully as time).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 from absl import logging
 import jax
@@ -50,22 +61,31 @@ from gaternet_jax.gates import GateSpec, Gates, is_on
 from gaternet_jax.models import create_model
 from gaternet_jax.models.compaction import Compaction
 
-WAYS = ('masked', 'compacted', 'dynamic')
+WAYS = ('dense', 'masked', 'compacted', 'dynamic')
 
 
 def _median_seconds(
-    fn: Callable[..., Any], args_list: Sequence[tuple], warmup: int
-) -> float:
-  """Median wall time of `fn(*args)` over `args_list`, after `warmup`
-  calls on its first entry (compilation included there)."""
-  for _ in range(max(warmup, 1)):
-    jax.block_until_ready(fn(*args_list[0]))
-  times = []
-  for args in args_list:
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    calls: Mapping[str, Tuple[Callable[..., Any], Sequence[tuple]]],
+    runs: int,
+    warmup: int,
+) -> Dict[str, float]:
+  """Median wall time of each `fn(*args)`, {name: (fn, args_list)}.
+
+  The calls take turns (run i calls every function on its args_list[i],
+  modulo its length), so that whatever else the machine does falls on all
+  of them alike; first `warmup` calls each (compilation included).
+  """
+  for fn, args_list in calls.values():
+    for _ in range(max(warmup, 1)):
+      jax.block_until_ready(fn(*args_list[0]))
+  times: Dict[str, List[float]] = {name: [] for name in calls}
+  for i in range(runs):
+    for name, (fn, args_list) in calls.items():
+      args = args_list[i % len(args_list)]
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _init(model, image_shape, seed: int):
@@ -156,6 +176,9 @@ class _Bench:
         (_images(self.rng, 1, self.image_shape),) for _ in range(self.runs)
     ]
     self.many = _images(self.rng, self.batch, self.image_shape)
+    self.dense_fn = jax.jit(
+        lambda v, x: self.dense_model.apply(v, x, train=False)[0]
+    )
     self.masked_fn = _backbone_only(self.model)
     self.dynamic_fn = jax.jit(
         lambda v, x, g: dynamic.backbone_apply(
@@ -163,33 +186,21 @@ class _Bench:
         )[0]
     )
 
-  def dense(self) -> Dict[str, float]:
-    fn = jax.jit(lambda v, x: self.dense_model.apply(v, x, train=False)[0])
-    return {
-        'latency_ms': 1e3
-        * _median_seconds(
-            fn, [(self.dense_vars, x) for (x,) in self.one], self.warmup
-        ),
-        'images_per_s': self.batch
-        / _median_seconds(
-            fn, [(self.dense_vars, self.many)] * self.runs, self.warmup
-        ),
-        'macs': self.dense_macs,
-    }
-
   def gater_cost(self) -> Dict[str, float]:
     fn = jax.jit(
         lambda v, x: dynamic.gater_gates(self.model, v, x)  # pylint: disable=unnecessary-lambda
     )
+    one = _median_seconds(
+        {'gater': (fn, [(self.variables, x) for (x,) in self.one])},
+        self.runs,
+        self.warmup,
+    )
+    many = _median_seconds(
+        {'gater': (fn, [(self.variables, self.many)])}, self.runs, self.warmup
+    )
     return {
-        'latency_ms': 1e3
-        * _median_seconds(
-            fn, [(self.variables, x) for (x,) in self.one], self.warmup
-        ),
-        'images_per_s': self.batch
-        / _median_seconds(
-            fn, [(self.variables, self.many)] * self.runs, self.warmup
-        ),
+        'latency_ms': 1e3 * one['gater'],
+        'images_per_s': self.batch / many['gater'],
         'macs': float(self.counter.dense_gater),
     }
 
@@ -208,29 +219,51 @@ class _Bench:
       one_images: Optional[List[jax.Array]] = None,
       many_images: Optional[jax.Array] = None,
   ) -> Dict[str, Dict[str, float]]:
-    """Masked, compacted and dynamic figures for one set of gates."""
+    """Dense, masked, compacted and dynamic figures for one set of gates,
+    timed in turns."""
     ones = one_images or [x for (x,) in self.one]
     many = self.many if many_images is None else many_images
-    out = {}
-    macs = np.mean([_mean_macs(self.counter, g, self.gater) for g in one_gates])
-    for way, fn in (('masked', self.masked_fn), ('dynamic', self.dynamic_fn)):
-      out[way] = {
-          'latency_ms': 1e3
-          * _median_seconds(
-              fn,
-              [(self.variables, x, g) for x, g in zip(ones, one_gates)],
-              self.warmup,
-          ),
-          'images_per_s': self.batch
-          / _median_seconds(
-              fn, [(self.variables, many, many_gates)] * self.runs, self.warmup
-          ),
-          'macs': float(macs),
-      }
-    out['compacted'] = self._compacted(static_on, ones, many)
-    return out
+    macs = float(
+        np.mean([_mean_macs(self.counter, g, self.gater) for g in one_gates])
+    )
+    small_fn, small_args, small_macs = self._compacted(static_on)
+    one_calls = {
+        'dense': (self.dense_fn, [(self.dense_vars, x) for x in ones]),
+        'masked': (
+            self.masked_fn,
+            [(self.variables, x, g) for x, g in zip(ones, one_gates)],
+        ),
+        'compacted': (small_fn, [small_args(x) for x in ones]),
+        'dynamic': (
+            self.dynamic_fn,
+            [(self.variables, x, g) for x, g in zip(ones, one_gates)],
+        ),
+    }
+    many_calls = {
+        'dense': (self.dense_fn, [(self.dense_vars, many)]),
+        'masked': (self.masked_fn, [(self.variables, many, many_gates)]),
+        'compacted': (small_fn, [small_args(many)]),
+        'dynamic': (self.dynamic_fn, [(self.variables, many, many_gates)]),
+    }
+    one = _median_seconds(one_calls, self.runs, self.warmup)
+    batch = _median_seconds(many_calls, self.runs, self.warmup)
+    all_macs = {
+        'dense': self.dense_macs,
+        'masked': macs,
+        'compacted': small_macs,
+        'dynamic': macs,
+    }
+    return {
+        way: {
+            'latency_ms': 1e3 * one[way],
+            'images_per_s': self.batch / batch[way],
+            'macs': all_macs[way],
+        }
+        for way in one_calls
+    }
 
-  def _compacted(self, static_on: np.ndarray, ones, many) -> Dict[str, float]:
+  def _compacted(self, static_on: np.ndarray):
+    """(fn, args of images, MACs) of the network `static_on` compacts to."""
     compaction = _static_pattern(self.spec, static_on)
     config = compact.compacted_config(self.config, compaction)
     model = create_model(config.model, self.exp.num_classes)
@@ -239,24 +272,22 @@ class _Bench:
     )
     counter = macs_lib.count(model, self.image_shape, conditional=False)
     if self.gater:
-      fn = _backbone_only(model)
-      call = lambda x: (variables, x, {})
-      macs = counter.dense_backbone
-    else:
-      apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
-      fn = apply
-      call = lambda x: (variables, x)
-      macs = counter.dense_backbone + counter.dense_gater
-    return {
-        'latency_ms': 1e3
-        * _median_seconds(fn, [call(x) for x in ones], self.warmup),
-        'images_per_s': self.batch
-        / _median_seconds(fn, [call(many)] * self.runs, self.warmup),
-        'macs': float(macs),
-    }
+      return (
+          _backbone_only(model),
+          lambda x: (variables, x, {}),
+          float(counter.dense_backbone),
+      )
+    return (
+        jax.jit(lambda v, x: model.apply(v, x, train=False)[0]),
+        lambda x: (variables, x),
+        float(counter.dense_backbone + counter.dense_gater),
+    )
 
 
-def _ratios(row: Dict[str, Dict[str, float]], dense: Mapping[str, float]):
+def _ratios(row: Dict[str, Dict[str, float]]):
+  """Speedups over the row's dense timing, and their ratio to the MAC
+  speedups."""
+  dense = row['dense']
   for r in row.values():
     r['mac_speedup'] = dense['macs'] / r['macs']
     r['latency_speedup'] = dense['latency_ms'] / r['latency_ms']
@@ -286,8 +317,6 @@ def run_speed(
       'trained': trained,
   }
   t = time.time()
-  dense = bench.dense()
-  result['dense'] = dense
   if bench.gater:
     result['gater'] = bench.gater_cost()
   rows = {}
@@ -331,8 +360,12 @@ def run_speed(
         time.time() - t,
     )
   for row in rows.values():
-    _ratios(row, dense)
+    _ratios(row)
   result['rows'] = rows
+  result['dense'] = {
+      key: statistics.median(row['dense'][key] for row in rows.values())
+      for key in ('latency_ms', 'images_per_s', 'macs')
+  }
   return result
 
 
@@ -344,7 +377,8 @@ def format_report(result: Mapping[str, Any]) -> str:
   lines = [
       f'{result["device"]}, images {tuple(result["image_shape"])}; dense '
       f'backbone {fmt(d["macs"])} MACs: {d["latency_ms"]:.2f} ms at batch 1, '
-      f'{d["images_per_s"]:.1f} images/s at batch {result["batch_size"]}.',
+      f'{d["images_per_s"]:.1f} images/s at batch {result["batch_size"]} '
+      '(medians; each row is timed against its own dense runs).',
   ]
   if 'gater' in result:
     g = result['gater']
