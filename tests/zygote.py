@@ -15,7 +15,9 @@ computation; `jax._src.xla_bridge._backends` stays empty) and checks,
 before each fork, that it runs no thread of its own beyond the one that
 importing NumPy starts (OpenBLAS's pool, which handles fork itself).
 What differs from a fresh interpreter: all children share the zygote's
-hash seed (PYTHONHASHSEED).
+hash seed (PYTHONHASHSEED), and a traceback starts with two frames of
+this file. (Output and exit status of main.py's flag and config errors,
+and of --helpshort, are byte for byte those of `python main.py`.)
 
   with Zygote(env) as zygote:
     child = zygote.start(['--workdir=...', ...], stderr=log_path)
@@ -238,9 +240,21 @@ def _become_main(command):
   main_py = os.path.join(REPO, 'main.py')
   sys.argv = ['main.py', *command['argv']]
   sys.path[0] = REPO
-  import runpy  # pylint: disable=g-import-not-at-top
+  # What the interpreter sets up for a script: an absolute __file__ (and
+  # code file name), sys.argv[0] as given.
+  import builtins  # pylint: disable=g-import-not-at-top
+  import importlib.machinery  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
 
-  runpy.run_path(main_py, run_name='__main__')
+  module = types.ModuleType('__main__')
+  module.__file__ = main_py
+  module.__cached__ = None
+  module.__loader__ = importlib.machinery.SourceFileLoader('__main__', main_py)
+  module.__builtins__ = builtins
+  sys.modules['__main__'] = module
+  with open(main_py, 'rb') as f:
+    code = compile(f.read(), main_py, 'exec')
+  exec(code, module.__dict__)  # pylint: disable=exec-used
 
 
 if __name__ == '__main__':
