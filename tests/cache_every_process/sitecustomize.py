@@ -10,7 +10,18 @@ startup. Each process then writes its own entries (their keys differ, so
 no two processes write one file).
 """
 
+import inspect
 import warnings
+
+# The JAX function this wraps, and its parameters.
+_PARAMETERS = (
+    'cache_key',
+    'compile_time_secs',
+    'module_name',
+    'backend',
+    'executable',
+    'host_callbacks',
+)
 
 
 def _install():
@@ -25,6 +36,8 @@ def _install():
   write = getattr(compiler, '_cache_write', None)
   if write is None or getattr(write, 'every_process', False):
     return
+  if tuple(inspect.signature(write).parameters) != _PARAMETERS:
+    return  # Another JAX: left as it is (process 0 alone writes).
 
   def cache_write(
       cache_key,
