@@ -54,16 +54,32 @@ PRELOAD = (
 
 class Child:
   """A forked run: `pid` (its process group too), and Popen's `poll`,
-  `wait` and `returncode` (minus the signal number when killed by one)."""
+  `wait` and `returncode` (minus the signal number when killed by one).
+
+  The zygote reaps the child and reports its status; `poll` sees the exit
+  itself (a pidfd turns readable when the process ends, reaped or not),
+  as Popen's would, and then waits for that report: a run that ends just
+  before a test's kill is not taken for one still running."""
 
   def __init__(self, zygote: 'Zygote', pid: int):
     self._zygote = zygote
     self.pid = pid
     self.returncode = None
+    try:
+      self._pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # Already ended (and reaped).
+      self._pidfd = -1
+    except (AttributeError, OSError):  # No pidfds here: reports alone.
+      self._pidfd = None
+
+  def _ended(self):
+    if self._pidfd is None:
+      return False
+    return self._pidfd < 0 or bool(select.select([self._pidfd], [], [], 0)[0])
 
   def poll(self):
     if self.returncode is None:
-      self._zygote._read_exit(self, timeout=0)
+      self._zygote._read_exit(self, timeout=None if self._ended() else 0)
     return self.returncode
 
   def wait(self, timeout=None):
@@ -72,6 +88,11 @@ class Child:
     if self.returncode is None:
       raise subprocess.TimeoutExpired(['main.py'], timeout)
     return self.returncode
+
+  def _close(self):
+    if self._pidfd is not None and self._pidfd >= 0:
+      os.close(self._pidfd)
+    self._pidfd = None
 
 
 class Zygote:
@@ -121,6 +142,7 @@ class Zygote:
         os.killpg(child.pid, 9)
       except ProcessLookupError:
         pass
+      child._close()  # pylint: disable=protected-access
     if self._proc.poll() is None:
       self._proc.stdin.close()
       try:
@@ -158,6 +180,7 @@ class Zygote:
     if message is not None:
       assert message['pid'] == child.pid, message
       child.returncode = message['returncode']
+      child._close()  # pylint: disable=protected-access
 
 
 # The zygote process.
