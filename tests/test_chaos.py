@@ -47,14 +47,15 @@ ARGS = [
 CLOCK = ('time', 'steps_per_sec', 'images_per_sec', 'train_seconds')
 
 
-ENV = dict(os.environ, JAX_PLATFORMS='cpu')
+def _env():
+  return dict(os.environ, JAX_PLATFORMS='cpu')
 
 
 def _start(workdir, log):
   return subprocess.Popen(
       [sys.executable, 'main.py', f'--workdir={workdir}', *ARGS],
       cwd=REPO,
-      env=ENV,
+      env=_env(),
       stdout=subprocess.DEVNULL,
       stderr=log,
       start_new_session=True,
@@ -121,7 +122,7 @@ def test_killed_at_random_moments_ends_bit_identical(tmp_path):
     ]
 
   workdir = str(tmp_path / 'chaos')
-  with Zygote(ENV) as zygote:
+  with Zygote(_env()) as zygote:
     kills, signals, attempt = _attempts(zygote, workdir, tmp_path)
   for run in ('pretrain/baseline', ''):
     a, b = os.path.join(ref, run), os.path.join(workdir, run)
