@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import socket
 from typing import Any, Optional, Union
 
 from etils import epath
@@ -153,14 +154,18 @@ def disk_error(e: BaseException) -> Optional[str]:
 
 def check_writable(directory: PathLike):
   """Creates `directory` (and its parents) and writes and removes a file in
-  it; a WorkdirError before any work if it is a file or that fails."""
+  it; a WorkdirError before any work if it is a file or that fails.
+
+  The file is this process's own: the processes of a job check one
+  workdir at the same moment, and one's removal must not find another's
+  file gone."""
   path = resolve(directory)
   if path.exists() and not path.is_dir():
     raise WorkdirError(
         f'--workdir {os.fspath(directory)} is a file, not a directory; '
         f'choose another --workdir.'
     )
-  probe = path / '.write_check'
+  probe = path / f'.write_check.{socket.gethostname()}.{os.getpid()}'
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe.write_bytes(b'')

@@ -329,7 +329,8 @@ def setup_commands(archive):
 
 
 def _stop_script():
-  """Bash: stops the job PID_FILE names (its process group), if running.
+  """Bash: stops the job PID_FILE names (its process group), if running,
+  and returns once it has ended.
 
   The check reads /proc/<pid>/cmdline, so a stale pid file (after a reboot)
   never names an unrelated process, and a zombie counts as stopped.
@@ -342,7 +343,10 @@ def _stop_script():
       f'for _ in $(seq {STOP_POLLS_PER_S * FLAGS.stop_timeout_s}); do '
       f'{running} || break; sleep {1 / STOP_POLLS_PER_S}; done; '
       f'if {running}; then kill -KILL -- "-$pid" 2>/dev/null || '
-      'kill -KILL "$pid"; fi; '
+      'kill -KILL "$pid"; '
+      # A killed process ends when it next runs: wait for that too.
+      f'for _ in $(seq {STOP_POLLS_PER_S * 5}); do '
+      f'{running} || break; sleep {1 / STOP_POLLS_PER_S}; done; fi; '
       f'fi; rm -f {PID_FILE}; }}'
   )
 

@@ -7,6 +7,10 @@ preemption) at a random moment, and restarted with the same command, at
 least KILLS times, before one attempt is let finish. The weights, the
 evaluations and every record of metrics.jsonl but the clock's must be
 bit-identical to the uninterrupted run's.
+
+The uninterrupted run is `python main.py`; the attempts are forks of a
+zygote (tests/zygote.py) that each run main.py as `python main.py` would,
+without its seconds of imports.
 """
 
 import json
@@ -19,6 +23,8 @@ import time
 
 import numpy as np
 import pytest
+
+from tests.zygote import Zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILLS = 20
@@ -41,11 +47,15 @@ ARGS = [
 CLOCK = ('time', 'steps_per_sec', 'images_per_sec', 'train_seconds')
 
 
+def _env():
+  return dict(os.environ, JAX_PLATFORMS='cpu')
+
+
 def _start(workdir, log):
   return subprocess.Popen(
       [sys.executable, 'main.py', f'--workdir={workdir}', *ARGS],
       cwd=REPO,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      env=_env(),
       stdout=subprocess.DEVNULL,
       stderr=log,
       start_new_session=True,
@@ -111,52 +121,9 @@ def test_killed_at_random_moments_ends_bit_identical(tmp_path):
         -3000:
     ]
 
-  rng = random.Random(SEED)
   workdir = str(tmp_path / 'chaos')
-  kills = {'startup': 0, 'baseline': 0, 'joint': 0}
-  signals = []
-  attempt = 0
-  while True:
-    attempt += 1
-    log_path = str(tmp_path / f'attempt{attempt}.log')
-    with open(log_path, 'w') as log:
-      proc = _start(workdir, log)
-      done = (
-          sum(kills.values()) >= KILLS
-          and kills['baseline'] >= 3
-          and kills['joint'] >= 3
-      )
-      if not done:
-        # A random moment: mostly while training (after a run's setup
-        # line), sometimes while the process starts.
-        t0 = time.time()
-        early = rng.random() < 0.1
-        delay = rng.uniform(0.2, 4.0) if early else rng.uniform(0.0, 2.0)
-        set_up = early
-        while proc.poll() is None:
-          if not set_up:
-            with open(log_path, errors='replace') as f:
-              if ' train / ' in f.read():
-                set_up, t0 = True, time.time()
-          if set_up and time.time() - t0 >= delay:
-            break
-          time.sleep(0.02)
-        if proc.poll() is None:
-          sig = signal.SIGTERM if rng.random() < 1 / 3 else signal.SIGKILL
-          stage = _stage_of(log_path, workdir)
-          os.killpg(proc.pid, sig)
-          rc = proc.wait(timeout=120)
-          # Killed, or (SIGTERM while training) checkpointed and stopped.
-          assert rc in (-9, -15, 143), open(log_path).read()[-3000:]
-          kills[stage] += 1
-          signals.append((stage, sig.name, rc))
-          continue
-      rc = proc.wait(timeout=600)
-    text = open(log_path, errors='replace').read()
-    assert rc == 0, text[-3000:]
-    assert 'Traceback' not in text, text[-3000:]
-    if done:
-      break
+  with Zygote(_env()) as zygote:
+    kills, signals, attempt = _attempts(zygote, workdir, tmp_path)
   for run in ('pretrain/baseline', ''):
     a, b = os.path.join(ref, run), os.path.join(workdir, run)
     assert _results(b) == _results(a), run
@@ -177,6 +144,56 @@ def test_killed_at_random_moments_ends_bit_identical(tmp_path):
   assert kills['baseline'] >= 3 and kills['joint'] >= 3, (kills, signals)
 
   print(f'kills by run: {kills}; attempts {attempt}; {signals}')
+
+
+def _attempts(zygote, workdir, tmp_path):
+  """Attempts, each killed at a random moment (as many as it takes), and
+  the last let finish: (kills by run, signals, number of attempts)."""
+  rng = random.Random(SEED)
+  kills = {'startup': 0, 'baseline': 0, 'joint': 0}
+  signals = []
+  attempt = 0
+  while True:
+    attempt += 1
+    log_path = str(tmp_path / f'attempt{attempt}.log')
+    open(log_path, 'w').close()
+    proc = zygote.start([f'--workdir={workdir}', *ARGS], stderr=log_path)
+    done = (
+        sum(kills.values()) >= KILLS
+        and kills['baseline'] >= 3
+        and kills['joint'] >= 3
+    )
+    if not done:
+      # A random moment: mostly while training (after a run's setup
+      # line), sometimes while the process starts.
+      t0 = time.time()
+      early = rng.random() < 0.1
+      delay = rng.uniform(0.2, 4.0) if early else rng.uniform(0.0, 2.0)
+      set_up = early
+      while proc.poll() is None:
+        if not set_up:
+          with open(log_path, errors='replace') as f:
+            if ' train / ' in f.read():
+              set_up, t0 = True, time.time()
+        if set_up and time.time() - t0 >= delay:
+          break
+        time.sleep(0.02)
+      if proc.poll() is None:
+        sig = signal.SIGTERM if rng.random() < 1 / 3 else signal.SIGKILL
+        stage = _stage_of(log_path, workdir)
+        os.killpg(proc.pid, sig)
+        rc = proc.wait(timeout=120)
+        # Killed, or (SIGTERM while training) checkpointed and stopped.
+        assert rc in (-9, -15, 143), open(log_path).read()[-3000:]
+        kills[stage] += 1
+        signals.append((stage, sig.name, rc))
+        continue
+    rc = proc.wait(timeout=600)
+    text = open(log_path, errors='replace').read()
+    assert rc == 0, text[-3000:]
+    assert 'Traceback' not in text, text[-3000:]
+    if done:
+      return kills, signals, attempt
 
 
 if __name__ == '__main__':

@@ -52,11 +52,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+# On PYTHONPATH: every process, not process 0 alone, writes the compilation
+# cache (cache_every_process/sitecustomize.py says why).
+CACHE_EVERY_PROCESS = os.path.join(REPO, 'tests', 'cache_every_process')
+
+
 def _env(devices: int, **extra) -> dict:
   env = dict(
       os.environ,
       JAX_PLATFORMS='cpu',
       XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+      PYTHONPATH=os.pathsep.join(
+          [CACHE_EVERY_PROCESS]
+          + [p for p in [os.environ.get('PYTHONPATH')] if p]
+      ),
   )
   for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
     env.pop(k, None)

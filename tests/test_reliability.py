@@ -197,6 +197,32 @@ def _one_sentence(proc, *words):
     assert w in last, last
 
 
+def test_processes_checking_one_workdir_at_once_keep_their_own_probe(
+    tmp_path,
+):
+  # The processes of a job check their workdir at the same moment: one
+  # may not remove the file another is about to remove.
+  code = (
+      'import sys\n'
+      'from gaternet_jax import paths\n'
+      'for _ in range(2000):\n'
+      '  paths.check_writable(sys.argv[1])\n'
+  )
+  procs = [
+      subprocess.Popen(
+          [sys.executable, '-c', code, str(tmp_path)],
+          cwd=REPO,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for _ in range(2)
+  ]
+  for proc in procs:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+  assert not os.listdir(tmp_path)
+
+
 def test_unusable_workdirs_get_one_sentence_and_nothing_half_written(
     tmp_path,
 ):
