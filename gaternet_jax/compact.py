@@ -42,7 +42,7 @@ from gaternet_jax import paths
 from gaternet_jax import resume
 from gaternet_jax import steps as steps_lib
 from gaternet_jax import summary
-from gaternet_jax.errors import UserError, WorkdirError
+from gaternet_jax.errors import ConfigError, UserError, WorkdirError
 from gaternet_jax.gates import is_on
 from gaternet_jax.models import create_model
 from gaternet_jax.models.compaction import Compaction
@@ -163,6 +163,12 @@ def run_compact(
   """
   if jax.process_count() > 1:
     raise UserError('--mode=compact runs in one process; start it alone.')
+  if not config.compact.output:
+    # Like --workdir, no config file holds it: it is asked for here.
+    raise ConfigError(
+        '--mode=compact writes a new workdir: give its path with '
+        '--config.compact.output=...'
+    )
   _, num_classes = data_lib.dataset_info(config.data)
   model = create_model(config.model, num_classes)
   dynamic.check_supported(model, 'compaction')

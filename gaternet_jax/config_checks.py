@@ -211,11 +211,6 @@ _RULES = (
     _Rule('benchmark.steps', _SIZE, ('benchmark',)),
     _Rule('benchmark.warmup_steps', _whole(0), ('benchmark',)),
     # --mode=compact (gaternet_jax/compact.py).
-    _Rule(
-        'compact.output',
-        _Allowed('the path of a new workdir', lambda v: bool(v)),
-        ('compact',),
-    ),
     _Rule('compact.split', _one_of('train', 'test'), ('compact',)),
     _Rule('compact.batch_size', _whole(0), ('compact',)),
     _Rule('compact.unseen', _one_of('report', 'keep'), ('compact',)),

@@ -118,7 +118,7 @@ def test_compaction_never_overwrites(trained, compacted):
   with pytest.raises(WorkdirError, match='is the trained --workdir'):
     cli.run('compact', config, workdir)
   config.compact.output = ''
-  with pytest.raises(ConfigError, match='compact.output must be'):
+  with pytest.raises(ConfigError, match='--config.compact.output='):
     cli.run('compact', config, workdir)
 
 

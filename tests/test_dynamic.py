@@ -172,9 +172,7 @@ def test_dynamic_execution_with_every_gate_on_or_off():
     assert _relative(run(variables, x, gates), want) < 1e-4, value
 
 
-@pytest.mark.parametrize(
-    'case', ['cifar-basic-gater', 'imagenet-bottleneck-local-conv1']
-)
+@pytest.mark.parametrize('case', ['cifar-basic-gater', 'cifar-basic-local'])
 def test_dynamic_apply_at_batch_1_uses_the_models_own_gates(case):
   _, model, variables, x = _built(case)
   for i in range(2):
@@ -235,6 +233,8 @@ def test_compacted_model_equals_the_masked_model(case):
   want = dynamic.masked_backbone(model, variables, x, full)
   got = dynamic.masked_backbone(small, small_vars, x, dependent)
   assert _relative(got, want) < 1e-5
+  if case.startswith('imagenet'):
+    return  # The MAC check below traces two more networks: CIFAR's suffice.
   # The compacted network is smaller by what the MAC count says the
   # constant gates save (a gater's unit with every gate off loses more: its
   # whole branch, which the count does not know is dead).
