@@ -14,15 +14,7 @@ from gaternet_jax import paths
 from gaternet_jax.errors import UserError
 from gaternet_jax.macs import format_macs
 
-MODES = (
-    'train',
-    'eval',
-    'summary',
-    'benchmark',
-    'analyze',
-    'compact',
-    'speed',
-)
+MODES = config_checks.MODES
 
 
 def _gate_line(r: Dict[str, Any]) -> str:

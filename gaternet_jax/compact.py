@@ -227,7 +227,7 @@ def run_compact(
   new_config = compacted_config(config, compaction)
   new_model = create_model(new_config.model, exp.num_classes)
   new_variables = compact_variables(model, variables, compaction)
-  counter, shapes = macs_lib.count_with_variables(
+  _, shapes = macs_lib.count_with_variables(
       new_model, exp.image_shape, conditional=False
   )
   _check_shapes(new_variables, shapes)
@@ -259,7 +259,7 @@ def run_compact(
         'nothing was written.'
     )
 
-  before = summary.model_summary(config)
+  # A compacted config's summary holds the uncompacted network's counts.
   after = summary.model_summary(new_config)
   report = {
       'source_workdir': str(workdir),
@@ -268,15 +268,14 @@ def run_compact(
       'calibration_images': num,
       'unseen': config.compact.unseen,
       'gates': kinds,
-      'params_before': before['params_total'],
+      'params_before': after['params_uncompacted'],
       'params_after': after['params_total'],
-      'macs_backbone_before': before['macs_backbone'],
+      'macs_backbone_before': after['macs_backbone_uncompacted'],
       'macs_backbone_after': after['macs_backbone'],
       'macs_gater': after['macs_gater'],
       'max_relative_logit_error': worst,
       'gate_mismatches': mismatched,
   }
-  del counter
   _write(output, new_config, new_model, new_variables, exp, state, report)
   return report
 

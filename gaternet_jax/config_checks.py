@@ -22,8 +22,8 @@ import ml_collections
 
 from gaternet_jax.errors import ConfigError, UserError
 
-# cli.MODES (which imports this module); the rules say what each reads.
-_MODES = (
+# main.py's modes (cli.MODES); the rules say what each reads.
+MODES = (
     'train',
     'eval',
     'summary',
@@ -32,7 +32,7 @@ _MODES = (
     'compact',
     'speed',
 )
-_ALL = _MODES
+_ALL = MODES
 _TRAIN = ('train',)
 
 _MISSING = object()
@@ -253,8 +253,8 @@ def check(config: ml_collections.ConfigDict, mode: str):
       "config.batch_size must be a whole number >= 1; got 0.".
     ValueError: `mode` is no mode.
   """
-  if mode not in _MODES:
-    raise ValueError(f'mode must be one of {_MODES}; got {mode!r}.')
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}; got {mode!r}.')
   _check_fields(config, mode, lambda field: field)
   if mode == 'train':
     for stage_config, stage_mode, label in _stages(config):

@@ -147,10 +147,7 @@ def unit_plans(backbone: ResNet) -> Tuple[UnitPlan, ...]:
     else:
       raise UserError(f'unsupported residual unit {cls.__name__}.')
     if in_width is None:
-      first = backbone.widths[0]
-      in_width = backbone.stem_width or (
-          first[-1] if isinstance(first, (tuple, list)) else first
-      )
+      in_width = backbone.stem_features()
     projection = in_width != out or stride != 1
     in_width = out
     gated = [s.conv for s in steps].index(position) if local else len(steps) - 1

@@ -333,6 +333,15 @@ class ResNet(nn.Module):
             features,
         )
 
+  def stem_features(self) -> int:
+    """Filters of the stem conv: `stem_width`, or the first stage's width
+    (its output width for pre-activation units)."""
+    first = self.widths[0]
+    return int(
+        self.stem_width
+        or (first[-1] if isinstance(first, (tuple, list)) else first)
+    )
+
   def gate_spec(self) -> GateSpec:
     """The gated sites, one per residual unit, in depth order: the unit's
     output channels, or with local gating its gated inner channels."""
@@ -406,10 +415,7 @@ class ResNet(nn.Module):
     """
     self._check(gates)
     preact = self.block_cls is PreActBottleneck
-    first = self.widths[0]
-    stem_width = self.stem_width or (
-        first[-1] if isinstance(first, (tuple, list)) else first
-    )
+    stem_width = self.stem_features()
     y = x.astype(self.dtype)
     if self.stem == 'imagenet':
       y = self.conv(stem_width, 7, 2, self.dtype, 'conv')(y)
