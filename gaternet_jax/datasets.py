@@ -9,6 +9,8 @@ Batches are dicts of host numpy arrays holding this process's rows of a
 global batch (`batch_size // jax.process_count()` of them):
   train: {'image': (rows, h, w, c) uint8, 'label': (rows,) int32};
   eval:  the same plus 'mask': (rows,) float32, 0 on padding rows.
+Segmentation datasets ('shapes', 'cityscapes') give per-pixel labels
+instead: 'label' (rows, h, w) int32, each a class id or `ignore_label`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ DATA_DEFAULTS: Dict[str, Any] = dict(
     eval_crop_fraction=0.875,  # eval: resize to image_size / this, crop
     resize_method='bilinear',  # a tf.image.resize method
     antialias=True,  # low-pass when downscaling, as PIL does
+    # Semantic segmentation ('shapes', 'cityscapes'): labels are per-pixel
+    # masks, `image_size` may be an int or (height, width), and the train
+    # step rescales, crops and flips image and mask together (augment.py
+    # SegmentationAugmentation).
+    ignore_label=255,  # mask value the loss and the metrics skip
+    scale_range=(1.0, 1.0),  # train: random rescale factor, low to high
+    crop_size=0,  # train: crop side (int) or (height, width); 0: image size
 )
 
 
