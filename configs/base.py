@@ -73,6 +73,25 @@ def base_config() -> ml_collections.ConfigDict:
   # always off (filters removed), '*' input-dependent. '' is the model as
   # built.
   c.model.compaction = ''
+  # Semantic segmentation (models/segmentation.py; datasets 'shapes' and
+  # 'cityscapes'): `enabled` makes the ResNet backbone an encoder of
+  # `output_stride` (8 or 16: its last stages dilated) under a context
+  # `head` ('aspp' or 'psp') of `head_width` filters per branch (ASPP's
+  # dilation `aspp_rates`, PSP's pooling `psp_bins`), `dropout` before the
+  # per-pixel classifier; with `gate_head` the head's branches are a gated
+  # site of the same GateSpec.
+  c.model.segmentation = ml_collections.ConfigDict(
+      dict(
+          enabled=False,
+          output_stride=16,
+          head='aspp',
+          head_width=256,
+          aspp_rates=(6, 12, 18),
+          psp_bins=(1, 2, 3, 6),
+          dropout=0.1,
+          gate_head=True,
+      )
+  )
 
   # Training scheme of the CIFAR ResNets: SGD 0.9, lr 0.1 divided by 10
   # at epochs 80 and 120 of 160, batch 128, weight decay 1e-4.
@@ -95,10 +114,12 @@ def base_config() -> ml_collections.ConfigDict:
           warmup_lr=0.0,
           rmsprop_decay=0.9,
           rmsprop_eps=1.0,
+          poly_power=0.9,
       )
   )
   # warmup_lr=0: the warm-up rises linearly to learning_rate; > 0: it holds
-  # warmup_lr.
+  # warmup_lr. schedule='poly' (DeepLab's, segmentation) decays as
+  # (1 - t / T) ** poly_power.
   c.weight_decay = 1e-4
   c.gate_l1_weight = 0.1  # lambda of the gate L1 term (sec. 3.2.2)
   # Batch-shaping (Bejnordi et al. 2020), for models with local gates: the

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -29,6 +30,7 @@ from gaternet_jax import batching
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import metrics as metrics_lib
 from gaternet_jax import paths as paths_lib
+from gaternet_jax import segmentation
 from gaternet_jax import sharding
 from gaternet_jax import evaluation
 from gaternet_jax import experiment
@@ -48,6 +50,7 @@ FIGURES = {
     'tsne': 'tsne.png',  # Figure 5
     'cost_vs_difficulty': 'cost_vs_difficulty.png',
     'class_mean_gates': 'class_mean_gates.png',
+    'cost_vs_iou': 'cost_vs_iou.png',  # segmentation
 }
 KINDS = ('always_on', 'always_off', 'input_dependent')
 
@@ -303,6 +306,8 @@ class GateCollector:
     self.class_counts = np.zeros(self.num_classes, np.int64)
     self._columns: Dict[str, List[np.ndarray]] = {}
     self.num_samples = 0
+    # Segmentation: the split's summed `(classes, classes)` pixel counts.
+    self.confusion: Optional[np.ndarray] = None
 
   @property
   def nbytes(self) -> int:
@@ -378,15 +383,31 @@ def analysis_step(
     mean,
     std,
     mac_counter: Optional[macs_lib.MacCounter],
+    task: Optional[segmentation.Segmentation] = None,
 ) -> Dict[str, jax.Array]:
   """Per-sample loss, confidence, correctness, binary gates `(b, total)` and
   the MACs the closed gates save (`steps.example_metrics`, as eval), for one
   padded eval batch (with its labels and mask, so every process reads the
-  global batch's rows)."""
+  global batch's rows).
+
+  Segmentation (`task`): per image as `example_metrics` says (its label is
+  its most frequent class, 'correct' its pixel accuracy, plus 'iou'), and
+  'confusion', the batch's `(classes, classes)` pixel counts."""
   logits, out = steps_lib.predict(state, batch['image'], mean, std)
-  m = steps_lib.example_metrics(logits, out, batch['label'], spec, mac_counter)
+  m = steps_lib.example_metrics(
+      logits, out, batch['label'], spec, mac_counter, task
+  )
   m.pop('gate_l1', None)
-  return dict(m, label=batch['label'], mask=batch['mask'] > 0)
+  labels = m.pop('label', batch['label'])
+  if task is not None:
+    m['confusion'] = segmentation.confusion_matrix(
+        batch['label'],
+        jnp.argmax(logits, -1),
+        task.num_classes,
+        task.ignore_label,
+        batch['mask'],
+    )
+  return dict(m, label=labels, mask=batch['mask'] > 0)
 
 
 def collect(
@@ -404,6 +425,13 @@ def collect(
 
   def add(out):
     out = jax.device_get(out)
+    if 'confusion' in out:
+      confusion = np.asarray(out.pop('confusion'), np.int64)
+      collector.confusion = (
+          confusion
+          if collector.confusion is None
+          else collector.confusion + confusion
+      )
     keep = np.asarray(out.pop('mask'))
     labels = np.asarray(out.pop('label'))[keep]
     gates = out.pop('gates', None)
@@ -562,21 +590,32 @@ def gate_statistics(
   loss, conf = collector.column('loss'), collector.column('confidence')
   correct = collector.column('correct').astype(np.float64)
   values = {'cost': cost, 'loss': loss, 'confidence': conf, 'accuracy': correct}
+  seg = collector.confusion is not None
+  if seg:
+    # Segmentation: 'accuracy' is each image's pixel accuracy.
+    values['iou'] = collector.column('iou').astype(np.float64)
   out['difficulty'] = {
       'cost': cost_name,
       'cost_vs_loss': correlations(cost, loss),
       'cost_vs_confidence': correlations(cost, conf),
-      'cost_correct_mean': float(cost[correct > 0].mean())
-      if np.any(correct > 0)
-      else None,
-      'cost_wrong_mean': float(cost[correct == 0].mean())
-      if np.any(correct == 0)
-      else None,
       'loss_bins': equal_count_bins(loss, values, cfg.difficulty_bins, 'loss'),
       'confidence_bins': equal_count_bins(
           conf, values, cfg.difficulty_bins, 'confidence'
       ),
   }
+  if seg:
+    out['difficulty']['cost_vs_iou'] = correlations(cost, values['iou'])
+    arrays['iou'] = values['iou']
+    arrays['cost'] = cost
+  else:
+    out['difficulty'].update(
+        cost_correct_mean=float(cost[correct > 0].mean())
+        if np.any(correct > 0)
+        else None,
+        cost_wrong_mean=float(cost[correct == 0].mean())
+        if np.any(correct == 0)
+        else None,
+    )
 
   # Per class.
   means = class_means(collector.class_sums, collector.class_counts)
@@ -700,6 +739,18 @@ def _draw(
           f'Mean gate vector per class\n{tag}',
       ),
   )
+  if 'iou' in arrays:
+    rho = diff['cost_vs_iou']['spearman']
+    save(
+        'cost_vs_iou',
+        plots.cost_vs_iou(
+            arrays['cost'],
+            arrays['iou'],
+            diff['cost'] == 'macs',
+            result['macs']['macs_dense'] if 'macs' in result else None,
+            f'Per-image cost vs IoU (Spearman {_fmt(rho)})\n{tag}',
+        ),
+    )
   if 'embedding' in result:
     e = result['embedding']
     note = (
@@ -796,6 +847,7 @@ def run_analysis(
           mean=tuple(ds.mean),
           std=tuple(ds.std),
           mac_counter=mac_counter,
+          task=exp.task,
       ),
       in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
       out_shardings=sharding.replicated(mesh),
@@ -827,6 +879,16 @@ def run_analysis(
       'loss': float(collector.column('loss').mean()),
       'eval_seconds': seconds,
   }
+  if collector.confusion is not None:
+    # Segmentation: the split's scores from its summed pixel counts;
+    # 'accuracy' above is the images' mean pixel accuracy.
+    scores = segmentation.scores(collector.confusion)
+    result.update(
+        miou=scores['miou'],
+        pixel_accuracy=scores['pixel_accuracy'],
+        class_iou=scores['class_iou'],
+        image_iou_mean=float(collector.column('iou').mean()),
+    )
   if mac_counter is not None:
     result['macs'] = evaluation.summarize_macs(
         collector.column('macs'), mac_counter
@@ -910,16 +972,27 @@ def headline(result: Mapping[str, Any]) -> Dict[str, Any]:
   if 'embedding' in result:
     h['knn_agreement'] = result['embedding']['knn_agreement']
     h['knn_chance'] = result['embedding']['knn_chance']
+  for k in ('miou', 'pixel_accuracy', 'image_iou_mean'):
+    if k in result:
+      h[k] = result[k]
+  if 'cost_vs_iou' in result.get('difficulty', {}):
+    h['cost_iou_spearman'] = result['difficulty']['cost_vs_iou']['spearman']
   h['out_dir'] = result.get('out_dir', '')
   return _finite(h)
 
 
 def format_report(result: Mapping[str, Any]) -> str:
   """A few readable lines about the analysis."""
+  score = (
+      f'mIoU {result["miou"]:.2%}, pixel accuracy '
+      f'{result["pixel_accuracy"]:.2%}'
+      if 'miou' in result
+      else f'accuracy {result["accuracy"]:.2%}'
+  )
   lines = [
       f'{_GATING_NAMES[result["gating"]]} at step {result["step"]}: '
-      f'{result["num_examples"]} {result["split"]} samples, accuracy '
-      f'{result["accuracy"]:.2%}, loss {result["loss"]:.4f}'
+      f'{result["num_examples"]} {result["split"]} samples, {score}, loss '
+      f'{result["loss"]:.4f}'
   ]
   if 'macs' in result:
     m = result['macs']
@@ -961,6 +1034,12 @@ def format_report(result: Mapping[str, Any]) -> str:
         f'{_fmt(d["cost_vs_loss"]["pearson"])}, Spearman '
         f'{_fmt(d["cost_vs_loss"]["spearman"])}'
     )
+    if 'cost_vs_iou' in d:
+      lines.append(
+          f'{d["cost"]} vs per-image IoU: Pearson '
+          f'{_fmt(d["cost_vs_iou"]["pearson"])}, Spearman '
+          f'{_fmt(d["cost_vs_iou"]["spearman"])}'
+      )
   if result.get('out_dir'):
     lines.append(
         f'wrote {paths_lib.join(result["out_dir"], JSON_NAME)} and '

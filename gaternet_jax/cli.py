@@ -37,17 +37,24 @@ def _macs_cell(r: Dict[str, Any]) -> str:
 
 
 def print_training_report(results: Dict[str, Dict[str, Any]], seconds: float):
-  """Baseline(s) vs gated accuracy, MACs per image and the gates, as a
-  short table."""
+  """Baseline(s) vs gated accuracy (segmentation: mIoU and pixel
+  accuracy), MACs per image and the gates, as a short table."""
   print()
+  segmentation = any('miou' in r for r in results.values())
+  score = f'{"mIoU":>7} {"pixel acc":>9}' if segmentation else f'{"accuracy":>9}'
   print(
-      f'{"run":<18} {"split":<6} {"accuracy":>9} {"loss":>8} '
+      f'{"run":<18} {"split":<6} {score} {"loss":>8} '
       f'{"MACs/image":>16}  gates'
   )
   for name, r in results.items():
     label = 'final' if name == 'final' else f'pretrain:{name}'
+    score = (
+        f'{r["miou"]:>7.2%} {r["pixel_accuracy"]:>9.2%}'
+        if segmentation
+        else f'{r["accuracy"]:>9.2%}'
+    )
     print(
-        f'{label:<18} {r["split"]:<6} {r["accuracy"]:>9.2%} '
+        f'{label:<18} {r["split"]:<6} {score} '
         f'{r["loss"]:>8.4f} {_macs_cell(r):>16}  {_gate_line(r)}'
     )
   final = results.get('final', {})

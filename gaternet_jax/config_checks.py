@@ -181,6 +181,7 @@ _RULES = (
     _Rule('optimizer.warmup_lr', _at_least(0), _TRAIN),
     _Rule('optimizer.rmsprop_decay', _FRACTION, _TRAIN),
     _Rule('optimizer.rmsprop_eps', _above(0), _TRAIN),
+    _Rule('optimizer.poly_power', _above(0), _TRAIN),
     # The loss (gaternet_jax/losses.py).
     _Rule('weight_decay', _WEIGHT, _TRAIN),
     _Rule('gate_l1_weight', _WEIGHT, _TRAIN),
@@ -272,6 +273,7 @@ def check_model(config: ml_collections.ConfigDict):
 
   if 'model' not in config or 'data' not in config:
     return
+  _check_task(config)
   image_shape, num_classes = data_lib.dataset_info(config.data)
   try:
     fingerprint.model_fingerprint(config.model, image_shape, num_classes)
@@ -283,6 +285,37 @@ def check_model(config: ml_collections.ConfigDict):
         f'config.model does not build a network for '
         f'{tuple(image_shape)} images: {reason}'
     ) from e
+
+
+def _check_task(config: ml_collections.ConfigDict):
+  """Segmentation models go with segmentation datasets, and the other way
+  round; GaterNet's pretraining stages are classifiers."""
+  from gaternet_jax import gating  # pylint: disable=g-import-not-at-top
+  from gaternet_jax import segmentation  # pylint: disable=g-import-not-at-top
+
+  seg = segmentation.enabled(config)
+  name = config.data.get('name')
+  if seg and name not in segmentation.DATASETS:
+    raise ConfigError(
+        f'model.segmentation.enabled needs a segmentation dataset '
+        f'({", ".join(segmentation.DATASETS)}); data.name is {name!r}.'
+    )
+  if not seg and name in segmentation.DATASETS:
+    raise ConfigError(
+        f'data.name={name!r} has per-pixel labels: set '
+        'model.segmentation.enabled=True.'
+    )
+  if (
+      seg
+      and gating.method(config) == gating.GATER
+      and config.get('pretrain') is not None
+      and config.pretrain.enabled
+  ):
+    raise ConfigError(
+        "A segmentation run with model.gating='gater' trains from scratch: "
+        "GaterNet's pretraining stages are classifiers; set "
+        'pretrain.enabled=False.'
+    )
 
 
 def _check_fields(

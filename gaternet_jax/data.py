@@ -8,6 +8,10 @@ synthetic ones out; all implement `datasets.Dataset`.
 
 Sources (`data.name` / `data.source`):
   digits   / builtin         scikit-learn's bundled 8x8 digits, no download.
+  shapes   / builtin         synthetic segmentation (shapes.py): per-pixel
+                             masks, no download.
+  cityscapes / folder | tfds semantic segmentation, streamed
+                             (cityscapes.py).
   cifar10  / folder          train/<class>/*.png|jpg|jpeg + test/<class>/*,
   cifar100                   as a directory or a .tar(.gz) read in memory.
            / python_archive  the official cifar-10(0)-python pickles,
@@ -26,7 +30,7 @@ import pickle
 import tarfile
 import zlib
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 from PIL import Image
@@ -82,7 +86,7 @@ class InMemoryDataset:
   mean: tuple
   std: tuple
   test_split_name: str
-  augmentation: augment.Augmentation
+  augmentation: augment.Augmentation | augment.SegmentationAugmentation
 
   # The rest of datasets.Dataset.
   @property
@@ -135,14 +139,84 @@ _IMAGE_SHAPES = {
 # Streamed through tf.data (gaternet_jax.input_pipeline), or synthetic.
 _STREAMED = ('imagenet2012', 'image_folder')
 _FAKE = 'fake'
+# Segmentation: per-pixel masks, jointly augmented in the train step.
+_SHAPES, _CITYSCAPES = 'shapes', 'cityscapes'
+_SEGMENTATION = (_SHAPES, _CITYSCAPES)
+CITYSCAPES_CLASSES = 19
+CITYSCAPES_NATIVE = (1024, 2048)
 
 
-def train_augmentation(data_cfg) -> augment.Augmentation:
+def _pair(value, what: str) -> Tuple[int, int]:
+  """An int side or a (height, width) pair as (height, width) ints >= 1."""
+  pair = (value, value) if isinstance(value, (int, np.integer)) else value
+  try:
+    h, w = (int(v) for v in pair)
+    ok = h >= 1 and w >= 1 and not isinstance(value, bool)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ConfigError(
+        f'data.{what}={value!r} must be a side >= 1 or a (height, width) '
+        'pair.'
+    )
+  return h, w
+
+
+def segmentation_size(data_cfg) -> Tuple[int, int]:
+  """(height, width) of a segmentation dataset's images: `image_size` (an
+  int side, for Cityscapes the height of a 1:2 frame; or a pair); 0 or None
+  is Cityscapes' native 1024x2048."""
+  size = data_cfg.image_size
+  if data_cfg.name == _CITYSCAPES:
+    if not size:
+      return CITYSCAPES_NATIVE
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+      return _pair((size, 2 * size), 'image_size')
+  return _pair(size, 'image_size')
+
+
+def _segmentation_augmentation(data_cfg) -> augment.SegmentationAugmentation:
+  """The joint rescale, crop and flip of a segmentation train step."""
+  crop = data_cfg.crop_size
+  crop_hw = (
+      segmentation_size(data_cfg) if not crop else _pair(crop, 'crop_size')
+  )
+  try:
+    lo, hi = (float(v) for v in data_cfg.scale_range)
+    ok = 0 < lo <= hi
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ConfigError(
+        f'data.scale_range={data_cfg.scale_range!r} must be (low, high) '
+        'with 0 < low <= high.'
+    )
+  ignore = data_cfg.ignore_label
+  if isinstance(ignore, bool) or not isinstance(ignore, (int, np.integer)):
+    raise ConfigError(f'data.ignore_label={ignore!r} must be an integer.')
+  if data_cfg.crop_padding:
+    raise ConfigError(
+        f'data.crop_padding is for classification; {data_cfg.name} crops '
+        'with data.crop_size (and rescales with data.scale_range).'
+    )
+  return augment.SegmentationAugmentation(
+      crop_size=crop_hw,
+      scale_range=(lo, hi),
+      flip=bool(data_cfg.flip),
+      ignore_label=int(ignore),
+  )
+
+
+def train_augmentation(
+    data_cfg,
+) -> augment.Augmentation | augment.SegmentationAugmentation:
   """The augmentation the train step applies to `data_cfg`'s dataset.
 
   In-memory and synthetic datasets are augmented in the step with the
   config's `crop_padding` (default 0) and `flip` (default False); streamed
   ones crop and flip in their tf.data pipeline, so the step adds nothing.
+  Segmentation datasets get the joint rescale (`scale_range`), crop
+  (`crop_size`) and flip of image and mask (SegmentationAugmentation).
   `load_dataset` gives every dataset this; a setup without data (the
   benchmark) reads it here.
 
@@ -160,6 +234,8 @@ def train_augmentation(data_cfg) -> augment.Augmentation:
   """
   data_cfg = datasets.data_config(data_cfg)
   name = data_cfg.name
+  if name in _SEGMENTATION:
+    return _segmentation_augmentation(data_cfg)
   crop_padding = data_cfg.crop_padding or 0  # None counts as 0.
   flip = bool(data_cfg.flip)
   if (
@@ -195,6 +271,11 @@ def dataset_info(data_cfg):
   """
   data_cfg = datasets.data_config(data_cfg)
   name = data_cfg.name
+  if name in _SEGMENTATION:
+    from gaternet_jax import shapes  # pylint: disable=g-import-not-at-top
+
+    classes = shapes.NUM_CLASSES if name == _SHAPES else CITYSCAPES_CLASSES
+    return segmentation_size(data_cfg) + (3,), classes
   if name in _STREAMED or name == _FAKE:
     size = int(data_cfg.image_size)
     classes = 1000 if name == 'imagenet2012' else int(data_cfg.num_classes)
@@ -203,7 +284,7 @@ def dataset_info(data_cfg):
     raise DataError(
         f'Unknown dataset name {name!r}; expected one of '
         f'{", ".join(sorted(_NUM_CLASSES) + list(_STREAMED))}, '
-        f'{_FAKE}.'
+        f'{_FAKE}, {", ".join(_SEGMENTATION)}.'
     )
   return _IMAGE_SHAPES[name], _NUM_CLASSES[name]
 
@@ -279,6 +360,12 @@ def load_dataset(data_cfg) -> datasets.Dataset:
     from gaternet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
     return input_pipeline.load_imagenet(data_cfg)
+  if name == _CITYSCAPES:
+    from gaternet_jax import cityscapes  # pylint: disable=g-import-not-at-top
+
+    return cityscapes.load_cityscapes(data_cfg, augmentation)
+  if name == _SHAPES:
+    return _load_shapes(data_cfg, augmentation)
   if name == _FAKE:
     shape, classes = dataset_info(data_cfg)
     return FakeDataset(
@@ -292,7 +379,8 @@ def load_dataset(data_cfg) -> datasets.Dataset:
   if name not in _NUM_CLASSES:
     raise DataError(
         f'Unknown dataset data.name={name!r}; use one of '
-        f'{", ".join(sorted(_NUM_CLASSES) + list(_STREAMED))}, {_FAKE}.'
+        f'{", ".join(sorted(_NUM_CLASSES) + list(_STREAMED))}, {_FAKE}, '
+        f'{", ".join(_SEGMENTATION)}.'
     )
   num_classes = _NUM_CLASSES[name]
   holdout = _get_count(data_cfg, 'validation_holdout')
@@ -355,6 +443,46 @@ def load_dataset(data_cfg) -> datasets.Dataset:
       test_split_name=test_split_name,
       augmentation=augmentation,
   )
+
+
+def _load_shapes(data_cfg, augmentation) -> InMemoryDataset:
+  """The synthetic segmentation dataset (shapes.py): `num_train_examples`
+  (0: 2,000) and `num_test_examples` (0: 500) images of `image_size`,
+  drawn from `holdout_seed`."""
+  from gaternet_jax import shapes  # pylint: disable=g-import-not-at-top
+
+  h, w = segmentation_size(data_cfg)
+  if h != w:
+    raise ConfigError(
+        f'data.image_size={data_cfg.image_size!r}: shapes images are square.'
+    )
+  num_train = _get_count(data_cfg, 'num_train_examples') or SHAPES_TRAIN
+  num_test = _get_count(data_cfg, 'num_test_examples') or SHAPES_TEST
+  seed = _get_count(data_cfg, 'holdout_seed')
+  ignore = int(data_cfg.ignore_label)
+  train = shapes.generate(num_train, h, seed + shapes.TRAIN_SEED, ignore)
+  test = shapes.generate(num_test, h, seed + shapes.TEST_SEED, ignore)
+  mean, std = data_cfg.mean, data_cfg.std
+  if mean is None or std is None:
+    computed_mean, computed_std = _channel_stats(train[0])
+    mean = computed_mean if mean is None else mean
+    std = computed_std if std is None else std
+  return InMemoryDataset(
+      name=_SHAPES,
+      train_images=train[0],
+      train_labels=train[1],
+      test_images=test[0],
+      test_labels=test[1],
+      num_classes=shapes.NUM_CLASSES,
+      mean=_check_stats('mean', mean, 3),
+      std=_check_stats('std', std, 3),
+      test_split_name='test',
+      augmentation=augmentation,
+  )
+
+
+# Default split sizes of the shapes dataset.
+SHAPES_TRAIN, SHAPES_TEST = 2000, 500
 
 
 # ----------------------------------------------------------------------------

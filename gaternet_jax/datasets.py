@@ -140,7 +140,9 @@ class Dataset(Protocol):
     """Examples in the eval split (over all processes)."""
 
   @property
-  def augmentation(self) -> augment.Augmentation:
+  def augmentation(
+      self,
+  ) -> augment.Augmentation | augment.SegmentationAugmentation:
     """The augmentation the train step applies to this dataset's batches:
     the config's pad-crop and flip for in-memory data, none where the
     dataset augments its batches itself (tf.data)."""

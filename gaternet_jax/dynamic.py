@@ -106,6 +106,12 @@ def check_supported(model: Any, what: str) -> None:
         f'({", ".join(SUPPORTED_BACKBONES)}); not '
         f'{type(backbone).__name__}.'
     )
+  if backbone.head is not None or backbone.output_stride is not None:
+    raise UserError(
+        f'{what} supports classification ResNets; this one is a '
+        'segmentation network (model.segmentation.enabled: dilated units '
+        'and a context head).'
+    )
   if backbone.se_reduction:
     raise UserError(
         f'{what} does not support squeeze-and-excitation units '

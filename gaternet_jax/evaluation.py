@@ -17,6 +17,7 @@ from gaternet_jax import experiment
 from gaternet_jax import fingerprint
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import recipe
+from gaternet_jax import segmentation
 from gaternet_jax import sharding
 from gaternet_jax import steps as steps_lib
 from gaternet_jax.errors import WorkdirError
@@ -71,14 +72,35 @@ def summarize_eval(
     per_sample_macs: Optional[np.ndarray] = None,
     mac_counter: Optional[macs_lib.MacCounter] = None,
 ) -> Dict[str, float]:
-  """Turns summed eval outputs into the metrics an eval writes."""
+  """Turns summed eval outputs into the metrics an eval writes.
+
+  Classification: 'accuracy' and 'loss'. Segmentation (the sums hold a
+  'confusion' matrix): 'miou', 'pixel_accuracy' and 'mean_class_accuracy'
+  of the whole split's pixels, each class's IoU as 'iou_class<k>' (absent
+  for a class that never occurs), and 'loss', the images' mean pixel
+  cross-entropy.
+  """
   sums = jax.device_get(sums)
   n = float(sums['count'])
-  out = {
-      'accuracy': float(sums['correct']) / n,
-      'loss': float(sums['loss_sum']) / n,
-      'num_examples': n,
-  }
+  if 'confusion' in sums:
+    scores = segmentation.scores(sums['confusion'])
+    out = {
+        'miou': scores['miou'],
+        'pixel_accuracy': scores['pixel_accuracy'],
+        'mean_class_accuracy': scores['mean_class_accuracy'],
+        'loss': float(sums['loss_sum']) / n,
+        'num_examples': n,
+    }
+    width = len(str(len(scores['class_iou']) - 1))
+    for k, iou in enumerate(scores['class_iou']):
+      if iou is not None:
+        out[f'iou_class{k:0{width}d}'] = iou
+  else:
+    out = {
+        'accuracy': float(sums['correct']) / n,
+        'loss': float(sums['loss_sum']) / n,
+        'num_examples': n,
+    }
   if spec:
     counts = np.asarray(sums['gate_on_counts'])
     kinds = gate_type_counts(counts, int(n), spec)['total']

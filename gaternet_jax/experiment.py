@@ -19,6 +19,7 @@ from gaternet_jax import augment
 from gaternet_jax import data as data_lib
 from gaternet_jax import datasets
 from gaternet_jax import macs as macs_lib
+from gaternet_jax import segmentation
 from gaternet_jax import sharding
 from gaternet_jax import steps as steps_lib
 from gaternet_jax.gates import GateSpec
@@ -41,6 +42,8 @@ class Experiment:
     mean, std: per-channel normalisation of the images.
     augmentation: what the train step adds to each batch: the dataset's
       own (`Dataset.augmentation`).
+    task: the segmentation task (segmentation.py), or None for a
+      classifier.
   """
 
   config: ml_collections.ConfigDict
@@ -53,7 +56,8 @@ class Experiment:
   num_classes: int
   mean: Tuple[float, ...]
   std: Tuple[float, ...]
-  augmentation: augment.Augmentation
+  augmentation: augment.Augmentation | augment.SegmentationAugmentation
+  task: Optional[segmentation.Segmentation] = None
 
   def new_state(self, lr_fn, rng: jax.Array) -> steps_lib.TrainState:
     """Freshly initialised parameters and optimiser state, replicated."""
@@ -75,6 +79,7 @@ class Experiment:
         steps_per_epoch,
         self.mac_counter,
         augmentation=self.augmentation,
+        task=self.task,
     )
 
 
@@ -148,4 +153,5 @@ def setup(
       mean=mean,
       std=std,
       augmentation=augmentation,
+      task=segmentation.Segmentation.from_config(config, num_classes),
   )

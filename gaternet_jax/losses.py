@@ -22,6 +22,7 @@ import ml_collections
 import optax
 
 from gaternet_jax import gating
+from gaternet_jax import segmentation
 from gaternet_jax.errors import ConfigError
 from gaternet_jax.gates import GateSpec, gate_l1
 
@@ -71,7 +72,8 @@ def objective(
 ) -> Callable[..., Tuple[jax.Array, Dict[str, Any]]]:
   """The training loss of `config`: the one place it is composed.
 
-  L = CE (label-smoothed by `label_smoothing`)
+  L = CE (label-smoothed by `label_smoothing`; for segmentation the mean
+      over the batch's pixels not labelled `data.ignore_label`)
       + weight_decay * weight_l2(params)
       + gate_l1_weight * gate_l1(G(x))                       (GaterNet, Eq. 5)
       + aux_loss_weight * CE(auxiliary logits)              (if the model has
@@ -93,6 +95,10 @@ def objective(
   """
   smoothing = config.label_smoothing
   weight_decay, l1_weight = config.weight_decay, config.gate_l1_weight
+  # Segmentation: per-pixel CE over the pixels not labelled ignore_label.
+  ignore = (
+      int(config.data.ignore_label) if segmentation.enabled(config) else None
+  )
   aux_weight = config.aux_loss_weight
   shaping = gating.gate_losses_enabled(config)
   if shaping and not (
@@ -110,7 +116,10 @@ def objective(
       labels: jax.Array,
       step: jax.Array,
   ):
-    ce = cross_entropy(logits, labels, label_smoothing=smoothing)
+    if ignore is not None:
+      ce = segmentation.pixel_cross_entropy(logits, labels, ignore, smoothing)
+    else:
+      ce = cross_entropy(logits, labels, label_smoothing=smoothing)
     l2 = weight_l2(params)
     l1 = gate_l1(out['gates'], spec)
     loss = ce + weight_decay * l2 + l1_weight * l1

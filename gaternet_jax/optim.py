@@ -18,8 +18,8 @@ def create_learning_rate_fn(
     steps_per_epoch: int,
     num_train_steps: int,
 ) -> optax.Schedule:
-  """Step ('step': boundaries in epochs), cosine, exponential or constant
-  schedule, after an optional warm-up of `warmup_epochs`.
+  """Step ('step': boundaries in epochs), cosine, exponential, poly or
+  constant schedule, after an optional warm-up of `warmup_epochs`.
 
   The warm-up rises linearly to the base rate, or holds `warmup_lr` when
   that is set (He et al.'s ResNet-164 trains at 0.01 for its first ~400
@@ -51,9 +51,15 @@ def create_learning_rate_fn(
     )
   elif opt_cfg.schedule == 'constant':
     main = optax.constant_schedule(base)
+  elif opt_cfg.schedule == 'poly':
+    # DeepLab's: base * (1 - t / T) ** poly_power after the warm-up.
+    poly = optax.polynomial_schedule(
+        base, 0.0, opt_cfg.poly_power, max(num_train_steps - warmup, 1)
+    )
+    main = lambda s: poly(jnp.maximum(s - warmup, 0))
   else:
     raise ConfigError(
-        f'optimizer.schedule must be step, cosine, exponential '
+        f'optimizer.schedule must be step, cosine, exponential, poly '
         f'or constant; got {opt_cfg.schedule!r}.'
     )
   if warmup <= 0:

@@ -365,6 +365,59 @@ def cost_vs_difficulty(
   return fig
 
 
+def cost_vs_iou(
+    cost: np.ndarray,
+    iou: np.ndarray,
+    macs: bool,
+    macs_dense: Optional[float],
+    title: str,
+):
+  """Segmentation: each image's conditional cost against its own IoU (its
+  mean IoU over the classes it shows or is predicted), one dot per image,
+  with the mean IoU of equal-count cost bins as a line.
+
+  Args:
+    cost: `(n,)` MACs (or gates on) per image.
+    iou: `(n,)` per-image IoU in [0, 1].
+    macs: the cost is conditional MACs (else gates on).
+    macs_dense: the dense backbone's MACs, marked when near the dots.
+    title: the figure's title.
+  """
+  fig, axes = _figure(1)
+  ax = axes[0]
+  cost = np.asarray(cost, np.float64)
+  scale, label = 1.0, 'gates on per image'
+  if macs:
+    scale, unit = _macs_unit(float(cost.max()))
+    label = f'conditional {unit} per image'
+  x = cost / scale
+  ax.scatter(x, iou, s=6, alpha=0.5, color=OKABE_ITO[4], edgecolors='none')
+  order = np.argsort(x, kind='stable')
+  parts = [p for p in np.array_split(order, min(10, len(order))) if len(p)]
+  ax.plot(
+      [x[p].mean() for p in parts],
+      [iou[p].mean() for p in parts],
+      color=OKABE_ITO[5],
+      marker='o',
+      label='mean of 10 equal-count cost bins',
+  )
+  if macs and macs_dense:
+    span = max(x.max() - x.min(), 1e-9)
+    if x.min() - span <= macs_dense / scale <= x.max() + span:
+      ax.axvline(
+          macs_dense / scale,
+          color=OKABE_ITO[2],
+          linestyle='--',
+          label='dense backbone',
+      )
+  ax.set_xlabel(label)
+  ax.set_ylabel('IoU of the image (mean over its classes)')
+  ax.set_ylim(-0.02, 1.02)
+  ax.legend(frameon=False, fontsize=8)
+  fig.suptitle(title)
+  return fig
+
+
 def class_mean_gates(
     means: np.ndarray,
     sizes: Sequence[int],

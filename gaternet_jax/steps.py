@@ -21,6 +21,7 @@ from gaternet_jax import device_data
 from gaternet_jax import losses
 from gaternet_jax import macs as macs_lib
 from gaternet_jax import optim
+from gaternet_jax import segmentation
 from gaternet_jax import sharding
 from gaternet_jax.gates import GateSpec, gate_on_counts, is_on
 from gaternet_jax.models.backbone import UNSEEN_GATES
@@ -67,33 +68,45 @@ def train_step(
     spec: GateSpec,
     mean,
     std,
-    augmentation: augment.Augmentation,
+    augmentation: augment.Augmentation | augment.SegmentationAugmentation,
     gate_dropout_fn: Callable = lambda step: 0.0,
+    task: Optional[segmentation.Segmentation] = None,
 ):
   """One SGD step on a global batch of uint8 images.
 
   Args:
     state: the replicated train state (donated).
-    batch: {'image': (batch, h, w, c) uint8, 'label': (batch,) int32}.
+    batch: {'image': (batch, h, w, c) uint8, 'label': (batch,) int32}, or
+      with a segmentation `task` 'label' (batch, h, w) masks.
     rng: the run's base key; this step's key is `fold_in(rng, state.step)`.
     loss_fn: the run's objective (`losses.objective`).
-    augmentation: the dataset's (`Dataset.augmentation`), applied here.
+    augmentation: the dataset's (`Dataset.augmentation`), applied here
+      (segmentation: to image and mask together).
     gate_dropout_fn: step -> the gates' dropout rate.
+    task: the segmentation task, or None (classification).
 
   Returns:
     (new state, dict of scalar metrics).
   """
   step_rng = jax.random.fold_in(rng, state.step)
   aug_rng, gates_rng, dropout_rng = jax.random.split(step_rng, 3)
-  images = augment.preprocess(
-      batch['image'],
-      mean=mean,
-      std=std,
-      train=True,
-      rng=aug_rng,
-      crop_padding=augmentation.crop_padding,
-      flip=augmentation.flip,
-  )
+  labels = batch['label']
+  if task is not None:
+    assert isinstance(augmentation, augment.SegmentationAugmentation)
+    images, labels = augment.preprocess_pair(
+        batch['image'], labels, mean=mean, std=std, rng=aug_rng, aug=augmentation
+    )
+  else:
+    assert isinstance(augmentation, augment.Augmentation)
+    images = augment.preprocess(
+        batch['image'],
+        mean=mean,
+        std=std,
+        train=True,
+        rng=aug_rng,
+        crop_padding=augmentation.crop_padding,
+        flip=augmentation.flip,
+    )
 
   def loss(params):
     (logits, out), new_model_state = state.apply_fn(
@@ -104,7 +117,7 @@ def train_step(
         rngs={'gates': gates_rng, 'dropout': dropout_rng},
         mutable=['batch_stats'],
     )
-    value, terms = loss_fn(params, logits, out, batch['label'], state.step)
+    value, terms = loss_fn(params, logits, out, labels, state.step)
     return value, (logits, out['gates'], new_model_state, terms)
 
   grads, (logits, gates, new_model_state, terms) = jax.grad(loss, has_aux=True)(
@@ -114,7 +127,11 @@ def train_step(
   new_state = state.apply_gradients(
       grads=grads, batch_stats=new_model_state['batch_stats']
   )
-  out = dict(terms, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']))
+  if task is not None:
+    accuracy = segmentation.pixel_accuracy(logits, labels, task.ignore_label)
+  else:
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  out = dict(terms, accuracy=accuracy)
   if spec:
     out['gates_on'] = jnp.mean(is_on(spec.flatten(gates)))
   out[NONFINITE] = nonfinite_code(terms['loss'], new_state)
@@ -150,25 +167,41 @@ def example_metrics(
     labels: jax.Array,
     spec: GateSpec,
     mac_counter: Optional[macs_lib.MacCounter] = None,
+    task: Optional[segmentation.Segmentation] = None,
 ) -> Dict[str, jax.Array]:
   """Per-example metrics of a model's outputs, what eval sums and analysis
   keeps: 'loss' (cross-entropy), 'correct' and 'confidence' `(batch,)`;
+  with a segmentation `task` per image instead (segmentation.per_image):
+  'loss', 'correct' (its pixel accuracy), 'confidence', 'iou' and 'label'
+  (its most frequent ground-truth class);
   for gated models 'gates' `(batch, total)` bool (on or off) and 'gate_l1'
   `(batch,)` (the mean gate); with a `mac_counter`, 'macs_saved'
   `(batch,)`, the MACs each example's closed gates save."""
   logits = logits.astype(jnp.float32)
-  m = {
-      'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
-      'correct': jnp.argmax(logits, -1) == labels,
-      'confidence': jnp.max(jax.nn.softmax(logits), axis=-1),
-  }
+  if task is not None:
+    p = segmentation.per_image(
+        logits, labels, task.num_classes, task.ignore_label
+    )
+    m = {
+        'loss': p['loss'],
+        'correct': p['pixel_accuracy'],
+        'confidence': p['confidence'],
+        'iou': p['iou'],
+        'label': p['dominant_label'],
+    }
+  else:
+    m = {
+        'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+        'correct': jnp.argmax(logits, -1) == labels,
+        'confidence': jnp.max(jax.nn.softmax(logits), axis=-1),
+    }
   if spec:
     flat = spec.flatten(out['gates'])
     m['gates'] = is_on(flat)
     m['gate_l1'] = jnp.mean(flat, axis=-1)
   if mac_counter is not None:
     m['macs_saved'] = jnp.broadcast_to(
-        mac_counter.saved_per_sample(out['gates']), labels.shape
+        mac_counter.saved_per_sample(out['gates']), labels.shape[:1]
     )
   return m
 
@@ -190,9 +223,14 @@ def eval_step(
     mean,
     std,
     mac_counter: Optional[macs_lib.MacCounter] = None,
+    task: Optional[segmentation.Segmentation] = None,
 ) -> Dict[str, jax.Array]:
   """Sums of `example_metrics` over the unmasked examples of a padded eval
   batch.
+
+  With a segmentation `task`, 'correct' sums the images' pixel accuracies,
+  and 'confusion' `(classes, classes)` int32 counts the valid pixels of
+  the global batch (summed over its devices by the jit), for mIoU.
 
   Returns {'count', 'correct', 'loss_sum'} and, for gated models,
   'gate_l1_sum' and 'gate_on_counts' `(c,)` (per gate, samples with it on);
@@ -202,13 +240,23 @@ def eval_step(
   gated otherwise.
   """
   logits, model_out = predict(state, batch['image'], mean, std)
-  m = example_metrics(logits, model_out, batch['label'], spec, mac_counter)
+  m = example_metrics(
+      logits, model_out, batch['label'], spec, mac_counter, task
+  )
   mask = batch['mask']
   out = {
       'count': jnp.sum(mask),
       'correct': jnp.sum(m['correct'] * mask),
       'loss_sum': jnp.sum(m['loss'] * mask),
   }
+  if task is not None:
+    out['confusion'] = segmentation.confusion_matrix(
+        batch['label'],
+        jnp.argmax(logits, -1),
+        task.num_classes,
+        task.ignore_label,
+        mask,
+    )
   if spec:
     out['gate_l1_sum'] = jnp.sum(m['gate_l1'] * mask)
     out['gate_on_counts'] = gate_on_counts(model_out['gates'], spec, mask)
@@ -234,11 +282,13 @@ class Steps:
       steps_per_epoch: int = 1,
       mac_counter: Optional[macs_lib.MacCounter] = None,
       *,
-      augmentation: augment.Augmentation,
+      augmentation: augment.Augmentation | augment.SegmentationAugmentation,
+      task: Optional[segmentation.Segmentation] = None,
   ):
     self.mesh = mesh
     self.spec = spec
     self.mac_counter = mac_counter
+    self.task = task
     repl = sharding.replicated(mesh)
     data = sharding.batch_sharded(mesh)
     self.data_sharding = data
@@ -251,6 +301,7 @@ class Steps:
         loss_fn=losses.objective(config, spec, steps_per_epoch),
         augmentation=augmentation,
         gate_dropout_fn=optim.create_gate_dropout_fn(config, num_train_steps),
+        task=task,
     )
     self.train = jax.jit(
         step_fn,
@@ -260,7 +311,12 @@ class Steps:
     )
     self.eval = jax.jit(
         functools.partial(
-            eval_step, spec=spec, mean=mean, std=std, mac_counter=mac_counter
+            eval_step,
+            spec=spec,
+            mean=mean,
+            std=std,
+            mac_counter=mac_counter,
+            task=task,
         ),
         in_shardings=(repl, data),
         out_shardings=repl,

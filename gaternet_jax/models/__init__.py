@@ -19,6 +19,7 @@ from gaternet_jax.models.layers import LocalGating
 from gaternet_jax.models.resnet import ResNet
 from gaternet_jax.models.resnet_cifar import cifar_preact_resnet, cifar_resnet
 from gaternet_jax.models.resnet_imagenet import imagenet_resnet
+from gaternet_jax.models.segmentation import SegmentationHead
 from gaternet_jax.models.shakeshake import shake_shake
 
 # name -> factory(num_classes=..., dtype=..., **config kwargs) -> a
@@ -98,6 +99,7 @@ def create_model(
           else f'model.local_gating: {e}'
       ) from None
     backbone = backbone.clone(local_gating=local)
+  backbone = _segmentation(model_cfg, backbone)
   num_gates = backbone.gate_spec().total
   compaction = _compaction(model_cfg, backbone, method)
   if compaction is not None:
@@ -122,6 +124,45 @@ def create_model(
   )
 
 
+def _segmentation(model_cfg, backbone):
+  """`backbone` as the encoder of `model_cfg.segmentation`'s network (when
+  enabled): an output stride and a context head."""
+  seg = model_cfg.get('segmentation')
+  if seg is None or not seg.enabled:
+    return backbone
+  if not isinstance(backbone, ResNet):
+    raise ConfigError(
+        'model.segmentation works with the ResNet backbones (cifar_resnet, '
+        'cifar_preact_resnet, imagenet_resnet) as encoders; not '
+        f'{model_cfg.backbone.name!r}.'
+    )
+  stride = seg.output_stride
+  if stride not in (8, 16) and not (
+      isinstance(stride, int) and stride >= 4 and stride & (stride - 1) == 0
+  ):
+    raise ConfigError(
+        'model.segmentation.output_stride must be a power of 2 (8 or 16 '
+        f'in the papers); got {stride!r}.'
+    )
+  if stride < backbone.stem_stride():
+    raise ConfigError(
+        f'model.segmentation.output_stride={stride} is below the stride '
+        f'{backbone.stem_stride()} of the {model_cfg.backbone.name} stem.'
+    )
+  try:
+    head = SegmentationHead(
+        kind=seg.head,
+        width=seg.head_width,
+        rates=tuple(seg.aspp_rates),
+        bins=tuple(seg.psp_bins),
+        dropout=seg.dropout,
+        gated=bool(seg.gate_head),
+    )
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'model.{e}') from None
+  return backbone.clone(output_stride=int(stride), head=head)
+
+
 def _compaction(model_cfg, backbone, method: str) -> Compaction | None:
   """`model_cfg.compaction` parsed and checked against the backbone."""
   try:
@@ -134,6 +175,11 @@ def _compaction(model_cfg, backbone, method: str) -> Compaction | None:
     raise ConfigError(
         "model.compaction is set but model.gating='none': a compacted "
         'model comes from a gated one.'
+    )
+  if isinstance(backbone, ResNet) and backbone.head is not None:
+    raise ConfigError(
+        'model.compaction works with classification ResNets; this one has a '
+        'segmentation head (model.segmentation.enabled).'
     )
   if not isinstance(backbone, ResNet) or backbone.se_reduction:
     raise ConfigError(

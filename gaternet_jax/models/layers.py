@@ -28,12 +28,16 @@ def batch_norm(train: bool, dtype, name: str) -> nn.BatchNorm:
   )
 
 
-def conv(features: int, kernel: int, stride: int, dtype, name: str):
+def conv(
+    features: int, kernel: int, stride: int, dtype, name: str, dilation: int = 1
+):
+  pad = dilation * (kernel // 2)
   return nn.Conv(
       features,
       (kernel, kernel),
       strides=(stride, stride),
-      padding=[(kernel // 2, kernel // 2)] * 2,
+      padding=[(pad, pad)] * 2,
+      kernel_dilation=(dilation, dilation),
       use_bias=False,
       kernel_init=conv_init,
       dtype=dtype,

@@ -37,6 +37,11 @@ from gaternet_jax.models.backbone import (
 )
 from gaternet_jax.models.compaction import Compaction, SitePlan
 from gaternet_jax.models.layers import LocalGating, SqueezeExcite
+from gaternet_jax.models.segmentation import (
+    HEAD_SITE,
+    ContextHead,
+    SegmentationHead,
+)
 
 # Bottleneck units output `EXPANSION * width` channels.
 EXPANSION = 4
@@ -62,6 +67,9 @@ class _Unit(nn.Module):
   norm: Callable = layers.batch_norm
   # A compacted unit's site (models/compaction.py), or None.
   compaction: Optional[SitePlan] = None
+  # Dilation of the unit's 3x3 convs (a dilated stage of a network with an
+  # output stride, ResNet.output_stride).
+  dilation: int = 1
 
   @classmethod
   def site_width(cls, features: Width, locally_gated: bool) -> int:
@@ -97,11 +105,16 @@ class _Unit(nn.Module):
     ones."""
     return full if self.compaction is None else self.compaction.width
 
-  def _conv(self, y, features: int, kernel: int, stride: int, name: str):
-    """`self.conv`; a compacted conv with no channels left, on either side,
-    computes nothing: zeros."""
+  def _conv(
+      self, y, features: int, kernel: int, stride: int, name: str
+  ) -> jax.Array:
+    """`self.conv`, 3x3 convs dilated by `dilation`; a compacted conv with
+    no channels left, on either side, computes nothing: zeros."""
     if features and y.shape[-1]:
-      return self.conv(features, kernel, stride, self.dtype, name)(y)
+      kwargs = (
+          {'dilation': self.dilation} if kernel > 1 and self.dilation > 1 else {}
+      )
+      return self.conv(features, kernel, stride, self.dtype, name, **kwargs)(y)
     b, h, w, _ = y.shape
     return jnp.zeros((b, -(-h // stride), -(-w // stride), features), y.dtype)
 
@@ -302,7 +315,16 @@ class ResNet(nn.Module):
     local_gating: None (gates, if any, come from a gater) or batch-shaping's
       channel gating inside each unit.
     conv, norm: the layer constructors, `conv(features, kernel, stride,
-      dtype, name)` and `norm(train, dtype, name)`.
+      dtype, name[, dilation])` and `norm(train, dtype, name)`.
+    output_stride: None, or the largest stride of the features (a
+      segmentation encoder: 8 or 16): units that would stride past it
+      stride 1 and dilate their 3x3 convs instead, torchvision's
+      `replace_stride_with_dilation` (the first unit of a dilated stage
+      keeps the previous dilation).
+    head: None (a classifier), or a segmentation head
+      (models/segmentation.py): the network then maps images to
+      `(batch, h, w, num_classes)` per-pixel logits, and the head's gated
+      site follows the units' in the gate spec.
   """
 
   supports_local_gating: ClassVar[bool] = True
@@ -319,6 +341,8 @@ class ResNet(nn.Module):
   conv: Callable = layers.conv
   norm: Callable = layers.batch_norm
   compaction: Optional[Compaction] = None
+  output_stride: Optional[int] = None
+  head: Optional[SegmentationHead] = None
 
   def _units(self):
     """(site name, stride, unit features) of every unit in depth order."""
@@ -332,6 +356,25 @@ class ResNet(nn.Module):
             2 if (s > 0 and b == 0) else 1,
             features,
         )
+
+  def stem_stride(self) -> int:
+    """Stride of the stem: 4 ('imagenet': conv/2 and max-pool/2) or 1."""
+    return 4 if self.stem == 'imagenet' else 1
+
+  def unit_layout(self):
+    """(site name, stride, unit features, dilation) of every unit in depth
+    order, with the output stride's dilation in place of late strides."""
+    current, dilation = self.stem_stride(), 1
+    for name, stride, features in self._units():
+      unit_dilation = dilation
+      if self.output_stride and current * stride > self.output_stride:
+        dilation *= stride
+        stride = 1
+      else:
+        current *= stride
+      # The unit that stops striding keeps the previous dilation; the
+      # units after it take the new one.
+      yield name, stride, features, unit_dilation
 
   def stem_features(self) -> int:
     """Filters of the stem conv: `stem_width`, or the first stage's width
@@ -352,12 +395,13 @@ class ResNet(nn.Module):
   def uncompacted_gate_spec(self) -> GateSpec:
     """The gate spec of the network before any compaction."""
     local = self.local_gating is not None
-    return GateSpec(
-        tuple(
-            (name, self.block_cls.site_width(f, local))
-            for name, _, f in self._units()
-        )
+    sites = tuple(
+        (name, self.block_cls.site_width(f, local))
+        for name, _, f in self._units()
     )
+    if self.head is not None and self.head.gated:
+      sites += ((HEAD_SITE, self.head.site_width),)
+    return GateSpec(sites)
 
   def gate_wiring(self):
     """A gater's gates switch off the outputs of each unit's last conv;
@@ -377,11 +421,23 @@ class ResNet(nn.Module):
             GateWire((name, at), 'out'),
             GateWire((name, reader), 'in'),
         )
+    if HEAD_SITE in sites and self.head is not None:
+      out[HEAD_SITE] = self.head.wiring(('head',))
     return out
 
   def _check(self, gates: Optional[Gates]):
     if self.stem not in STEMS:
       raise ValueError(f'stem must be one of {STEMS}; got {self.stem!r}.')
+    os_ = self.output_stride
+    if os_ is not None and (
+        os_ < self.stem_stride() or os_ & (os_ - 1) != 0
+    ):
+      raise ValueError(
+          f'output_stride must be a power of 2 and at least the stem\'s '
+          f'stride {self.stem_stride()}; got {os_}.'
+      )
+    if self.head is not None and self.num_classes is None:
+      raise ValueError('a segmentation head needs num_classes.')
     if len(self.stage_sizes) != len(self.widths):
       raise ValueError(
           f'stage_sizes {tuple(self.stage_sizes)} and widths '
@@ -399,7 +455,8 @@ class ResNet(nn.Module):
   def __call__(
       self, x: jax.Array, gates: Optional[Gates] = None, *, train: bool = False
   ) -> Tuple[jax.Array, Extras]:
-    """`(batch, h, w, c)` normalised images -> (logits, extras).
+    """`(batch, h, w, c)` normalised images -> (logits, extras); with a
+    segmentation `head`, `(batch, h, w, num_classes)` per-pixel logits.
 
     Args:
       x: images.
@@ -429,7 +486,7 @@ class ResNet(nn.Module):
         y = nn.relu(self.norm(train, self.dtype, 'bn')(y))
     samples, unseen = {}, []
     sites = set(self.gate_spec().names)
-    for name, stride, features in self._units():
+    for name, stride, features, dilation in self.unit_layout():
       gate = None if gates is None else gates.get(name)
       y, sample = self.block_cls(
           features,
@@ -440,6 +497,7 @@ class ResNet(nn.Module):
           self.conv,
           self.norm,
           None if self.compaction is None else self.compaction.site(name),
+          dilation=dilation,
           name=name,
       )(y, gate, train=train)
       if sample is not None:
@@ -449,6 +507,26 @@ class ResNet(nn.Module):
           samples[name] = sample
     if preact:
       y = nn.relu(self.norm(train, self.dtype, 'bn_final')(y))
+    if self.head is not None:
+      assert self.num_classes is not None  # _check
+      y, sample = ContextHead(
+          self.head,
+          self.num_classes,
+          self.dtype,
+          self.local_gating,
+          self.conv,
+          self.norm,
+          name='head',
+      )(y, None if gates is None else gates.get(HEAD_SITE), train=train)
+      if sample is not None:
+        samples[HEAD_SITE] = sample
+      # Bilinear upsampling of the logits to the input's size.
+      b, h, w = x.shape[:3]
+      y = jax.image.resize(y, (b, h, w, y.shape[-1]), 'bilinear')
+      extras = {GATE_SAMPLES: samples} if samples else {}
+      if unseen:
+        extras[UNSEEN_GATES] = sum(unseen)
+      return y.astype(jnp.float32), extras
     y = jnp.mean(y, axis=(1, 2))
     if self.num_classes is not None:
       y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
