@@ -648,7 +648,7 @@ def _folder_split(data_dir: str, split: str) -> _Split:
         f'{image_dir} does not exist; set data.train_split / data.eval_split '
         'to a split of the extracted archives (train, val).'
     )
-  images = []
+  images: List[str] = []
   with os.scandir(image_dir) as entries:
     cities = sorted(e.name for e in entries if e.is_dir())
   for city in cities:
