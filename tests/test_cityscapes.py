@@ -3,6 +3,9 @@
 import io
 import os
 import re
+import socket
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -15,6 +18,7 @@ from gaternet_jax import cityscapes
 from gaternet_jax import datasets
 from gaternet_jax.errors import ConfigError, DataError
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 16, 32
 # Real labelIds (void 0, road 7, car 26, bicycle 33, ...) and ids no frame
 # should hold (34, 100, 255: license plates are -1, i.e. 255 as uint8).
@@ -346,3 +350,76 @@ def test_tfds_prepares_the_zips_and_reads_them(tmp_path, frames):
 def _take(iterator, n):
   for _ in range(n):
     yield next(iterator)
+
+
+# ----------------------------------------------------------------------------
+# Several processes.
+
+_PROCESS = """
+import sys
+import jax
+import numpy as np
+from gaternet_jax import cityscapes, datasets
+port, index, folder, out = sys.argv[1:]
+jax.distributed.initialize(f'127.0.0.1:{port}', 2, int(index))
+assert jax.process_count() == 2
+cfg = datasets.data_config(
+    dict(name='cityscapes', source='folder', data_dir=folder, image_size=0))
+ds = cityscapes.load_cityscapes(cfg, None)
+train = next(ds.train_batches(4, seed=5, start_step=1))
+evals = list(ds.eval_batches(4))
+np.savez(out, train_image=train['image'], train_label=train['label'],
+         eval_image=np.concatenate([b['image'] for b in evals]),
+         eval_mask=np.concatenate([b['mask'] for b in evals]))
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_decode_their_own_rows(folder, tmp_path):
+  """Two local processes joined by jax.distributed: each gets its half of
+  every global batch, the halves making up the one-process batch."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env['PYTHONPATH'] = os.pathsep.join(
+      [REPO] + [p for p in [env.get('PYTHONPATH')] if p]
+  )
+  outs = [str(tmp_path / f'process{i}.npz') for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, '-c', _PROCESS, str(port), str(i), folder, out],
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i, out in enumerate(outs)
+  ]
+  try:
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-2000:]
+  parts = [np.load(out) for out in outs]
+  ds = _load(folder, image_size=0)
+  train = next(ds.train_batches(4, seed=5, start_step=1))
+  evals = list(ds.eval_batches(4))
+  for part in parts:
+    assert part['train_image'].shape == (2, HEIGHT, WIDTH, 3)
+  np.testing.assert_array_equal(
+      np.concatenate([p['train_image'] for p in parts]), train['image']
+  )
+  np.testing.assert_array_equal(
+      np.concatenate([p['train_label'] for p in parts]), train['label']
+  )
+  # One eval batch of 4 for 3 frames: process 1 holds the padding row.
+  np.testing.assert_array_equal(parts[0]['eval_mask'], [1, 1])
+  np.testing.assert_array_equal(parts[1]['eval_mask'], [1, 0])
+  np.testing.assert_array_equal(
+      np.concatenate([p['eval_image'] for p in parts]),
+      evals[0]['image'],
+  )
