@@ -93,8 +93,8 @@ def shapes_config(l0: bool) -> ml_collections.ConfigDict:
   c.data.num_test_examples = 500
   c.data.mean = None  # computed from the training images
   c.data.std = None
-  c.data.crop_size = 64
-  c.data.scale_range = (0.75, 1.5)
+  c.data.crop_size = None  # the whole (rescaled) image
+  c.data.scale_range = (0.8, 1.25)
   c.data.flip = True
   c.model.backbone = ml_collections.ConfigDict(
       dict(
@@ -110,7 +110,7 @@ def shapes_config(l0: bool) -> ml_collections.ConfigDict:
   c.num_epochs = 12
   c.optimizer.update(
       dict(
-          learning_rate=0.05,
+          learning_rate=0.1,
           momentum=0.9,
           nesterov=True,
           schedule='poly',

@@ -391,8 +391,9 @@ def analysis_step(
   global batch's rows).
 
   Segmentation (`task`): per image as `example_metrics` says (its label is
-  its most frequent class, 'correct' its pixel accuracy, plus 'iou'), and
-  'confusion', the batch's `(classes, classes)` pixel counts."""
+  its most frequent class besides class 0, 'correct' its pixel accuracy,
+  plus 'iou'), and 'confusion', the batch's `(classes, classes)` pixel
+  counts."""
   logits, out = steps_lib.predict(state, batch['image'], mean, std)
   m = steps_lib.example_metrics(
       logits, out, batch['label'], spec, mac_counter, task

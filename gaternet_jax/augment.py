@@ -76,9 +76,7 @@ def preprocess(
     x = random_crop(x, crop_rng, crop_padding)
     if flip:
       x = random_flip(x, flip_rng)
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
-  return (x - mean) / std
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,11 @@ def _measure(
   rng = np.random.default_rng(0)
   local = sharding.process_slice(batch_size)
   images = rng.integers(0, 256, (batch_size,) + image_shape, np.uint8)[local]
-  labels = rng.integers(0, num_classes, (batch_size,), np.int32)[local]
+  # Segmentation: a label per pixel (the step crops image and mask).
+  label_shape = (batch_size,) + (
+      tuple(image_shape[:2]) if exp.task is not None else ()
+  )
+  labels = rng.integers(0, num_classes, label_shape, np.int32)[local]
   batch = sharding.to_global(
       {'image': images, 'label': labels}, steps.data_sharding
   )

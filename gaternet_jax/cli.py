@@ -41,7 +41,9 @@ def print_training_report(results: Dict[str, Dict[str, Any]], seconds: float):
   accuracy), MACs per image and the gates, as a short table."""
   print()
   segmentation = any('miou' in r for r in results.values())
-  score = f'{"mIoU":>7} {"pixel acc":>9}' if segmentation else f'{"accuracy":>9}'
+  score = (
+      f'{"mIoU":>7} {"pixel acc":>9}' if segmentation else f'{"accuracy":>9}'
+  )
   print(
       f'{"run":<18} {"split":<6} {score} {"loss":>8} '
       f'{"MACs/image":>16}  gates'

@@ -76,7 +76,7 @@ DATA_DEFAULTS: Dict[str, Any] = dict(
     # SegmentationAugmentation).
     ignore_label=255,  # mask value the loss and the metrics skip
     scale_range=(1.0, 1.0),  # train: random rescale factor, low to high
-    crop_size=0,  # train: crop side (int) or (height, width); 0: image size
+    crop_size=None,  # train: crop side or (height, width); None: image size
 )
 
 

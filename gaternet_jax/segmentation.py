@@ -132,9 +132,10 @@ def per_image(
   """Each image's own figures, `(batch,)` each: 'loss' (mean pixel
   cross-entropy), 'pixel_accuracy', 'confidence' (mean top softmax
   probability), 'iou' (the image's mean IoU over the classes in its ground
-  truth or prediction), 'valid_pixels', and 'dominant_label' (its most
-  frequent ground-truth class: the image's label for per-class gate
-  statistics; 0 for an image without valid pixels)."""
+  truth or prediction), 'valid_pixels', and 'dominant_label' (the image's label for
+  per-class gate statistics: its most frequent ground-truth class other
+  than class 0, which is in nearly every image (the shapes' background,
+  Cityscapes' road); 0 when it shows no other class)."""
   logits = logits.astype(jnp.float32)
   valid = _valid(labels, ignore_label)
   w = valid.astype(jnp.float32)
@@ -162,7 +163,9 @@ def per_image(
       'confidence': jnp.sum(conf * w, axis=(1, 2)) / n,
       'iou': iou,
       'valid_pixels': jnp.sum(w, axis=(1, 2)),
-      'dominant_label': jnp.argmax(gt, axis=-1).astype(jnp.int32),
+      'dominant_label': jnp.where(
+          jnp.sum(gt[:, 1:], -1) > 0, jnp.argmax(gt[:, 1:], -1) + 1, 0
+      ).astype(jnp.int32),
   }
 
 

@@ -2,9 +2,10 @@
 
 The embedded default of the segmentation demo and tests (no download): each
 `(size, size, 3)` uint8 image holds one to three shapes, discs, squares and
-triangles at random places, sizes and rotations, painted over a textured
-background (two random gratings and noise); colours and textures are drawn
-the same way for every class, so only the shape tells the class. Masks
+triangles at random places, sizes and rotations, painted in a flat colour
+(plus noise) over a textured background (two random gratings and noise).
+Each class draws its colour around its own mean, with ranges that overlap,
+so colour hints at the class and the shape settles it. Masks
 label background 0, disc 1, square 2, triangle 3, and `ignore_label` on
 the anti-aliased rim of every shape (as VOC labels object borders), so
 the ignore path of the loss and the metrics is exercised. Later shapes
@@ -22,8 +23,15 @@ import numpy as np
 CLASS_NAMES = ('background', 'disc', 'square', 'triangle')
 NUM_CLASSES = len(CLASS_NAMES)
 # Shapes per image, and their radius as a fraction of the image side.
-SHAPES_PER_IMAGE = (1, 3)
-RADIUS_RANGE = (0.12, 0.26)
+SHAPES_PER_IMAGE = (1, 2)
+RADIUS_RANGE = (0.18, 0.32)
+# Each class' mean fill colour (background: unused) and the uniform jitter
+# around it: wide enough that colours of different classes overlap, so the
+# colour hints at the class and the shape settles it.
+CLASS_COLORS = np.array(
+    [[0.5, 0.5, 0.5], [0.8, 0.3, 0.3], [0.3, 0.8, 0.3], [0.3, 0.3, 0.8]]
+)
+COLOR_JITTER = 0.3
 # Seeds of the two splits (added to the config's seed).
 TRAIN_SEED, TEST_SEED = 0, 1
 
@@ -79,7 +87,9 @@ def generate(
       cy, cx = rng.uniform(0.15 * size, 0.85 * size, 2)
       sd = _signed_distance(kind, yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
       cover = np.clip(sd + 0.5, 0.0, 1.0)[..., None]  # anti-aliased edge
-      image = image * (1 - cover) + _texture(rng, yy, xx, size) * cover
+      color = CLASS_COLORS[kind] + rng.uniform(-COLOR_JITTER, COLOR_JITTER, 3)
+      fill = np.clip(color + rng.normal(0, 0.04, image.shape), 0, 1)
+      image = image * (1 - cover) + fill * cover
       mask[sd >= 0.5] = kind
       mask[np.abs(sd) < 0.5] = ignore_label
     images[i] = np.round(image * 255).astype(np.uint8)

@@ -94,7 +94,12 @@ def train_step(
   if task is not None:
     assert isinstance(augmentation, augment.SegmentationAugmentation)
     images, labels = augment.preprocess_pair(
-        batch['image'], labels, mean=mean, std=std, rng=aug_rng, aug=augmentation
+        batch['image'],
+        labels,
+        mean=mean,
+        std=std,
+        rng=aug_rng,
+        aug=augmentation,
     )
   else:
     assert isinstance(augmentation, augment.Augmentation)
@@ -173,7 +178,7 @@ def example_metrics(
   keeps: 'loss' (cross-entropy), 'correct' and 'confidence' `(batch,)`;
   with a segmentation `task` per image instead (segmentation.per_image):
   'loss', 'correct' (its pixel accuracy), 'confidence', 'iou' and 'label'
-  (its most frequent ground-truth class);
+  (its most frequent ground-truth class besides class 0);
   for gated models 'gates' `(batch, total)` bool (on or off) and 'gate_l1'
   `(batch,)` (the mean gate); with a `mac_counter`, 'macs_saved'
   `(batch,)`, the MACs each example's closed gates save."""

@@ -112,7 +112,9 @@ class _Unit(nn.Module):
     no channels left, on either side, computes nothing: zeros."""
     if features and y.shape[-1]:
       kwargs = (
-          {'dilation': self.dilation} if kernel > 1 and self.dilation > 1 else {}
+          {'dilation': self.dilation}
+          if kernel > 1 and self.dilation > 1
+          else {}
       )
       return self.conv(features, kernel, stride, self.dtype, name, **kwargs)(y)
     b, h, w, _ = y.shape
@@ -429,11 +431,9 @@ class ResNet(nn.Module):
     if self.stem not in STEMS:
       raise ValueError(f'stem must be one of {STEMS}; got {self.stem!r}.')
     os_ = self.output_stride
-    if os_ is not None and (
-        os_ < self.stem_stride() or os_ & (os_ - 1) != 0
-    ):
+    if os_ is not None and (os_ < self.stem_stride() or os_ & (os_ - 1) != 0):
       raise ValueError(
-          f'output_stride must be a power of 2 and at least the stem\'s '
+          f"output_stride must be a power of 2 and at least the stem's "
           f'stride {self.stem_stride()}; got {os_}.'
       )
     if self.head is not None and self.num_classes is None:

@@ -108,8 +108,13 @@ class SegmentationHead:
     """The head site's gates act on each branch conv's outputs (its slice
     of the site) and on the fusing conv's first inputs."""
     out = tuple(
-        GateWire(path + (name, 'conv'), 'out', 0, k * self.width,
-                 (k + 1) * self.width)
+        GateWire(
+            path + (name, 'conv'),
+            'out',
+            0,
+            k * self.width,
+            (k + 1) * self.width,
+        )
         for k, name in enumerate(self.branches)
     )
     return out + (GateWire(path + (self.fuse, 'conv'), 'in'),)
