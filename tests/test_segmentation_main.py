@@ -1,7 +1,7 @@
 """End to end: segmentation runs through main's modes.
 
-One short run on the synthetic shapes (batch-shaping's local gates, a
-narrow ResNet-18 encoder at output stride 8) is shared: it must learn far
+One short run on the synthetic shapes (batch-shaping's local gates and
+L0, a CIFAR ResNet-8 encoder under the ASPP head) is shared: it must learn far
 above chance, report mIoU and MACs per image, evaluate to the same figures
 and analyse (with the per-image MACs vs IoU figure). A second, tiny run
 trains on a generated Cityscapes folder in the real layout.
@@ -10,6 +10,7 @@ trains on a generated Cityscapes folder in the real layout.
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,14 +26,13 @@ def _shapes_config():
   c.data.image_size = 32
   c.data.num_train_examples = 1024
   c.data.num_test_examples = 128
-  c.data.scale_range = (1.0, 1.25)
-  c.model.backbone.widths = (16, 16, 32, 32)
-  c.model.backbone.stem_width = 16
+  # A CIFAR ResNet-8 encoder: its stride-1 stem keeps 32x32 images at
+  # 8x8 (its own output stride, 4) where the ImageNet stem would leave 4x4.
+  c.model.backbone = ml_collections.ConfigDict(
+      dict(name='cifar_resnet', depth=8, widths=(16, 32, 64), se_reduction=0)
+  )
   c.model.segmentation.head_width = 16
   c.model.segmentation.aspp_rates = (1, 2, 3)
-  # Gates start mostly on, so the short run learns at the baseline's pace;
-  # L0 then closes some.
-  c.model.local_gating.bias_init = 2.0
   c.batch_size = 32
   c.eval_batch_size = 64
   c.num_epochs = 6
@@ -55,10 +55,11 @@ def trained(tmp_path_factory):
 
 def test_short_run_learns_far_above_chance(trained):
   _, r = trained
-  # Predicting background everywhere scores about 0.21 here (its IoU is
-  # its pixel share, the shapes' IoUs 0); random labels about 0.1.
-  assert r['miou'] > 0.45, r
-  assert r['pixel_accuracy'] > 0.9, r
+  # Predicting background everywhere scores about 0.2 here (its IoU is its
+  # pixel share, the shapes' 0); random labels about 0.1.
+  assert r['miou'] > 0.4, r
+  assert r['pixel_accuracy'] > 0.85, r
+  assert sum(r[f'iou_class{k}'] > 0.25 for k in (1, 2, 3)) >= 2, r
   assert all(f'iou_class{k}' in r for k in range(4)), r
   # MACs per image next to mIoU, below the dense count once L0 closed gates.
   assert 0 < r['macs_mean'] < r['macs_dense'] + r['macs_overhead'], r
@@ -115,15 +116,15 @@ def test_cityscapes_folder_trains_and_evaluates(tmp_path):
   c.data.data_dir = str(tmp_path / 'cityscapes')
   c.data.image_size = 16  # 16x32 frames
   c.data.crop_size = (16, 16)
-  c.model.backbone.depth = 18
-  c.model.backbone.widths = (8, 8, 8, 8)
-  c.model.backbone.stem_width = 8
+  c.model.backbone = ml_collections.ConfigDict(
+      dict(name='cifar_resnet', depth=8, widths=(8, 8, 8), se_reduction=0)
+  )
   c.model.segmentation.head_width = 8
   c.batch_size = 2
   c.eval_batch_size = 2
-  c.num_train_steps = 2
+  c.num_train_steps = 1
   c.log_every_steps = 1
-  c.checkpoint_every_steps = 2
+  c.checkpoint_every_steps = 1
   c.tensorboard = False
   out = cli.run('train', c, str(tmp_path / 'run'))['final']
   assert out['split'] == 'val' and out['num_examples'] == 2
