@@ -50,8 +50,10 @@ FIGURES = {
     'tsne': 'tsne.png',  # Figure 5
     'cost_vs_difficulty': 'cost_vs_difficulty.png',
     'class_mean_gates': 'class_mean_gates.png',
-    'cost_vs_iou': 'cost_vs_iou.png',  # segmentation
 }
+# What a segmentation run's analysis draws besides.
+SEGMENTATION_FIGURES = {'cost_vs_iou': 'cost_vs_iou.png'}
+_ALL_FIGURES = {**FIGURES, **SEGMENTATION_FIGURES}
 KINDS = ('always_on', 'always_off', 'input_dependent')
 
 
@@ -511,7 +513,7 @@ def split_batches(ds, split: str, batch_size: int):
 def _clear_outputs(out_dir: str):
   """Removes what an earlier analysis wrote here (and nothing else)."""
   out = paths_lib.resolve(out_dir)
-  names = [JSON_NAME] + list(FIGURES.values())
+  names = [JSON_NAME] + list(_ALL_FIGURES.values())
   for p in [out / n for n in names] + list(out.glob('events.out.tfevents.*')):
     if p.exists() and not p.is_dir():
       p.unlink()
@@ -675,7 +677,9 @@ def _draw(
   paths = {}
 
   def save(key, fig):
-    paths[key] = plots.save(fig, paths_lib.join(out_dir, FIGURES[key]), dpi)
+    paths[key] = plots.save(
+        fig, paths_lib.join(out_dir, _ALL_FIGURES[key]), dpi
+    )
 
   rows = result['gate_types_per_site']
   counts = {k: np.array([r[k] for r in rows]) for k in KINDS}

@@ -3,7 +3,10 @@ against brute force, the joint augmentation, MAC accounting, and the
 config and data errors (the end-to-end runs are in
 test_segmentation_main.py)."""
 
+import os
 import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -24,6 +27,7 @@ from gaternet_jax.models import create_model
 from gaternet_jax.models.segmentation import adaptive_pool_matrix
 
 IGNORE = 255
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _model_config(gating, head='aspp', output_stride=8, depth=18):
@@ -367,3 +371,65 @@ def test_shapes_dataset_is_deterministic_and_labelled():
   batch = next(ds.train_batches(4, seed=0))
   assert batch['label'].shape == (4, 64, 64)
   assert isinstance(ds.augmentation, augment.SegmentationAugmentation)
+
+
+def test_compaction_and_dynamic_execution_refuse_segmentation_networks():
+  from gaternet_jax import dynamic  # pylint: disable=g-import-not-at-top
+  from gaternet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  c = _model_config('local')
+  model = create_model(c.model, 4)
+  with pytest.raises(UserError) as e:
+    dynamic.check_supported(model, 'dynamic execution')
+  _one_sentence(str(e.value))
+  assert 'segmentation' in str(e.value)
+  c.model.compaction = ','.join(
+      f'{name}={"*" * size}' for name, size in model.gate_spec().sites
+  )
+  with pytest.raises(ConfigError) as e:
+    create_model(c.model, 4)
+  _one_sentence(str(e.value))
+  assert 'segmentation head' in str(e.value)
+
+
+_SHARDED_CONFUSION = """
+import numpy as np, jax, jax.numpy as jnp
+from gaternet_jax import segmentation, sharding
+mesh = sharding.create_mesh()
+rng = np.random.default_rng(0)
+labels = rng.integers(0, 5, (16, 6, 7)); labels[rng.random(labels.shape) < .2] = 255
+preds = rng.integers(0, 5, (16, 6, 7))
+mask = (np.arange(16) < 13).astype(np.float32)
+data = sharding.batch_sharded(mesh)
+fn = jax.jit(lambda l, p, m: segmentation.confusion_matrix(l, p, 5, 255, m),
+             in_shardings=(data, data, data),
+             out_shardings=sharding.replicated(mesh))
+cm = np.asarray(fn(*(jax.device_put(a, data) for a in (labels, preds, mask))))
+want = np.zeros((5, 5), np.int64)
+for b, l, p in zip(range(16), labels, preds):
+  for g, q in zip(l.ravel(), p.ravel()):
+    if mask[b] and g != 255:
+      want[g, q] += 1
+assert (cm == want).all(), (cm, want)
+print('devices=%d ok' % jax.device_count())
+"""
+
+
+def test_confusion_matrix_sums_over_8_devices():
+  """The eval's confusion matrix, with the batch split over 8 devices, is
+  the whole global batch's (padding rows and ignored pixels left out)."""
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  )
+  proc = subprocess.run(
+      [sys.executable, '-c', _SHARDED_CONFUSION],
+      env=env,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'devices=8 ok' in proc.stdout

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from configs import segmentation as seg_configs
+from gaternet_jax import analysis
 from gaternet_jax import cli
 
 pytestmark = pytest.mark.xdist_group('segmentation_main')
@@ -80,7 +81,9 @@ def test_analyze_draws_macs_against_iou(trained):
   assert -1.0 <= out['cost_iou_spearman'] <= 1.0
   with open(os.path.join(out['out_dir'], 'analysis.json')) as f:
     result = json.load(f)
-  assert 'cost_vs_iou.png' in result['figures']
+  assert sorted(result['figures']) == sorted(
+      {**analysis.FIGURES, **analysis.SEGMENTATION_FIGURES}.values()
+  )
   assert os.path.getsize(os.path.join(out['out_dir'], 'cost_vs_iou.png')) > 0
   assert len(result['class_iou']) == 4
   # Per-class rows are keyed by each image's most frequent class besides 0.
