@@ -1,9 +1,9 @@
 """The semantic segmentation task: per-pixel cross-entropy with an ignore
 label, the confusion matrix, mIoU and pixel accuracy.
 
-`Segmentation.from_config(config)` is the one place that decides whether a
-run segments (`config.model.segmentation.enabled`); None means the run
-classifies. The steps (steps.py) read it to pick the loss, the joint
+`enabled(config)` is the one place that decides whether a run segments
+(`config.model.segmentation.enabled`); `Segmentation.from_config(config)`
+is then the task (None: the run classifies). The steps (steps.py) read it to pick the loss, the joint
 augmentation and the metrics; the eval sums per-batch confusion matrices
 on the devices (`confusion_matrix`, summed over the global batch by the
 jitted step) and `scores` turns the sum into mIoU.
@@ -42,14 +42,15 @@ class Segmentation:
       cls, config: ml_collections.ConfigDict, num_classes: int
   ) -> Optional['Segmentation']:
     """The task of `config` (None: classification)."""
-    seg = config.model.get('segmentation')
-    if seg is None or not seg.enabled:
+    if not enabled(config):
       return None
     return cls(int(num_classes), int(config.data.ignore_label))
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
-  """Whether `config` is a segmentation run."""
+  """Whether `config` is a segmentation run: the one place that decides
+  (`config.model.segmentation.enabled`; configs without the section, such
+  as an older run's config.json, classify)."""
   seg = config.model.get('segmentation')
   return bool(seg is not None and seg.enabled)
 

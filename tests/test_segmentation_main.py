@@ -49,7 +49,10 @@ def _shapes_config():
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('shapes') / 'run')
+  # A fixed place: pytest-xdist may tear the module's fixtures down between
+  # two of its tests and set them up again; the second setup then finds the
+  # finished run and only evaluates it.
+  workdir = str(tmp_path_factory.getbasetemp() / 'segmentation_shapes_run')
   results = cli.run('train', _shapes_config(), workdir)
   return workdir, results['final']
 
