@@ -22,7 +22,6 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -403,13 +402,7 @@ def analysis_step(
   m.pop('gate_l1', None)
   labels = m.pop('label', batch['label'])
   if task is not None:
-    m['confusion'] = segmentation.confusion_matrix(
-        batch['label'],
-        jnp.argmax(logits, -1),
-        task.num_classes,
-        task.ignore_label,
-        batch['mask'],
-    )
+    m['confusion'] = segmentation.total_confusion(m['confusion'], batch['mask'])
   return dict(m, label=labels, mask=batch['mask'] > 0)
 
 

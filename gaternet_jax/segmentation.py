@@ -3,10 +3,10 @@ label, the confusion matrix, mIoU and pixel accuracy.
 
 `enabled(config)` is the one place that decides whether a run segments
 (`config.model.segmentation.enabled`); `Segmentation.from_config(config)`
-is then the task (None: the run classifies). The steps (steps.py) read it to pick the loss, the joint
-augmentation and the metrics; the eval sums per-batch confusion matrices
-on the devices (`confusion_matrix`, summed over the global batch by the
-jitted step) and `scores` turns the sum into mIoU.
+is then the task (None: the run classifies). The steps (steps.py) read
+it to pick the loss, the joint augmentation and the metrics; the eval sums
+the images' confusion matrices on the devices (`total_confusion`, over the
+global batch in the jitted step) and `scores` turns the sum into mIoU.
 
 Conventions: labels are `(batch, h, w)` int32 class ids in [0, classes) or
 `ignore_label`; a confusion matrix is `(classes, classes)` int32 with
@@ -104,20 +104,10 @@ def confusion_matrix(
     predictions: jax.Array,
     num_classes: int,
     ignore_label: int,
-    weights: Optional[jax.Array] = None,
 ) -> jax.Array:
   """`(classes, classes)` int32 counts of valid pixels, ground truth x
-  prediction.
-
-  Args:
-    labels, predictions: `(batch, h, w)` int.
-    num_classes: C.
-    ignore_label: pixels with this label are not counted.
-    weights: `(batch,)` 0/1, 0 for padded examples (not counted).
-  """
+  prediction, of `(..., h, w)` int labels and predictions."""
   valid = _valid(labels, ignore_label)
-  if weights is not None:
-    valid = valid & (weights[:, None, None] > 0)
   index = jnp.where(valid, labels * num_classes + predictions, 0)
   counts = jnp.bincount(
       index.reshape(-1),
@@ -127,46 +117,66 @@ def confusion_matrix(
   return counts.reshape(num_classes, num_classes).astype(jnp.int32)
 
 
+def image_confusions(
+    labels: jax.Array,
+    predictions: jax.Array,
+    num_classes: int,
+    ignore_label: int,
+) -> jax.Array:
+  """`(batch, classes, classes)`: each image's `confusion_matrix`."""
+  return jax.vmap(
+      lambda lab, pred: confusion_matrix(lab, pred, num_classes, ignore_label)
+  )(labels, predictions)
+
+
+def total_confusion(confusions: jax.Array, mask: jax.Array) -> jax.Array:
+  """`(classes, classes)` int32: the sum of `(batch, classes, classes)`
+  image confusions over the rows where the `(batch,)` mask is > 0 (padded
+  eval rows are 0). Under jit with the batch split over devices, the sum
+  runs over the global batch."""
+  keep = (mask > 0).astype(jnp.int32)[:, None, None]
+  return jnp.sum(confusions * keep, axis=0)
+
+
 def per_image(
     logits: jax.Array, labels: jax.Array, num_classes: int, ignore_label: int
 ) -> Dict[str, jax.Array]:
   """Each image's own figures, `(batch,)` each: 'loss' (mean pixel
   cross-entropy), 'pixel_accuracy', 'confidence' (mean top softmax
   probability), 'iou' (the image's mean IoU over the classes in its ground
-  truth or prediction), 'valid_pixels', and 'dominant_label' (the image's label for
-  per-class gate statistics: its most frequent ground-truth class other
-  than class 0, which is in nearly every image (the shapes' background,
-  Cityscapes' road); 0 when it shows no other class)."""
+  truth or prediction), 'valid_pixels', 'dominant_label' (the image's
+  label for per-class gate statistics: its most frequent ground-truth class
+  other than class 0, which is in nearly every image (the shapes'
+  background, Cityscapes' road); 0 when it shows no other class); and
+  'confusion', `(batch, classes, classes)` (`image_confusions`)."""
   logits = logits.astype(jnp.float32)
   valid = _valid(labels, ignore_label)
   w = valid.astype(jnp.float32)
-  n = jnp.maximum(jnp.sum(w, axis=(1, 2)), 1.0)
   safe = jnp.where(valid, labels, 0)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-  preds = jnp.argmax(logits, -1)
   conf = jnp.max(jax.nn.softmax(logits), axis=-1)
-
-  cm = jax.vmap(
-      lambda lab, pred: confusion_matrix(
-          lab[None], pred[None], num_classes, ignore_label
-      )
-  )(labels, preds)
+  cm = image_confusions(
+      labels, jnp.argmax(logits, -1), num_classes, ignore_label
+  )
   tp = jnp.diagonal(cm, axis1=1, axis2=2).astype(jnp.float32)
   gt = jnp.sum(cm, axis=2).astype(jnp.float32)
   pr = jnp.sum(cm, axis=1).astype(jnp.float32)
+  valid_pixels = jnp.sum(gt, -1)
+  n = jnp.maximum(valid_pixels, 1.0)
   union = gt + pr - tp
   present = union > 0
   iou = jnp.sum(jnp.where(present, tp / jnp.maximum(union, 1.0), 0.0), -1)
   iou = iou / jnp.maximum(jnp.sum(present, -1), 1)
   return {
       'loss': jnp.sum(ce * w, axis=(1, 2)) / n,
-      'pixel_accuracy': jnp.sum((preds == labels) * w, axis=(1, 2)) / n,
+      'pixel_accuracy': jnp.sum(tp, -1) / n,
       'confidence': jnp.sum(conf * w, axis=(1, 2)) / n,
       'iou': iou,
-      'valid_pixels': jnp.sum(w, axis=(1, 2)),
+      'valid_pixels': valid_pixels,
       'dominant_label': jnp.where(
           jnp.sum(gt[:, 1:], -1) > 0, jnp.argmax(gt[:, 1:], -1) + 1, 0
       ).astype(jnp.int32),
+      'confusion': cm,
   }
 
 

@@ -177,8 +177,9 @@ def example_metrics(
   """Per-example metrics of a model's outputs, what eval sums and analysis
   keeps: 'loss' (cross-entropy), 'correct' and 'confidence' `(batch,)`;
   with a segmentation `task` per image instead (segmentation.per_image):
-  'loss', 'correct' (its pixel accuracy), 'confidence', 'iou' and 'label'
-  (its most frequent ground-truth class besides class 0);
+  'loss', 'correct' (its pixel accuracy), 'confidence', 'iou', 'label'
+  (its most frequent ground-truth class besides class 0) and 'confusion'
+  `(batch, classes, classes)`;
   for gated models 'gates' `(batch, total)` bool (on or off) and 'gate_l1'
   `(batch,)` (the mean gate); with a `mac_counter`, 'macs_saved'
   `(batch,)`, the MACs each example's closed gates save."""
@@ -193,6 +194,7 @@ def example_metrics(
         'confidence': p['confidence'],
         'iou': p['iou'],
         'label': p['dominant_label'],
+        'confusion': p['confusion'],
     }
   else:
     m = {
@@ -255,13 +257,7 @@ def eval_step(
       'loss_sum': jnp.sum(m['loss'] * mask),
   }
   if task is not None:
-    out['confusion'] = segmentation.confusion_matrix(
-        batch['label'],
-        jnp.argmax(logits, -1),
-        task.num_classes,
-        task.ignore_label,
-        mask,
-    )
+    out['confusion'] = segmentation.total_confusion(m['confusion'], mask)
   if spec:
     out['gate_l1_sum'] = jnp.sum(m['gate_l1'] * mask)
     out['gate_on_counts'] = gate_on_counts(model_out['gates'], spec, mask)

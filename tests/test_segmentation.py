@@ -153,8 +153,11 @@ def test_miou_matches_brute_force_with_ignore_and_padding():
   labels[labels == 4] = 2
   preds = rng.integers(0, c, (4, 7, 9))
   mask = np.array([1, 1, 1, 0], np.float32)  # the last row is padding
-  cm = segmentation.confusion_matrix(
-      jnp.asarray(labels), jnp.asarray(preds), c, IGNORE, jnp.asarray(mask)
+  cm = segmentation.total_confusion(
+      segmentation.image_confusions(
+          jnp.asarray(labels), jnp.asarray(preds), c, IGNORE
+      ),
+      jnp.asarray(mask),
   )
   got = segmentation.scores(np.asarray(cm))
   miou, acc, ious = _brute_force(labels, preds, mask, c)
@@ -164,11 +167,10 @@ def test_miou_matches_brute_force_with_ignore_and_padding():
   # Summing batches' matrices is the matrix of the union (the eval's sum).
   halves = sum(
       np.asarray(
-          segmentation.confusion_matrix(
-              jnp.asarray(labels[s]),
-              jnp.asarray(preds[s]),
-              c,
-              IGNORE,
+          segmentation.total_confusion(
+              segmentation.image_confusions(
+                  jnp.asarray(labels[s]), jnp.asarray(preds[s]), c, IGNORE
+              ),
               jnp.asarray(mask[s]),
           )
       )
@@ -401,7 +403,8 @@ labels = rng.integers(0, 5, (16, 6, 7)); labels[rng.random(labels.shape) < .2] =
 preds = rng.integers(0, 5, (16, 6, 7))
 mask = (np.arange(16) < 13).astype(np.float32)
 data = sharding.batch_sharded(mesh)
-fn = jax.jit(lambda l, p, m: segmentation.confusion_matrix(l, p, 5, 255, m),
+fn = jax.jit(lambda l, p, m: segmentation.total_confusion(
+                 segmentation.image_confusions(l, p, 5, 255), m),
              in_shardings=(data, data, data),
              out_shardings=sharding.replicated(mesh))
 cm = np.asarray(fn(*(jax.device_put(a, data) for a in (labels, preds, mask))))

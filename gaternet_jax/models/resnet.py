@@ -523,13 +523,10 @@ class ResNet(nn.Module):
       # Bilinear upsampling of the logits to the input's size.
       b, h, w = x.shape[:3]
       y = jax.image.resize(y, (b, h, w, y.shape[-1]), 'bilinear')
-      extras = {GATE_SAMPLES: samples} if samples else {}
-      if unseen:
-        extras[UNSEEN_GATES] = sum(unseen)
-      return y.astype(jnp.float32), extras
-    y = jnp.mean(y, axis=(1, 2))
-    if self.num_classes is not None:
-      y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
+    else:
+      y = jnp.mean(y, axis=(1, 2))
+      if self.num_classes is not None:
+        y = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(y)
     extras: Extras = {GATE_SAMPLES: samples} if samples else {}
     if unseen:
       extras[UNSEEN_GATES] = sum(unseen)
