@@ -72,7 +72,6 @@ from PIL import Image
 from gaternet_jax import batching
 from gaternet_jax import datasets
 from gaternet_jax import input_pipeline
-from gaternet_jax import sharding
 from gaternet_jax.errors import ConfigError, DataError
 
 __all__ = [
@@ -351,13 +350,7 @@ class CityscapesDataset:
     Raises:
       ConfigError: `batch_size` exceeds the train split.
     """
-    n = self.num_train_examples
-    steps = n // batch_size if batch_size > 0 else 0
-    if steps < 1:
-      raise ConfigError(
-          f'batch_size={batch_size} exceeds the {n} training examples.'
-      )
-    return steps
+    return batching.steps_per_epoch(self.num_train_examples, batch_size)
 
   def train_batches(
       self, batch_size: int, seed: int, start_step: int = 0
@@ -376,13 +369,10 @@ class CityscapesDataset:
     Raises:
       ConfigError: `batch_size` exceeds the train split.
     """
-    steps = self.steps_per_epoch(batch_size)
-    return self._batches(
-        self.train_split,
-        _train_indices(
-            self.num_train_examples, batch_size, steps, seed, start_step
-        ),
+    indices = batching.train_indices(
+        self.num_train_examples, batch_size, seed, start_step
     )
+    return self._batches(self.train_split, ((i, None) for i in indices))
 
   def eval_batches(self, batch_size: int) -> Iterator[Batch]:
     """The eval split once, in order, in padded global batches.
@@ -393,7 +383,8 @@ class CityscapesDataset:
       rows (which repeat the last frame).
     """
     return self._batches(
-        self.eval_split, _eval_indices(self.num_test_examples, batch_size)
+        self.eval_split,
+        batching.eval_indices(self.num_test_examples, batch_size),
     )
 
   def train_arrays(self) -> None:
@@ -437,34 +428,6 @@ def _assemble(futures: List[Any], mask: Optional[np.ndarray]) -> Batch:
   if mask is not None:
     batch['mask'] = mask
   return batch
-
-
-def _train_indices(
-    n: int, batch_size: int, steps_per_epoch: int, seed: int, start_step: int
-) -> Iterator[Tuple[np.ndarray, None]]:
-  """This process's frame indices of global train batch `start_step`, ...;
-  the order of batching.train_batches."""
-  rows = sharding.process_slice(batch_size)
-  step = start_step
-  epoch, perm = -1, np.arange(0)
-  while True:
-    if step // steps_per_epoch != epoch:
-      epoch = step // steps_per_epoch
-      perm = batching.epoch_permutation(n, seed, epoch)
-    i = step % steps_per_epoch
-    yield perm[i * batch_size : (i + 1) * batch_size][rows], None
-    step += 1
-
-
-def _eval_indices(
-    n: int, batch_size: int
-) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-  """(this process's frame indices, mask) of each padded global batch."""
-  rows = sharding.process_slice(batch_size)
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    mask = (idx < n).astype(np.float32)
-    yield np.minimum(idx, n - 1)[rows], mask[rows]
 
 
 # ----------------------------------------------------------------------------

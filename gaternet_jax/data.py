@@ -103,7 +103,7 @@ class InMemoryDataset:
 
   def steps_per_epoch(self, batch_size: int) -> int:
     """Full global batches per epoch (the last partial one is dropped)."""
-    return _steps_per_epoch(self.num_train_examples, batch_size)
+    return batching.steps_per_epoch(self.num_train_examples, batch_size)
 
   def train_batches(self, batch_size: int, seed: int, start_step: int = 0):
     """This process's rows of global train batches from `start_step` on."""
@@ -119,16 +119,6 @@ class InMemoryDataset:
     """The whole train split: {'image': (N, H, W, C) uint8, 'label': (N,)
     int32}."""
     return {'image': self.train_images, 'label': self.train_labels}
-
-
-def _steps_per_epoch(num_examples: int, batch_size: int) -> int:
-  steps = num_examples // batch_size if batch_size > 0 else 0
-  if steps < 1:
-    raise ConfigError(
-        f'batch_size={batch_size} exceeds the {num_examples} '
-        'training examples.'
-    )
-  return steps
 
 
 _IMAGE_SHAPES = {
@@ -315,7 +305,7 @@ class FakeDataset:
     return {'image': images[rows], 'label': labels[rows]}
 
   def steps_per_epoch(self, batch_size: int) -> int:
-    return _steps_per_epoch(self.num_train_examples, batch_size)
+    return batching.steps_per_epoch(self.num_train_examples, batch_size)
 
   def train_batches(self, batch_size: int, seed: int, start_step: int = 0):
     step = start_step
