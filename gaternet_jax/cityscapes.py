@@ -137,6 +137,8 @@ SOURCES = ('folder', 'tfds')
 # Frames are 1024 x 2048: an int image_size s is the height of an s x 2s
 # frame.
 _WIDTH_PER_HEIGHT = 2
+# (height, width) of the official frames.
+NATIVE_SIZE = (1024, 2048)
 _MAX_THREADS = 8  # default decoding threads, at most
 _PREFETCH = 2  # batches decoded ahead of the one the step reads
 _FOLDER_EVAL_SPLIT = 'val'
@@ -462,7 +464,7 @@ def load_cityscapes(
     raise ConfigError(
         f'load_cityscapes reads data.name={NAME!r}, not {data_cfg.name!r}.'
     )
-  size = _image_size(data_cfg.image_size)
+  size = frame_size(data_cfg.image_size)
   ignore_label = _ignore_label(data_cfg.ignore_label)
   num_train = _count(data_cfg, 'num_train_examples')
   num_test = _count(data_cfg, 'num_test_examples')
@@ -514,8 +516,9 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _image_size(value: Any) -> Optional[Tuple[int, int]]:
-  """`(height, width)` of data.image_size, or None for the frames' own."""
+def frame_size(value: Any) -> Optional[Tuple[int, int]]:
+  """`(height, width)` of data.image_size, or None for the frames' own
+  (`NATIVE_SIZE` for the official frames)."""
   if value is None or (_is_int(value) and value == 0):
     return None
   if _is_int(value) and value > 0:

@@ -132,8 +132,6 @@ _FAKE = 'fake'
 # Segmentation: per-pixel masks, jointly augmented in the train step.
 _SHAPES, _CITYSCAPES = 'shapes', 'cityscapes'
 _SEGMENTATION = (_SHAPES, _CITYSCAPES)
-CITYSCAPES_CLASSES = 19
-CITYSCAPES_NATIVE = (1024, 2048)
 
 
 def _pair(value, what: str) -> Tuple[int, int]:
@@ -154,15 +152,13 @@ def _pair(value, what: str) -> Tuple[int, int]:
 
 def segmentation_size(data_cfg) -> Tuple[int, int]:
   """(height, width) of a segmentation dataset's images: `image_size` (an
-  int side, for Cityscapes the height of a 1:2 frame; or a pair); 0 or None
-  is Cityscapes' native 1024x2048."""
-  size = data_cfg.image_size
+  int side, or a pair); for Cityscapes `cityscapes.frame_size`'s (an int s
+  is s x 2s), 0 or None its native 1024x2048."""
   if data_cfg.name == _CITYSCAPES:
-    if not size:
-      return CITYSCAPES_NATIVE
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-      return _pair((size, 2 * size), 'image_size')
-  return _pair(size, 'image_size')
+    from gaternet_jax import cityscapes  # pylint: disable=g-import-not-at-top
+
+    return cityscapes.frame_size(data_cfg.image_size) or cityscapes.NATIVE_SIZE
+  return _pair(data_cfg.image_size, 'image_size')
 
 
 def _segmentation_augmentation(data_cfg) -> augment.SegmentationAugmentation:
@@ -262,9 +258,11 @@ def dataset_info(data_cfg):
   data_cfg = datasets.data_config(data_cfg)
   name = data_cfg.name
   if name in _SEGMENTATION:
-    from gaternet_jax import shapes  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from gaternet_jax import cityscapes
+    from gaternet_jax import shapes
 
-    classes = shapes.NUM_CLASSES if name == _SHAPES else CITYSCAPES_CLASSES
+    classes = shapes.NUM_CLASSES if name == _SHAPES else cityscapes.NUM_CLASSES
     return segmentation_size(data_cfg) + (3,), classes
   if name in _STREAMED or name == _FAKE:
     size = int(data_cfg.image_size)
